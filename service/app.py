@@ -1,0 +1,450 @@
+"""The Ray Serve application: a FastAPI ingress (`Gateway`) in front of one deployment per model.
+
+`build_app` is the Serve application builder named by the Serve config file
+(`import_path: service.app:build_app`), so `genserve serve`, `serve run`, `serve deploy` and a
+KubeRay RayService all build the same application from the same file.
+
+Every input is checked at the ingress, before it reaches a model replica: a bad request is
+answered with a 4xx there and never joins a batch with other clients' requests.
+"""
+
+
+import asyncio
+import math
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.density import DensityModel
+from service.metrics import CONTENT_TYPE, MetricsClient
+from service.schemas import (
+    AnomalyRequest,
+    AnomalyResponse,
+    AnomalyResult,
+    CalibrationInfo,
+    ErrorResponse,
+    Health,
+    InputInfo,
+    Limits,
+    LogProbRequest,
+    LogProbResponse,
+    ModelInfo,
+    ModelList,
+    Readiness,
+    SampleRequest,
+    SampleResponse,
+)
+from training import artifact as art
+from training.calibration import Calibration
+
+LN2 = math.log(2.0)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, type_: str, message: str):
+        super().__init__(message)
+        self.status, self.type, self.message = status, type_, message
+
+
+class LimitsConfig(BaseModel):
+    max_records_per_request: int = Field(10_000, ge=1)
+    max_samples_per_request: int = Field(10_000, ge=1)
+    max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+
+
+class AppArgs(BaseModel):
+    """The `args` of the application in the Serve config file."""
+
+    store: str | None = Field(None, description="model store directory; default $GENSERVE_STORE or ./model-store")
+    models: list[str] | None = Field(
+        None, description="models to serve, as NAME or NAME@VERSION; default every model in the store (latest)"
+    )
+    limits: LimitsConfig = LimitsConfig()
+
+
+def error_body(type_: str, message: str) -> dict[str, Any]:
+    return {"error": {"type": type_, "message": message}}
+
+
+def describe_validation_error(err: dict[str, Any]) -> str:
+    """One pydantic/FastAPI error as 'where: what (got X)'."""
+    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+    where = ""
+    for part in loc:
+        where += f"[{part}]" if part.isdigit() else (f".{part}" if where else part)
+    got = err.get("input")
+    shown = f" (got {got!r})" if isinstance(got, (str, int, float, bool)) or got is None else ""
+    if isinstance(got, str) and len(got) > 40:
+        shown = f" (got {got[:40]!r}...)"
+    return f"{where or 'body'}: {err.get('msg', 'invalid')}{shown}"
+
+
+# ---- the ASGI middleware: body limit, request metrics -------------------------------------------
+
+
+class GatewayMiddleware:
+    """Reads the body up to the limit (413 past it), insists on JSON bodies (415), and records
+    every request's status and latency, labelled by route and model, however the request ended."""
+
+    def __init__(self, app, max_body_bytes: int = 16 * 1024 * 1024):
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+        self.known_models: set[str] = set()
+        self.metrics: MetricsClient | None = None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        status = 500
+
+        async def tracking_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            rejection = None
+            if scope["method"] in ("POST", "PUT", "PATCH"):
+                headers = dict(scope.get("headers") or [])
+                content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+                if content_type != b"application/json":
+                    shown = content_type.decode("latin-1") or "none"
+                    rejection = (415, "unsupported_media_type",
+                                 f"Content-Type must be application/json, got {shown} "
+                                 "(with curl: -H 'Content-Type: application/json')")
+                else:
+                    body, complete = await self._read_body(receive)
+                    if not complete:
+                        rejection = (413, "body_too_large",
+                                     f"request body exceeds the limit of {self.max_body_bytes} bytes")
+                    else:
+                        receive = self._replay(body, receive)
+            if rejection is not None:
+                await self._send_error(tracking_send, *rejection)
+            else:
+                await self.app(scope, receive, tracking_send)
+        finally:
+            self._record(scope, status, started)
+
+    async def _read_body(self, receive) -> tuple[bytes, bool]:
+        """The whole body, or (partial, False) as soon as it passes the limit."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"", False
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return b"", False
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), True
+
+    @staticmethod
+    def _replay(body: bytes, receive):
+        """The buffered body once, then the client's own channel (for disconnects)."""
+        sent = False
+
+        async def replay():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+    @staticmethod
+    async def _send_error(send, status: int, type_: str, message: str) -> None:
+        body = JSONResponse(error_body(type_, message)).body
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    def _record(self, scope, status: int, started: float) -> None:
+        if self.metrics is None:
+            return
+        route = scope.get("route")
+        endpoint = getattr(route, "name", None) or "unmatched"
+        name = (scope.get("path_params") or {}).get("name")
+        model = "" if name is None else (name if name in self.known_models else "unknown")
+        labels = {"model": model, "endpoint": endpoint}
+        events = [
+            ("genserve_requests_total", {**labels, "status": str(status)}, 1),
+            ("genserve_request_latency_seconds", labels, time.perf_counter() - started),
+        ]
+        events += (scope.get("state") or {}).get("metric_events", [])
+        self.metrics.send(events)
+
+
+# ---- the FastAPI app ----------------------------------------------------------------------------
+
+ERRORS = {
+    400: {"model": ErrorResponse, "description": "invalid input (message says what and what is allowed)"},
+    404: {"model": ErrorResponse, "description": "unknown model"},
+    413: {"model": ErrorResponse, "description": "body, batch or sample count over its limit"},
+    415: {"model": ErrorResponse, "description": "body is not application/json"},
+    422: {"model": ErrorResponse, "description": "body does not match the schema"},
+}
+
+api = FastAPI(
+    title="genserve",
+    version="0.1.0",
+    description="Exact-likelihood generative models served on Ray Serve: log-densities, calibrated "
+    "anomaly scores and samples. Errors are JSON: {\"error\": {\"type\", \"message\"}}.",
+)
+api.add_middleware(GatewayMiddleware)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return JSONResponse(error_body(exc.type, exc.message), status_code=exc.status)
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        detail = next(e for e in errors if e.get("type") == "json_invalid")
+        ctx = detail.get("ctx", {}).get("error", "")
+        return JSONResponse(error_body("malformed_json", f"request body is not valid JSON: {ctx}".strip()),
+                            status_code=400)
+    shown = [describe_validation_error(e) for e in errors[:5]]
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return JSONResponse(error_body("invalid_request", "; ".join(shown) + more), status_code=422)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    type_ = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    if exc.status_code == 404:
+        message = f"no route {request.method} {request.url.path}; see /docs for the API"
+    return JSONResponse(error_body(type_, message), status_code=exc.status_code)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512)
+@serve.ingress(api)
+class Gateway:
+    def __init__(
+        self,
+        models: dict[str, DeploymentHandle],
+        manifests: dict[str, dict],
+        calibrations: dict[str, dict],
+        limits: dict,
+    ):
+        self.handles = models
+        self.manifests = {name: art.Manifest.model_validate(m) for name, m in manifests.items()}
+        self.calibrations = {name: Calibration.from_dict(c) for name, c in calibrations.items()}
+        self.limits = LimitsConfig.model_validate(limits)
+        self.metrics = MetricsClient()
+        # Reach the middleware instance Starlette built, to give it the limits and model names.
+        middleware = self._middleware()
+        middleware.max_body_bytes = self.limits.max_body_bytes
+        middleware.known_models = set(models)
+        middleware.metrics = self.metrics
+
+    @staticmethod
+    def _middleware() -> GatewayMiddleware:
+        if api.middleware_stack is None:
+            api.middleware_stack = api.build_middleware_stack()
+        layer = api.middleware_stack
+        while not isinstance(layer, GatewayMiddleware):
+            layer = layer.app
+        return layer
+
+    # ---- helpers -------------------------------------------------------------------------------
+
+    def _manifest(self, name: str) -> art.Manifest:
+        if name not in self.manifests:
+            available = ", ".join(sorted(self.manifests)) or "none"
+            raise ApiError(404, "model_not_found", f"no model named {name!r}; available models: {available}")
+        return self.manifests[name]
+
+    def _records(self, name: str, records: list[list[float]]) -> np.ndarray:
+        manifest = self._manifest(name)
+        limit = self.limits.max_records_per_request
+        if len(records) > limit:
+            raise ApiError(413, "limit_exceeded",
+                           f"{len(records)} records in one request; the limit is {limit} per request")
+        expected = manifest.input.n_features
+        for i, record in enumerate(records):
+            if len(record) != expected:
+                names = manifest.input.feature_names
+                shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+                raise ApiError(400, "wrong_feature_count",
+                               f"records[{i}] has {len(record)} features; model {name!r} expects "
+                               f"{expected} ({shown}), in that order")
+        return np.asarray(records, dtype=np.float64)
+
+    async def _score(self, name: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        try:
+            return await self.handles[name].score.remote(x)
+        except Exception as e:  # a replica failed or is gone; Serve retries elsewhere when it can
+            raise ApiError(503, "model_unavailable", f"model {name!r} could not score this request: "
+                           f"{type(e).__name__}; retry shortly") from e
+
+    def _info(self, name: str, runtime: str) -> ModelInfo:
+        m = self._manifest(name)
+        cal = self.calibrations[name]
+        return ModelInfo(
+            name=m.name, version=m.version, kind=m.kind, created=m.created, runtime=runtime,
+            input=InputInfo(type=m.input.type, n_features=m.input.n_features, feature_names=m.input.feature_names),
+            config=m.config, metrics=m.metrics, training=m.training,
+            calibration=CalibrationInfo(score=cal.score, n_heldout=cal.n,
+                                        false_positive_rate=cal.false_positive_rate, threshold=cal.threshold),
+            limits=Limits(**self.limits.model_dump()),
+        )
+
+    async def _runtime(self, name: str) -> str:
+        try:
+            info = await asyncio.wait_for(self.handles[name].info.remote(), timeout=5)
+            return info["runtime"]
+        except Exception:
+            return "unavailable"
+
+    # ---- routes --------------------------------------------------------------------------------
+
+    @api.get("/healthz", name="healthz", response_model=Health, tags=["health"])
+    async def healthz(self) -> Health:
+        """Liveness: the ingress is up."""
+        return Health()
+
+    @api.get("/readyz", name="readyz", response_model=Readiness, tags=["health"],
+             responses={503: {"model": Readiness, "description": "some model is not loaded yet"}})
+    async def readyz(self) -> JSONResponse:
+        """Readiness: every model has a replica that has loaded it."""
+
+        async def ready(handle: DeploymentHandle) -> bool:
+            try:
+                return bool(await asyncio.wait_for(handle.ready.remote(), timeout=2))
+            except Exception:
+                return False
+
+        names = sorted(self.handles)
+        states = await asyncio.gather(*(ready(self.handles[n]) for n in names))
+        body = Readiness(ready=all(states), models=dict(zip(names, states, strict=True)))
+        return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
+
+    @api.get("/metrics", name="metrics", tags=["health"], response_class=Response)
+    async def metrics(self) -> Response:
+        """Prometheus text exposition of genserve's metrics, summed over all replicas."""
+        return Response(await self.metrics.render(), media_type=CONTENT_TYPE)
+
+    @api.get("/v1/models", name="list_models", response_model=ModelList, tags=["models"])
+    async def list_models(self) -> ModelList:
+        names = sorted(self.manifests)
+        runtimes = await asyncio.gather(*(self._runtime(n) for n in names))
+        return ModelList(models=[self._info(n, r) for n, r in zip(names, runtimes, strict=True)])
+
+    @api.get("/v1/models/{name}", name="get_model", response_model=ModelInfo, tags=["models"],
+             responses=ERRORS)
+    async def get_model(self, name: str) -> ModelInfo:
+        self._manifest(name)
+        return self._info(name, await self._runtime(name))
+
+    @api.post("/v1/models/{name}/log_prob", name="log_prob", response_model=LogProbResponse,
+              tags=["density"], responses=ERRORS)
+    async def log_prob(self, name: str, body: LogProbRequest, request: Request) -> LogProbResponse:
+        """Exact log p(x) in nats and bits per dimension for a batch of raw records."""
+        x = self._records(name, body.records)
+        log_prob, resp = await self._score(name, x)
+        request.state.metric_events = [("genserve_records_scored_total", {"model": name, "endpoint": "log_prob"},
+                                        len(x))]
+        m = self._manifest(name)
+        return LogProbResponse(
+            model=name, version=m.version, log_prob=log_prob.tolist(),
+            bits_per_dim=(-log_prob / (x.shape[1] * LN2)).tolist(),
+            responsibilities=resp.tolist() if body.responsibilities else None,
+        )
+
+    @api.post("/v1/models/{name}/anomaly", name="anomaly", response_model=AnomalyResponse,
+              tags=["density"], responses=ERRORS)
+    async def anomaly(self, name: str, body: AnomalyRequest, request: Request) -> AnomalyResponse:
+        """Anomaly score (-log p(x), nats), its percentile among held-out normal records, and a flag.
+
+        The threshold is the calibrated one for a 1% false-positive rate unless the request gives
+        `threshold` or `false_positive_rate`."""
+        x = self._records(name, body.records)
+        log_prob, _ = await self._score(name, x)
+        cal = self.calibrations[name]
+        if body.threshold is not None:
+            threshold, fpr = body.threshold, None
+        else:
+            fpr = body.false_positive_rate or cal.false_positive_rate
+            threshold = cal.threshold_for(fpr)
+        scores = -log_prob
+        flags = scores > threshold
+        percentiles = cal.percentile(scores)
+        request.state.metric_events = [
+            ("genserve_records_scored_total", {"model": name, "endpoint": "anomaly"}, len(x)),
+            ("genserve_anomalies_flagged_total", {"model": name}, int(flags.sum())),
+        ]
+        return AnomalyResponse(
+            model=name, version=self._manifest(name).version, threshold=threshold, false_positive_rate=fpr,
+            results=[AnomalyResult(score=s, log_prob=lp, percentile=p, is_anomaly=f)
+                     for s, lp, p, f in zip(scores.tolist(), log_prob.tolist(), percentiles.tolist(),
+                                            flags.tolist(), strict=True)],
+        )
+
+    @api.post("/v1/models/{name}/sample", name="sample", response_model=SampleResponse,
+              tags=["density"], responses=ERRORS)
+    async def sample(self, name: str, body: SampleRequest, request: Request) -> SampleResponse:
+        """n records drawn from the model, in raw feature units; the same seed gives the same samples."""
+        m = self._manifest(name)
+        limit = self.limits.max_samples_per_request
+        if body.n > limit:
+            raise ApiError(413, "limit_exceeded", f"n={body.n} samples asked for; the limit is {limit} per request")
+        try:
+            samples = await self.handles[name].sample.remote(body.n, body.seed)
+        except Exception as e:
+            raise ApiError(503, "model_unavailable", f"model {name!r} could not sample: {type(e).__name__}") from e
+        request.state.metric_events = [("genserve_samples_total", {"model": name}, body.n)]
+        return SampleResponse(model=name, version=m.version, feature_names=m.input.feature_names,
+                              samples=samples.tolist())
+
+
+# ---- building the application ------------------------------------------------------------------
+
+
+def parse_model_ref(ref: str) -> tuple[str, str]:
+    name, _, version = ref.partition("@")
+    return name, version or "latest"
+
+
+def build(args: AppArgs, overrides: dict[str, dict[str, Any]] | None = None):
+    """The application for `args`; `overrides` are the config file's per-deployment options, which
+    Serve applies by itself when it reads the config file (serve run/deploy, KubeRay)."""
+    overrides = overrides or {}
+    store = art.store_path(args.store)
+    refs = args.models if args.models is not None else list(art.list_models(store))
+    if not refs:
+        raise ValueError(f"the model store {store} has no models; train one with `genserve train`")
+    handles, manifests, calibrations = {}, {}, {}
+    for ref in refs:
+        name, version = parse_model_ref(ref)
+        path = art.resolve(store, name, version)
+        loaded = art.load_artifact(path)  # verify here, so a bad artifact fails the deploy loudly
+        manifests[name] = loaded.manifest.model_dump()
+        calibrations[name] = loaded.json(art.CALIBRATION)
+        deployment = DensityModel.options(name=name, **overrides.get(name, {}))
+        handles[name] = deployment.bind(str(path.resolve()))
+    gateway = Gateway.options(**overrides.get("Gateway", {}))
+    return gateway.bind(handles, manifests, calibrations, args.limits.model_dump())
+
+
+def build_app(args: dict[str, Any]):
+    """Serve application builder: `import_path: service.app:build_app` in a Serve config file."""
+    return build(AppArgs.model_validate(args or {}))

@@ -1,0 +1,180 @@
+"""The `genserve` command: train models into the store, list them, and serve them on Ray Serve."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from training import artifact as art
+
+app = typer.Typer(no_args_is_help=True, add_completion=False,
+                  help="genserve: exact-likelihood generative models, trained and served on Ray Serve.")
+train_app = typer.Typer(no_args_is_help=True, help="Fit a model and write it to the store as a new artifact version.")
+app.add_typer(train_app, name="train")
+
+StoreOption = Annotated[
+    Path | None,
+    typer.Option("--store", help="model store directory [default: $GENSERVE_STORE or ./model-store]"),
+]
+
+# What `genserve serve` trains when the store is empty: small, and minutes at most on 2 cores.
+DEFAULT_MODELS: dict[str, dict[str, Any]] = {
+    "breast-cancer": {"dataset": "sklearn:breast_cancer", "covariance_type": "full"},
+    "wine": {"dataset": "sklearn:wine", "covariance_type": "full"},
+}
+
+
+@train_app.command("gmm")
+def train_gmm_command(
+    dataset: Annotated[str, typer.Option(help="sklearn:NAME (breast_cancer, wine, iris, digits, diabetes) or FILE.csv")],
+    name: Annotated[str, typer.Option(help="model name: lowercase letters, digits, '.', '_', '-'")],
+    store: StoreOption = None,
+    components: Annotated[str, typer.Option(help="number of mixture components, or 'auto' to choose by BIC")] = "auto",
+    max_components: Annotated[int, typer.Option(help="largest number tried with --components auto")] = 8,
+    covariance: Annotated[str, typer.Option(help="full or diag")] = "full",
+    reg_covar: Annotated[float, typer.Option(help="covariance floor (MAP prior strength), standardised units")] = 1e-3,
+    max_iter: Annotated[int, typer.Option(help="EM iterations at most")] = 200,
+    tol: Annotated[float, typer.Option(help="stop when the objective changes by less than this, relatively")] = 1e-6,
+    restarts: Annotated[int, typer.Option(help="EM runs from different k-means++ starts; the best is kept")] = 3,
+    validation_fraction: Annotated[float, typer.Option(help="share held out for metrics and calibration")] = 0.2,
+    label_column: Annotated[str | None, typer.Option(help="CSV column to drop (a label, an id)")] = None,
+    seed: Annotated[int, typer.Option(help="seed for the split and initialisation")] = 0,
+    onnx: Annotated[bool, typer.Option(help="also export the scoring function to ONNX")] = True,
+) -> None:
+    """Gaussian mixture by EM on tabular data, with a held-out calibration for anomaly scoring."""
+    from training.gmm_pipeline import GMMTrainConfig, train_gmm
+
+    if covariance not in ("full", "diag"):
+        raise typer.BadParameter("use full or diag", param_hint="--covariance")
+    if components != "auto" and not (components.isdigit() and int(components) >= 1):
+        raise typer.BadParameter("a positive integer or 'auto'", param_hint="--components")
+    cfg = GMMTrainConfig(
+        dataset=dataset, name=name, components=None if components == "auto" else int(components),
+        max_components=max_components, covariance_type=covariance, reg_covar=reg_covar, max_iter=max_iter,
+        tol=tol, n_init=restarts, seed=seed, validation_fraction=validation_fraction,
+        label_column=label_column, export_onnx=onnx,
+    )
+    try:
+        path = train_gmm(cfg, art.store_path(store))
+    except (ValueError, FileNotFoundError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    _print_summary(path)
+
+
+def _print_summary(path: Path) -> None:
+    manifest = art.load_artifact(path).manifest
+    m = manifest.metrics
+    typer.echo(
+        f"wrote {path}: {m['n_components']} components ({m['covariance_type']}), "
+        f"validation NLL {m['validation_nll_nats']:.3f} nats/record, "
+        f"{m['validation_bits_per_dim']:.3f} bits/dim, anomaly threshold {m['anomaly_threshold_nll_nats']:.3f}"
+    )
+
+
+@app.command("models")
+def list_models_command(store: StoreOption = None) -> None:
+    """List the models and versions in the store."""
+    root = art.store_path(store)
+    models = art.list_models(root)
+    if not models:
+        typer.echo(f"no models in {root}")
+    for name, versions in models.items():
+        typer.echo(f"{name}\t{', '.join(versions)} (latest {versions[-1]})")
+
+
+def train_defaults(store: Path) -> None:
+    from training.gmm_pipeline import GMMTrainConfig, train_gmm
+
+    for name, settings in DEFAULT_MODELS.items():
+        typer.echo(f"training default model {name!r} ({settings['dataset']}) into {store}")
+        _print_summary(train_gmm(GMMTrainConfig(name=name, **settings), store))
+
+
+def read_serve_config(path: Path | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]]:
+    """(http_options, app args, per-deployment overrides) of the genserve app in a Serve config file."""
+    if path is None:
+        return {}, {}, {}
+    from ray.serve.schema import ServeDeploySchema
+
+    try:
+        config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+    except Exception as e:
+        raise typer.BadParameter(f"{path} is not a valid Serve config file: {e}", param_hint="--config") from None
+    apps = [a for a in config.applications if a.import_path == "service.app:build_app"]
+    if len(apps) != 1:
+        raise typer.BadParameter(f"{path} must have one application with import_path service.app:build_app",
+                                 param_hint="--config")
+    http = config.http_options.model_dump(exclude_unset=True) if config.http_options else {}
+    overrides = {d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in apps[0].deployments}
+    return http, dict(apps[0].args or {}), overrides
+
+
+@app.command("serve")
+def serve_command(
+    store: StoreOption = None,
+    host: Annotated[str | None, typer.Option(help="address to listen on [default: config, else 127.0.0.1]")] = None,
+    port: Annotated[int | None, typer.Option(help="HTTP port [default: config, else 8000]")] = None,
+    config: Annotated[Path | None, typer.Option(help="Serve config YAML (e.g. deploy/serve/genserve.yaml)")] = None,
+    address: Annotated[str | None, typer.Option(help="join this Ray cluster instead of starting Ray locally")] = None,
+    train_if_empty: Annotated[bool, typer.Option(help="train the default models when the store has none")] = True,
+) -> None:
+    """Serve every model in the store (or those the config names) until Ctrl-C or SIGTERM."""
+    import ray
+    from ray import serve
+
+    from service.app import AppArgs, build
+
+    http, args, overrides = read_serve_config(config)
+    if store is not None:
+        args["store"] = str(store)
+    root = art.store_path(args.get("store"))
+    args["store"] = str(root.resolve())
+    if not art.list_models(root):
+        if not train_if_empty:
+            typer.secho(f"error: no models in {root}; train one with `genserve train`", fg="red", err=True)
+            raise typer.Exit(2)
+        train_defaults(root)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    ray.init(address=address, namespace="genserve", log_to_driver=False,
+             **({} if address else {"include_dashboard": False}))
+    try:
+        http_options = {"host": host or http.get("host", "127.0.0.1"), "port": port or http.get("port", 8000)}
+        serve.start(http_options=http_options)
+        application = build(AppArgs.model_validate(args), overrides)
+        serve.run(application, name="genserve", route_prefix="/")
+        typer.echo(f"genserve is serving on http://{http_options['host']}:{http_options['port']} "
+                   f"(docs at /docs); Ctrl-C stops it")
+        while not stop.wait(0.5):
+            pass
+        typer.echo("stopping genserve")
+    finally:
+        started = time.perf_counter()
+        try:
+            if address:
+                serve.delete("genserve")  # leave the cluster we joined as we found it
+            else:
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+        typer.echo(f"stopped in {time.perf_counter() - started:.1f}s")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

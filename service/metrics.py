@@ -1,0 +1,98 @@
+"""Prometheus metrics that stay right however many replicas (and ingress replicas) there are.
+
+Every replica is its own process, so a per-process prometheus_client registry would show one
+replica's share on each scrape. Instead replicas send their increments, fire-and-forget, to one
+named Ray actor that owns the registry; `GET /metrics` renders that actor's registry. The actor is
+detached so counters survive redeployments of the application, as Prometheus expects.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+
+ACTOR_NAME = "genserve-metrics"
+NAMESPACE = "genserve"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+RECORD_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
+
+log = logging.getLogger(__name__)
+
+# name -> (type, help, labels, buckets)
+DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None]] = {
+    "genserve_requests_total": ("counter", "HTTP requests by model, endpoint and status code",
+                                ("model", "endpoint", "status"), None),
+    "genserve_request_latency_seconds": ("histogram", "Time from request to response at the ingress",
+                                         ("model", "endpoint"), LATENCY_BUCKETS),
+    "genserve_records_scored_total": ("counter", "Records scored by log_prob and anomaly",
+                                      ("model", "endpoint"), None),
+    "genserve_anomalies_flagged_total": ("counter", "Records flagged as anomalies", ("model",), None),
+    "genserve_samples_total": ("counter", "Samples generated", ("model",), None),
+    "genserve_batch_size_requests": ("histogram", "Requests per batched forward pass",
+                                     ("model",), BATCH_BUCKETS),
+    "genserve_batch_size_records": ("histogram", "Records per batched forward pass",
+                                    ("model",), RECORD_BUCKETS),
+}
+
+Event = tuple[str, dict[str, str], float]  # metric name, labels, value (increment or observation)
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class MetricsAggregator:
+    def __init__(self) -> None:
+        disable_created_metrics()  # the _created series only double the exposition
+        self.registry = CollectorRegistry()
+        self.metrics: dict[str, Any] = {}
+        for name, (kind, doc, labels, buckets) in DEFINITIONS.items():
+            if kind == "counter":
+                # prometheus_client appends _total itself.
+                self.metrics[name] = Counter(name.removesuffix("_total"), doc, labels, registry=self.registry)
+            else:
+                self.metrics[name] = Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
+
+    def record(self, events: list[Event]) -> None:
+        for name, labels, value in events:
+            metric = self.metrics[name].labels(**labels)
+            if DEFINITIONS[name][0] == "counter":
+                metric.inc(value)
+            else:
+                metric.observe(value)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def aggregator() -> ray.actor.ActorHandle:
+    """The cluster's one aggregator, created by whichever replica asks first."""
+    return MetricsAggregator.options(
+        name=ACTOR_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote()
+
+
+class MetricsClient:
+    """What replicas use: `send` never waits, and a metrics failure never fails a request."""
+
+    def __init__(self) -> None:
+        self._actor: ray.actor.ActorHandle | None = None
+
+    def _handle(self) -> ray.actor.ActorHandle:
+        if self._actor is None:
+            self._actor = aggregator()
+        return self._actor
+
+    def send(self, events: list[Event]) -> None:
+        if not events:
+            return
+        try:
+            self._handle().record.remote(events)
+        except Exception:  # the aggregator restarting: drop these increments, keep serving
+            log.warning("could not record %d metric events", len(events), exc_info=True)
+            self._actor = None
+
+    async def render(self) -> bytes:
+        return await self._handle().render.remote()

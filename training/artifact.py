@@ -1,0 +1,239 @@
+"""The artifact: the one contract between training and serving.
+
+    STORE/<name>/<version>/
+        manifest.json        format version, kind, name, version, created, input spec, training
+                             data and config, evaluation metrics, library versions, and the
+                             sha256 and size of every other file
+        weights.safetensors  tensors only (never pickle)
+        model.onnx           optional ONNX graph of the scoring function
+        calibration.json     held-out anomaly-score quantiles and the default threshold
+
+The writer and the reader live together here so the format has one definition. Loading checks
+the format version and every file's hash, and reads each file's bytes once: what was hashed is
+exactly what gets parsed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+ONNX = "model.onnx"
+CALIBRATION = "calibration.json"
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
+DEFAULT_STORE = "./model-store"
+
+
+class ArtifactError(Exception):
+    """An artifact that cannot be used; the message names the file and the problem."""
+
+
+class FileEntry(BaseModel):
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    bytes: int = Field(ge=0)
+
+
+class InputSpec(BaseModel):
+    type: Literal["records"] = "records"
+    n_features: int = Field(ge=1)
+    feature_names: list[str]
+    dtype: Literal["float64"] = "float64"
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format_version: int
+    kind: str
+    name: str = Field(pattern=NAME_PATTERN)
+    version: str = Field(pattern=r"^[0-9]+$")
+    created: str
+    config: dict[str, Any]  # the model's own configuration, enough to rebuild its module
+    input: InputSpec
+    training: dict[str, Any]
+    metrics: dict[str, Any]
+    libraries: dict[str, str]
+    files: dict[str, FileEntry]
+
+
+@dataclass
+class Artifact:
+    path: Path
+    manifest: Manifest
+    contents: dict[str, bytes]  # every file named in the manifest, verified
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def version(self) -> str:
+        return self.manifest.version
+
+    def json(self, filename: str) -> Any:
+        try:
+            return json.loads(self.contents[filename])
+        except KeyError:
+            raise ArtifactError(f"{self.path}: the manifest lists no {filename}") from None
+        except json.JSONDecodeError as e:
+            raise ArtifactError(f"{self.path / filename}: not valid JSON ({e})") from None
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for dist in ("genserve", "torch", "numpy", "safetensors", "onnx", "onnxruntime", "scikit-learn"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def validate_name(name: str) -> str:
+    if not re.match(NAME_PATTERN, name):
+        raise ValueError(
+            f"invalid model name {name!r}: use 1-63 lowercase letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def store_path(store: str | os.PathLike | None = None) -> Path:
+    """The model store: the argument, else $GENSERVE_STORE, else ./model-store."""
+    return Path(store or os.environ.get("GENSERVE_STORE") or DEFAULT_STORE)
+
+
+def versions(store: Path, name: str) -> list[str]:
+    """Complete versions of a model, oldest first (a version is complete once it has a manifest)."""
+    model_dir = store / name
+    if not model_dir.is_dir():
+        return []
+    found = [p.name for p in model_dir.iterdir() if p.name.isdigit() and (p / MANIFEST).is_file()]
+    return sorted(found, key=int)
+
+
+def list_models(store: Path) -> dict[str, list[str]]:
+    if not store.is_dir():
+        return {}
+    models = {p.name: versions(store, p.name) for p in sorted(store.iterdir()) if p.is_dir()}
+    return {name: v for name, v in models.items() if v}
+
+
+def resolve(store: Path, name: str, version: str = "latest") -> Path:
+    available = versions(store, name)
+    if not available:
+        raise ArtifactError(f"no model named {name!r} in the store {store}")
+    if version == "latest":
+        return store / name / available[-1]
+    if version not in available:
+        raise ArtifactError(f"model {name!r} has no version {version!r}; available: {', '.join(available)}")
+    return store / name / version
+
+
+def write_artifact(
+    store: Path,
+    *,
+    kind: str,
+    name: str,
+    config: dict[str, Any],
+    input_spec: InputSpec,
+    training: dict[str, Any],
+    metrics: dict[str, Any],
+    files: dict[str, bytes],
+) -> Path:
+    """Write a new version of `name` atomically: files go to a temporary directory that is renamed
+    into place only when complete, so a reader never sees half an artifact."""
+    validate_name(name)
+    if MANIFEST in files:
+        raise ValueError(f"{MANIFEST} is written by write_artifact itself")
+    model_dir = store / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".incomplete-", dir=model_dir))
+    try:
+        for filename, data in files.items():
+            (tmp / filename).write_bytes(data)
+        while True:
+            existing = versions(store, name)
+            version = str(int(existing[-1]) + 1 if existing else 1)
+            manifest = Manifest(
+                format_version=FORMAT_VERSION,
+                kind=kind,
+                name=name,
+                version=version,
+                created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                config=config,
+                input=input_spec,
+                training=training,
+                metrics=metrics,
+                libraries=library_versions(),
+                files={f: FileEntry(sha256=sha256(d), bytes=len(d)) for f, d in files.items()},
+            )
+            (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+            try:
+                tmp.rename(model_dir / version)  # fails if another writer took this version
+                return model_dir / version
+            except OSError:
+                if not (model_dir / version).exists():
+                    raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_artifact(path: Path) -> Artifact:
+    """Read and verify an artifact directory; raise ArtifactError naming the file and the problem."""
+    manifest_path = path / MANIFEST
+    try:
+        raw = json.loads(manifest_path.read_bytes())
+    except FileNotFoundError:
+        raise ArtifactError(f"{manifest_path}: missing; not an artifact directory") from None
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{manifest_path}: not valid JSON ({e})") from None
+    version = raw.get("format_version") if isinstance(raw, dict) else None
+    if version != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{manifest_path}: format_version {version!r} is not supported; this genserve reads "
+            f"format_version {FORMAT_VERSION}"
+        )
+    try:
+        manifest = Manifest.model_validate(raw)
+    except ValidationError as e:
+        raise ArtifactError(f"{manifest_path}: invalid manifest: {e}") from None
+    contents: dict[str, bytes] = {}
+    for filename, entry in manifest.files.items():
+        file_path = path / filename
+        if Path(filename).name != filename:
+            raise ArtifactError(f"{manifest_path}: file entry {filename!r} is not a plain file name")
+        try:
+            data = file_path.read_bytes()
+        except FileNotFoundError:
+            raise ArtifactError(f"{file_path}: listed in the manifest but missing") from None
+        digest = sha256(data)
+        if digest != entry.sha256:
+            raise ArtifactError(
+                f"{file_path}: sha256 {digest} does not match the manifest's {entry.sha256}; "
+                "the file is corrupt or was modified"
+            )
+        contents[filename] = data
+    if WEIGHTS not in contents:
+        raise ArtifactError(f"{manifest_path}: lists no {WEIGHTS}")
+    return Artifact(path=path, manifest=manifest, contents=contents)
