@@ -221,6 +221,9 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         ctx = detail.get("ctx", {}).get("error", "")
         return JSONResponse(error_body("malformed_json", f"request body is not valid JSON: {ctx}".strip()),
                             status_code=400)
+    if any(e.get("type") == "missing" and tuple(e.get("loc", ())) == ("body",) for e in errors):
+        return JSONResponse(error_body("invalid_request", "request body is empty; send a JSON object "
+                                       "as described at /docs"), status_code=400)
     shown = [describe_validation_error(e) for e in errors[:5]]
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return JSONResponse(error_body("invalid_request", "; ".join(shown) + more), status_code=422)

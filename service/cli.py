@@ -143,13 +143,13 @@ def serve_command(
             raise typer.Exit(2)
         train_defaults(root)
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     ray.init(address=address, namespace="genserve", log_to_driver=False,
              **({} if address else {"include_dashboard": False}))
+    # After ray.init, which installs its own SIGTERM handler (a crash dump) in this process.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         http_options = {"host": host or http.get("host", "127.0.0.1"), "port": port or http.get("port", 8000)}
         serve.start(http_options=http_options)

@@ -1,0 +1,174 @@
+"""Typed Python client for the genserve REST API (httpx; sync and async).
+
+    from service.client import GenserveClient
+
+    with GenserveClient("http://127.0.0.1:8000") as client:
+        scores = client.anomaly("breast-cancer", records)
+        print(scores.results[0].is_anomaly)
+
+Responses are the same pydantic models the server uses. A 4xx/5xx raises `GenserveError`
+carrying the server's status, error type and message.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from service.schemas import AnomalyResponse, LogProbResponse, ModelInfo, ModelList, Readiness, SampleResponse
+
+T = TypeVar("T", bound=BaseModel)
+Records = Sequence[Sequence[float]]
+DEFAULT_URL = "http://127.0.0.1:8000"
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+class GenserveError(Exception):
+    """The server refused or failed a request; `message` is the server's explanation."""
+
+    def __init__(self, status_code: int, error_type: str, message: str):
+        super().__init__(f"{status_code} {error_type}: {message}")
+        self.status_code, self.error_type, self.message = status_code, error_type, message
+
+
+def _raise_for_error(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        error = response.json()["error"]
+        error_type, message = error["type"], error["message"]
+    except (ValueError, KeyError, TypeError):
+        error_type, message = "http_error", response.text or response.reason_phrase
+    raise GenserveError(response.status_code, error_type, message)
+
+
+def _parse(response: httpx.Response, model: type[T]) -> T:
+    _raise_for_error(response)
+    return model.model_validate_json(response.content)
+
+
+def _readiness(response: httpx.Response) -> Readiness:
+    # 503 is an answer here (not ready yet), not an error.
+    return Readiness.model_validate_json(response.content) if response.status_code == 503 else _parse(
+        response, Readiness)
+
+
+# What each call sends: (method, path, JSON body). The server validates the body, so a bad
+# input comes back as a GenserveError with the server's message rather than a local error.
+def _log_prob(name: str, records: Records, responsibilities: bool) -> tuple[str, str, dict]:
+    return "POST", f"/v1/models/{name}/log_prob", {"records": records, "responsibilities": responsibilities}
+
+
+def _anomaly(name: str, records: Records, threshold: float | None, fpr: float | None) -> tuple[str, str, dict]:
+    body: dict[str, Any] = {"records": records}
+    if threshold is not None:
+        body["threshold"] = threshold
+    if fpr is not None:
+        body["false_positive_rate"] = fpr
+    return "POST", f"/v1/models/{name}/anomaly", body
+
+
+def _sample(name: str, n: int, seed: int | None) -> tuple[str, str, dict]:
+    return "POST", f"/v1/models/{name}/sample", {"n": n} if seed is None else {"n": n, "seed": seed}
+
+
+def _encode(body: dict) -> bytes:
+    # allow_nan: a NaN goes to the server, which answers with a 422 naming the record and feature.
+    return json.dumps(body, allow_nan=True).encode()
+
+
+def _jsonable(records: Records) -> list:
+    return records.tolist() if hasattr(records, "tolist") else [list(r) for r in records]
+
+
+class GenserveClient:
+    def __init__(self, base_url: str = DEFAULT_URL, timeout: float = 60.0, **httpx_options: Any):
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, **httpx_options)
+
+    def __enter__(self) -> GenserveClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def _call(self, method: str, path: str, body: dict, model: type[T]) -> T:
+        return _parse(self._http.request(method, path, content=_encode(body), headers=JSON_HEADERS), model)
+
+    def healthy(self) -> bool:
+        return self._http.get("/healthz").is_success
+
+    def ready(self) -> Readiness:
+        return _readiness(self._http.get("/readyz"))
+
+    def models(self) -> list[ModelInfo]:
+        return _parse(self._http.get("/v1/models"), ModelList).models
+
+    def model(self, name: str) -> ModelInfo:
+        return _parse(self._http.get(f"/v1/models/{name}"), ModelInfo)
+
+    def log_prob(self, name: str, records: Records, responsibilities: bool = False) -> LogProbResponse:
+        return self._call(*_log_prob(name, _jsonable(records), responsibilities), LogProbResponse)
+
+    def anomaly(self, name: str, records: Records, threshold: float | None = None,
+                false_positive_rate: float | None = None) -> AnomalyResponse:
+        return self._call(*_anomaly(name, _jsonable(records), threshold, false_positive_rate), AnomalyResponse)
+
+    def sample(self, name: str, n: int = 1, seed: int | None = None) -> SampleResponse:
+        return self._call(*_sample(name, n, seed), SampleResponse)
+
+    def metrics(self) -> str:
+        response = self._http.get("/metrics")
+        _raise_for_error(response)
+        return response.text
+
+
+class AsyncGenserveClient:
+    def __init__(self, base_url: str = DEFAULT_URL, timeout: float = 60.0, **httpx_options: Any):
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, **httpx_options)
+
+    async def __aenter__(self) -> AsyncGenserveClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def _call(self, method: str, path: str, body: dict, model: type[T]) -> T:
+        return _parse(await self._http.request(method, path, content=_encode(body), headers=JSON_HEADERS), model)
+
+    async def healthy(self) -> bool:
+        return (await self._http.get("/healthz")).is_success
+
+    async def ready(self) -> Readiness:
+        return _readiness(await self._http.get("/readyz"))
+
+    async def models(self) -> list[ModelInfo]:
+        return _parse(await self._http.get("/v1/models"), ModelList).models
+
+    async def model(self, name: str) -> ModelInfo:
+        return _parse(await self._http.get(f"/v1/models/{name}"), ModelInfo)
+
+    async def log_prob(self, name: str, records: Records, responsibilities: bool = False) -> LogProbResponse:
+        return await self._call(*_log_prob(name, _jsonable(records), responsibilities), LogProbResponse)
+
+    async def anomaly(self, name: str, records: Records, threshold: float | None = None,
+                      false_positive_rate: float | None = None) -> AnomalyResponse:
+        return await self._call(*_anomaly(name, _jsonable(records), threshold, false_positive_rate),
+                                AnomalyResponse)
+
+    async def sample(self, name: str, n: int = 1, seed: int | None = None) -> SampleResponse:
+        return await self._call(*_sample(name, n, seed), SampleResponse)
+
+    async def metrics(self) -> str:
+        response = await self._http.get("/metrics")
+        _raise_for_error(response)
+        return response.text
