@@ -33,7 +33,7 @@ DEFAULT_MODELS: dict[str, dict[str, Any]] = {
 
 @train_app.command("gmm")
 def train_gmm_command(
-    dataset: Annotated[str, typer.Option(help="sklearn:NAME (breast_cancer, wine, iris, digits, diabetes) or FILE.csv")],
+    dataset: Annotated[str, typer.Option(help="sklearn:NAME (breast_cancer, wine, iris, digits, ...) or FILE.csv")],
     name: Annotated[str, typer.Option(help="model name: lowercase letters, digits, '.', '_', '-'")],
     store: StoreOption = None,
     components: Annotated[str, typer.Option(help="number of mixture components, or 'auto' to choose by BIC")] = "auto",

@@ -15,6 +15,7 @@ exactly what gets parsed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -101,10 +102,8 @@ def sha256(data: bytes) -> str:
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version()}
     for dist in ("genserve", "torch", "numpy", "safetensors", "onnx", "onnxruntime", "scikit-learn"):
-        try:
+        with contextlib.suppress(metadata.PackageNotFoundError):
             versions[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
     return versions
 
 

@@ -138,9 +138,9 @@ def fit_gmm(
             result = run_em(model, z, settings, seed)
         except torch.linalg.LinAlgError:
             result = None  # a degenerate start (singular covariance); other restarts decide
-        if result is not None and math.isfinite(result.objective):
-            if best is None or result.objective > best.objective:
-                best = result
+        usable = result is not None and math.isfinite(result.objective)
+        if usable and (best is None or result.objective > best.objective):
+            best = result
         if on_restart is not None:
             on_restart()
     if best is None:
