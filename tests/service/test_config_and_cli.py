@@ -1,0 +1,68 @@
+"""The Serve config file, the CLI, and README's promises, without starting Ray."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+from ray.serve.schema import ServeDeploySchema
+from typer.testing import CliRunner
+
+from service.app import AppArgs
+from service.cli import DEFAULT_MODELS, app, read_serve_config
+from service.density import ModelOptions
+from training import artifact as art
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVE_CONFIG = ROOT / "deploy" / "serve" / "genserve.yaml"
+runner = CliRunner()
+
+
+def test_serve_config_is_a_valid_serve_config_for_the_default_models() -> None:
+    config = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG.read_text()))
+    (application,) = config.applications
+    assert application.import_path == "service.app:build_app"
+    AppArgs.model_validate(application.args)
+    names = {d.name for d in application.deployments}
+    assert names == {"Gateway", *DEFAULT_MODELS}
+    for d in application.deployments:
+        if d.name != "Gateway":
+            ModelOptions.model_validate(d.user_config)
+
+    http, args, overrides = read_serve_config(SERVE_CONFIG)
+    assert http["port"] == 8000 and args["limits"]["max_records_per_request"] == 10_000
+    assert overrides["wine"]["user_config"]["runtime"] == "auto"
+
+
+def test_train_gmm_and_list_models(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    args = ["train", "gmm", "--dataset", "sklearn:iris", "--name", "iris", "--store", str(store),
+            "--components", "2", "--restarts", "1", "--no-onnx"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and "bits/dim" in result.output
+    loaded = art.load_artifact(art.resolve(store, "iris"))
+    assert loaded.manifest.metrics["n_components"] == 2 and art.ONNX not in loaded.contents
+    assert runner.invoke(app, args).exit_code == 0  # a second version
+    listing = runner.invoke(app, ["models", "--store", str(store)])
+    assert listing.exit_code == 0 and re.search(r"iris\s+1, 2 \(latest 2\)", listing.output)
+
+
+def test_train_refuses_bad_options_with_a_message(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["train", "gmm", "--dataset", "sklearn:nope", "--name", "x",
+                                 "--store", str(tmp_path)])
+    assert result.exit_code == 2 and "breast_cancer" in result.output
+    result = runner.invoke(app, ["train", "gmm", "--dataset", "sklearn:iris", "--name", "Bad Name",
+                                 "--store", str(tmp_path)])
+    assert result.exit_code == 2 and "invalid model name" in result.output
+    result = runner.invoke(app, ["train", "gmm", "--dataset", "sklearn:iris", "--name", "x",
+                                 "--covariance", "spherical", "--store", str(tmp_path)])
+    assert result.exit_code == 2 and "full or diag" in result.output
+
+
+def test_readme_opens_with_the_two_commands_that_ci_runs() -> None:
+    readme = (ROOT / "README.md").read_text()
+    first_block = readme.split("```")[1]
+    assert "make serve" in first_block and "make test" in first_block
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
