@@ -90,15 +90,21 @@ def describe_validation_error(err: dict[str, Any]) -> str:
 # ---- the ASGI middleware: body limit, request metrics -------------------------------------------
 
 
+class GatewaySettings:
+    """What the middleware needs from the Gateway; one Gateway per replica process, as the
+    FastAPI app itself is per process."""
+
+    max_body_bytes: int = 16 * 1024 * 1024
+    known_models: frozenset[str] = frozenset()
+    metrics: MetricsClient | None = None
+
+
 class GatewayMiddleware:
     """Reads the body up to the limit (413 past it), insists on JSON bodies (415), and records
     every request's status and latency, labelled by route and model, however the request ended."""
 
-    def __init__(self, app, max_body_bytes: int = 16 * 1024 * 1024):
+    def __init__(self, app):
         self.app = app
-        self.max_body_bytes = max_body_bytes
-        self.known_models: set[str] = set()
-        self.metrics: MetricsClient | None = None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -126,7 +132,7 @@ class GatewayMiddleware:
                     body, complete = await self._read_body(receive)
                     if not complete:
                         rejection = (413, "body_too_large",
-                                     f"request body exceeds the limit of {self.max_body_bytes} bytes")
+                                     f"request body exceeds the limit of {GatewaySettings.max_body_bytes} bytes")
                     else:
                         receive = self._replay(body, receive)
             if rejection is not None:
@@ -145,7 +151,7 @@ class GatewayMiddleware:
                 return b"", False
             chunk = message.get("body", b"")
             size += len(chunk)
-            if size > self.max_body_bytes:
+            if size > GatewaySettings.max_body_bytes:
                 return b"", False
             chunks.append(chunk)
             if not message.get("more_body", False):
@@ -174,19 +180,19 @@ class GatewayMiddleware:
         await send({"type": "http.response.body", "body": body})
 
     def _record(self, scope, status: int, started: float) -> None:
-        if self.metrics is None:
+        if GatewaySettings.metrics is None:
             return
         route = scope.get("route")
         endpoint = getattr(route, "name", None) or "unmatched"
         name = (scope.get("path_params") or {}).get("name")
-        model = "" if name is None else (name if name in self.known_models else "unknown")
+        model = "" if name is None else (name if name in GatewaySettings.known_models else "unknown")
         labels = {"model": model, "endpoint": endpoint}
         events = [
             ("genserve_requests_total", {**labels, "status": str(status)}, 1),
             ("genserve_request_latency_seconds", labels, time.perf_counter() - started),
         ]
         events += (scope.get("state") or {}).get("metric_events", [])
-        self.metrics.send(events)
+        GatewaySettings.metrics.send(events)
 
 
 # ---- the FastAPI app ----------------------------------------------------------------------------
@@ -253,20 +259,9 @@ class Gateway:
         self.calibrations = {name: Calibration.from_dict(c) for name, c in calibrations.items()}
         self.limits = LimitsConfig.model_validate(limits)
         self.metrics = MetricsClient()
-        # Reach the middleware instance Starlette built, to give it the limits and model names.
-        middleware = self._middleware()
-        middleware.max_body_bytes = self.limits.max_body_bytes
-        middleware.known_models = set(models)
-        middleware.metrics = self.metrics
-
-    @staticmethod
-    def _middleware() -> GatewayMiddleware:
-        if api.middleware_stack is None:
-            api.middleware_stack = api.build_middleware_stack()
-        layer = api.middleware_stack
-        while not isinstance(layer, GatewayMiddleware):
-            layer = layer.app
-        return layer
+        GatewaySettings.max_body_bytes = self.limits.max_body_bytes
+        GatewaySettings.known_models = frozenset(models)
+        GatewaySettings.metrics = self.metrics
 
     # ---- helpers -------------------------------------------------------------------------------
 
