@@ -13,6 +13,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
 from models.gmm import GaussianMixture, GMMConfig
@@ -42,7 +43,7 @@ def build_gmm(loaded: art.Artifact) -> GaussianMixture:
         config = GMMConfig(**loaded.manifest.config)
         model = GaussianMixture(config)
         model.load_state_dict(load_safetensors(loaded.contents[art.WEIGHTS]))
-    except (TypeError, RuntimeError, ValueError) as e:
+    except (TypeError, RuntimeError, ValueError, SafetensorError) as e:
         raise art.ArtifactError(f"{loaded.path / art.WEIGHTS}: does not fit the manifest's config ({e})") from None
     return model.eval()
 

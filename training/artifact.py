@@ -171,8 +171,9 @@ def write_artifact(
         for filename, data in files.items():
             (tmp / filename).write_bytes(data)
         while True:
-            existing = versions(store, name)
-            version = str(int(existing[-1]) + 1 if existing else 1)
+            # Every numbered directory counts, complete or not, so a damaged one is skipped over.
+            taken = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()]
+            version = str(max(taken, default=0) + 1)
             manifest = Manifest(
                 format_version=FORMAT_VERSION,
                 kind=kind,
@@ -205,8 +206,10 @@ def load_artifact(path: Path) -> Artifact:
         raw = json.loads(manifest_path.read_bytes())
     except FileNotFoundError:
         raise ArtifactError(f"{manifest_path}: missing; not an artifact directory") from None
-    except json.JSONDecodeError as e:
+    except ValueError as e:  # JSONDecodeError, or bytes that are not text at all
         raise ArtifactError(f"{manifest_path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ArtifactError(f"{manifest_path}: cannot be read ({e})") from None
     version = raw.get("format_version") if isinstance(raw, dict) else None
     if version != FORMAT_VERSION:
         raise ArtifactError(
@@ -220,12 +223,14 @@ def load_artifact(path: Path) -> Artifact:
     contents: dict[str, bytes] = {}
     for filename, entry in manifest.files.items():
         file_path = path / filename
-        if Path(filename).name != filename:
+        if filename in ("", ".", "..") or Path(filename).name != filename:
             raise ArtifactError(f"{manifest_path}: file entry {filename!r} is not a plain file name")
         try:
             data = file_path.read_bytes()
         except FileNotFoundError:
             raise ArtifactError(f"{file_path}: listed in the manifest but missing") from None
+        except OSError as e:
+            raise ArtifactError(f"{file_path}: cannot be read ({e})") from None
         digest = sha256(data)
         if digest != entry.sha256:
             raise ArtifactError(

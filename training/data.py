@@ -68,7 +68,8 @@ def _load_csv(path: Path, label_column: str | None) -> Tabular:
             raise ValueError(f"label column {label_column!r} is not in {path}'s header {header}")
         keep = [i for i, h in enumerate(header) if h != label_column]
         rows = []
-        for line_no, row in enumerate(reader, start=2):
+        for row in reader:
+            line_no = reader.line_num  # physical line, right after quoted fields spanning lines
             if not row or all(not c.strip() for c in row):
                 continue
             if len(row) != len(header):
