@@ -99,6 +99,9 @@ class GatewaySettings:
     metrics: MetricsClient | None = None
 
 
+DISCONNECTED = object()  # what _read_body returns when the client leaves mid-body
+
+
 class GatewayMiddleware:
     """Reads the body up to the limit (413 past it), insists on JSON bodies (415), and records
     every request's status and latency, labelled by route and model, however the request ended."""
@@ -129,8 +132,11 @@ class GatewayMiddleware:
                                  f"Content-Type must be application/json, got {shown} "
                                  "(with curl: -H 'Content-Type: application/json')")
                 else:
-                    body, complete = await self._read_body(receive)
-                    if not complete:
+                    body = await self._read_body(receive)
+                    if body is DISCONNECTED:
+                        status = 499  # the client went away mid-body: nobody to answer
+                        return
+                    if body is None:
                         rejection = (413, "body_too_large",
                                      f"request body exceeds the limit of {GatewaySettings.max_body_bytes} bytes")
                     else:
@@ -142,20 +148,21 @@ class GatewayMiddleware:
         finally:
             self._record(scope, status, started)
 
-    async def _read_body(self, receive) -> tuple[bytes, bool]:
-        """The whole body, or (partial, False) as soon as it passes the limit."""
+    @staticmethod
+    async def _read_body(receive) -> bytes | object | None:
+        """The whole body; None as soon as it passes the limit; DISCONNECTED if the client left."""
         chunks, size = [], 0
         while True:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return b"", False
+                return DISCONNECTED
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > GatewaySettings.max_body_bytes:
-                return b"", False
+                return None
             chunks.append(chunk)
             if not message.get("more_body", False):
-                return b"".join(chunks), True
+                return b"".join(chunks)
 
     @staticmethod
     def _replay(body: bytes, receive):
