@@ -16,7 +16,8 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from service.metrics import MetricsClient
-from service.runtime import RuntimeName, load_model
+from service.runtime import RuntimeName, load_model, resolve_runtime
+from training.artifact import ONNX
 
 log = logging.getLogger("ray.serve")
 
@@ -52,7 +53,9 @@ class DensityModel:
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         options = ModelOptions.model_validate(user_config or {})
-        if options.runtime != self.options.runtime:
+        # Serve calls this right after __init__: reload only when the runtime really changes.
+        wanted = resolve_runtime(options.runtime, ONNX in self.loaded.artifact.contents)
+        if wanted != self.loaded.runtime.name:
             self.loaded = load_model(self.artifact_path, options.runtime)
         self._score_batch.set_max_batch_size(options.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)

@@ -36,6 +36,13 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_runtime(runtime: RuntimeName, has_onnx: bool) -> str:
+    """'auto' means ONNX Runtime when the artifact has a graph, torch otherwise."""
+    if runtime == "auto":
+        return "onnx" if has_onnx else "torch"
+    return runtime
+
+
 def build_gmm(loaded: art.Artifact) -> GaussianMixture:
     if loaded.manifest.kind != "gmm":
         raise art.ArtifactError(f"{loaded.path}: kind {loaded.manifest.kind!r} is not a GMM")
@@ -102,8 +109,7 @@ def load_model(path: str, runtime: RuntimeName = "auto", device: str | None = No
     loaded = art.load_artifact(Path(path))
     device = device or pick_device()
     module = build_gmm(loaded)
-    if runtime == "auto":
-        runtime = "onnx" if art.ONNX in loaded.contents else "torch"
+    runtime = resolve_runtime(runtime, art.ONNX in loaded.contents)
     if runtime == "onnx":
         if art.ONNX not in loaded.contents:
             raise art.ArtifactError(f"{loaded.path}: runtime 'onnx' asked for, but the artifact has no {art.ONNX}")
