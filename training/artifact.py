@@ -7,6 +7,9 @@
         weights.safetensors  tensors only (never pickle)
         model.onnx           optional ONNX graph of the scoring function
         calibration.json     held-out anomaly-score quantiles and the default threshold
+        tokenizer.json       text models: the tokenizer, in the `tokenizers` library's format
+        prefill.onnx         text transformers, optional: the prompt step, for ONNX Runtime
+        decode.onnx          ... and the one-token step, past keys and values as explicit inputs
 
 The writer and the reader live together here so the format has one definition. Loading checks
 the format version and every file's hash, and reads each file's bytes once: what was hashed is
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -36,6 +39,9 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 ONNX = "model.onnx"
 CALIBRATION = "calibration.json"
+TOKENIZER = "tokenizer.json"
+ONNX_PREFILL = "prefill.onnx"  # text models: prompt -> logits, keys, values
+ONNX_DECODE = "decode.onnx"  # text models: one token + past keys and values -> logits, new key, value
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 DEFAULT_STORE = "./model-store"
 
@@ -50,10 +56,26 @@ class FileEntry(BaseModel):
 
 
 class InputSpec(BaseModel):
+    """Records: rows of float features, in this order."""
+
     type: Literal["records"] = "records"
     n_features: int = Field(ge=1)
     feature_names: list[str]
     dtype: Literal["float64"] = "float64"
+
+
+class TextInputSpec(BaseModel):
+    """Text, tokenised by the artifact's tokenizer.json (the `tokenizers` library's format)."""
+
+    type: Literal["text"] = "text"
+    tokenizer: Literal["char", "bpe"]
+    vocab_size: int = Field(ge=2)
+    context_length: int | None = Field(ge=2, description="longest token sequence the model takes; None: no limit")
+    bos_token_id: int = Field(ge=0, description="token that starts a text when scoring or when the prompt is empty")
+    eos_token_id: int | None = Field(ge=0, description="token that ends generation")
+
+
+AnyInputSpec = Annotated[InputSpec | TextInputSpec, Field(discriminator="type")]
 
 
 class Manifest(BaseModel):
@@ -65,7 +87,7 @@ class Manifest(BaseModel):
     version: str = Field(pattern=r"^[0-9]+$")
     created: str
     config: dict[str, Any]  # the model's own configuration, enough to rebuild its module
-    input: InputSpec
+    input: AnyInputSpec
     training: dict[str, Any]
     metrics: dict[str, Any]
     libraries: dict[str, str]
@@ -154,7 +176,7 @@ def write_artifact(
     kind: str,
     name: str,
     config: dict[str, Any],
-    input_spec: InputSpec,
+    input_spec: InputSpec | TextInputSpec,
     training: dict[str, Any],
     metrics: dict[str, Any],
     files: dict[str, bytes],
@@ -241,3 +263,46 @@ def load_artifact(path: Path) -> Artifact:
     if WEIGHTS not in contents:
         raise ArtifactError(f"{manifest_path}: lists no {WEIGHTS}")
     return Artifact(path=path, manifest=manifest, contents=contents)
+
+
+def module_weights(module: Any) -> bytes:
+    """A torch module's state as safetensors bytes. Tied parameters (GPT's lm_head and wte)
+    share storage, which safetensors refuses; each storage is saved once, under its first name."""
+    from safetensors.torch import save
+
+    tensors, seen = {}, set()
+    for key, tensor in module.state_dict().items():
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if ident in seen:
+            continue
+        seen.add(ident)
+        tensors[key] = tensor.detach().contiguous().cpu()
+    return save(tensors)
+
+
+def load_module_weights(module: Any, data: bytes, source: Path | str = WEIGHTS) -> None:
+    """Load safetensors bytes written by `module_weights` into a module built from the manifest's
+    config; anything missing (other than a tied alias), extra or of the wrong shape is an
+    ArtifactError naming `source`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        tensors = load(data)
+    except SafetensorError as e:
+        raise ArtifactError(f"{source}: not a valid safetensors file ({e})") from None
+    state = module.state_dict()
+    aliases = {}
+    for key, tensor in state.items():
+        for other, t in state.items():
+            if other != key and other in tensors and t.data_ptr() == tensor.data_ptr() and t.shape == tensor.shape:
+                aliases[key] = other
+    missing = [k for k in state if k not in tensors and k not in aliases]
+    extra = [k for k in tensors if k not in state]
+    if missing or extra:
+        raise ArtifactError(f"{source}: does not fit the manifest's config (missing {missing[:5]}, "
+                            f"unexpected {extra[:5]})")
+    try:
+        module.load_state_dict({**{k: tensors[a] for k, a in aliases.items() if k not in tensors}, **tensors})
+    except RuntimeError as e:
+        raise ArtifactError(f"{source}: does not fit the manifest's config ({e})") from None

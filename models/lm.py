@@ -1,0 +1,60 @@
+"""What a language model offers the decoding loop: a full forward, and steps on a decoding state.
+
+A decoding *state* holds, for each of a fixed number of *slots*, what the model remembers about
+one sequence: the KV cache for the transformer, the hidden state for the LSTM, the last n-1
+tokens for the n-gram model. The decoding loop (service/decoding.py) only ever sees this
+interface, so greedy, sampling and beam search work on every model the same way:
+
+- `allocate(slots, max_len)` makes an empty state once (preallocated, never grown);
+- `prefill(state, slots, tokens, lengths)` reads whole prompts into the given slots, one forward
+  pass for all of them, and returns the logits after each prompt's last token;
+- `decode(state, slots, tokens)` appends one token to each given slot and returns the logits
+  for the next; every running sequence of every request goes through one call per step;
+- `copy_slots(state, src, dst)` copies slot contents, so a prompt read once can be forked into
+  n samples or k beams, and beams can be reordered after each step.
+
+Logits are raw scores (B, vocab); the loop applies log_softmax, temperature and filters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+
+@runtime_checkable
+class LanguageModel(Protocol):
+    vocab_size: int
+    # The longest sequence (prompt + generated) the model can condition on; None: no limit of
+    # its own (the state's max_len still bounds it).
+    context_length: int | None
+
+    def logits(self, tokens: Tensor) -> Tensor:
+        """(B, T) token ids -> (B, T, vocab) logits, position t predicting token t+1."""
+        ...
+
+    def allocate(self, slots: int, max_len: int) -> Any:
+        """An empty decoding state for `slots` sequences of up to `max_len` tokens each."""
+        ...
+
+    def prefill(self, state: Any, slots: Tensor, tokens: Tensor, lengths: Tensor) -> Tensor:
+        """Read prompts into slots. tokens (B, T) right-padded, lengths (B,) >= 1 the real lengths;
+        returns (B, vocab) logits after token lengths[b]-1 of each row. Overwrites the slots."""
+        ...
+
+    def decode(self, state: Any, slots: Tensor, tokens: Tensor) -> Tensor:
+        """Append tokens (B,) to slots (B,) (distinct); returns (B, vocab) next-token logits."""
+        ...
+
+    def copy_slots(self, state: Any, src: Tensor, dst: Tensor) -> None:
+        """state[dst[i]] = state[src[i]] for all i at once (src may repeat; dst distinct)."""
+        ...
+
+
+def sequence_log_probs(model: LanguageModel, tokens: Tensor) -> Tensor:
+    """log p(token t | tokens < t) for t = 1..T-1 of each row: (B, T-1). The first token is the
+    context (a BOS token when scoring a whole text)."""
+    logits = model.logits(tokens[:, :-1]).float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
