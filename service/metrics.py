@@ -12,13 +12,14 @@ import logging
 from typing import Any
 
 import ray
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 ACTOR_NAME = "genserve-metrics"
 NAMESPACE = "genserve"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 RECORD_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536)
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,18 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None
                                      ("model",), BATCH_BUCKETS),
     "genserve_batch_size_records": ("histogram", "Records per batched forward pass",
                                     ("model",), RECORD_BUCKETS),
+    "genserve_prompt_tokens_total": ("counter", "Prompt tokens of finished generation requests", ("model",), None),
+    "genserve_generated_tokens_total": ("counter", "Tokens generated, over all samples and returned beams",
+                                        ("model",), None),
+    "genserve_time_to_first_token_seconds": ("histogram", "From a generation request's arrival at the replica to "
+                                             "its first token", ("model",), LATENCY_BUCKETS),
+    "genserve_time_per_output_token_seconds": ("histogram", "Mean time between a request's output tokens after "
+                                               "the first", ("model",), TOKEN_BUCKETS),
+    "genserve_requests_running": ("gauge", "Generation requests being decoded, per replica", ("model", "replica"),
+                                  None),
+    "genserve_requests_waiting": ("gauge", "Generation requests queued for decoding slots, per replica",
+                                  ("model", "replica"), None),
+    "genserve_texts_scored_total": ("counter", "Texts scored", ("model",), None),
 }
 
 Event = tuple[str, dict[str, str], float]  # metric name, labels, value (increment or observation)
@@ -52,14 +65,19 @@ class MetricsAggregator:
             if kind == "counter":
                 # prometheus_client appends _total itself.
                 self.metrics[name] = Counter(name.removesuffix("_total"), doc, labels, registry=self.registry)
+            elif kind == "gauge":
+                self.metrics[name] = Gauge(name, doc, labels, registry=self.registry)
             else:
                 self.metrics[name] = Histogram(name, doc, labels, buckets=buckets, registry=self.registry)
 
     def record(self, events: list[Event]) -> None:
         for name, labels, value in events:
             metric = self.metrics[name].labels(**labels)
-            if DEFINITIONS[name][0] == "counter":
+            kind = DEFINITIONS[name][0]
+            if kind == "counter":
                 metric.inc(value)
+            elif kind == "gauge":
+                metric.set(value)
             else:
                 metric.observe(value)
 

@@ -28,12 +28,20 @@ class Limits(BaseModel):
     max_records_per_request: int
     max_samples_per_request: int
     max_body_bytes: int
+    max_new_tokens: int
+    max_num_beams: int
+    max_n: int
+    max_texts_per_request: int
+    max_prompts_per_request: int
 
 
 class InputInfo(BaseModel):
-    type: Literal["records"]
-    n_features: int
-    feature_names: list[str]
+    type: Literal["records", "text"]
+    n_features: int | None = Field(None, description="records: features per record")
+    feature_names: list[str] | None = Field(None, description="records: feature names, in order")
+    tokenizer: Literal["char", "bpe"] | None = Field(None, description="text: the tokenizer's kind")
+    vocab_size: int | None = Field(None, description="text: tokens in the vocabulary")
+    context_length: int | None = Field(None, description="text: longest sequence (prompt + generated), tokens")
 
 
 class CalibrationInfo(BaseModel):
@@ -53,12 +61,22 @@ class ModelInfo(BaseModel):
     config: dict[str, Any]
     metrics: dict[str, Any]
     training: dict[str, Any]
-    calibration: CalibrationInfo
+    calibration: CalibrationInfo | None = Field(None, description="anomaly calibration, for density models")
     limits: Limits
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "genserve"
 
 
 class ModelList(BaseModel):
     models: list[ModelInfo]
+    # The same list in OpenAI's shape, so OpenAI clients' models.list() works too.
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel] = []
 
 
 class LogProbRequest(BaseModel):

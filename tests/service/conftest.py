@@ -1,6 +1,7 @@
 """One real genserve server per test session: `genserve serve` in a subprocess (Ray + Serve),
-over HTTP on loopback, with two small GMMs trained into a temporary store, one of them on two
-replicas. The last test of test_http.py stops it with SIGTERM and checks it went quietly."""
+over HTTP on loopback, with two small GMMs (one of them on two replicas) and a small character
+transformer trained into a temporary store. The test marked `shutdown` runs last: it stops the
+server with SIGTERM and checks it went quietly."""
 
 from __future__ import annotations
 
@@ -15,12 +16,20 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 import yaml
 
+from models.gpt import GPT, GPTConfig
+from training import artifact as art
 from training.gmm_pipeline import GMMTrainConfig, train_gmm
+from training.tokenizer import train_char_tokenizer
 
 REPLICATED = "bc"  # breast_cancer, full covariances, ONNX Runtime, 2 replicas
 SINGLE = "wine"  # wine, diagonal covariances, torch, 1 replica
+TEXT = "bard"  # a character GPT fitted to TEXT_CORPUS for a moment, torch, 1 replica
+TEXT_CORPUS = "to be or not to be, that is the question.\nwhether tis nobler in the mind to suffer\n" * 4
+TEXT_CONTEXT = 64
+TEXT_SLOTS = 8
 STARTUP_TIMEOUT_S = 180
 
 
@@ -49,13 +58,16 @@ def write_config(path: Path, port: int) -> None:
             "route_prefix": "/",
             "import_path": "service.app:build_app",
             "args": {"limits": {"max_records_per_request": 500, "max_samples_per_request": 1000,
-                                "max_body_bytes": 1_000_000}},
+                                "max_body_bytes": 1_000_000, "max_new_tokens": 40, "max_num_beams": 4, "max_n": 4,
+                                "max_texts_per_request": 8}},
             "deployments": [
                 {"name": "Gateway", "ray_actor_options": {"num_cpus": 0}},
                 {"name": REPLICATED, "num_replicas": 2, "ray_actor_options": {"num_cpus": 0},
                  "user_config": {"runtime": "onnx", "max_batch_size": 16, "batch_wait_timeout_s": 0.05}},
                 {"name": SINGLE, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
                  "user_config": {"runtime": "torch", "max_batch_size": 8, "batch_wait_timeout_s": 0.01}},
+                {"name": TEXT, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
+                 "user_config": {"runtime": "torch", "slots": TEXT_SLOTS, "max_waiting": 64}},
             ],
         }],
     }
@@ -70,6 +82,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
               store, progress=False)
     train_gmm(GMMTrainConfig(dataset="sklearn:wine", name=SINGLE, components=2, covariance_type="diag",
                              n_init=1, export_onnx=False), store, progress=False)
+    write_text_model(store, TEXT)
     port = free_port()
     config = root / "serve.yaml"
     write_config(config, port)
@@ -78,7 +91,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--config", str(config), "--store", str(store),
-             "--no-train-if-empty"],
+             "--no-train-defaults"],
             stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
         )
     srv = Server(url=f"http://127.0.0.1:{port}", store=store, process=process, log=log)
@@ -97,6 +110,37 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
         time.sleep(0.5)
     yield srv
     stop(srv)
+
+
+def write_text_model(store: Path, name: str) -> Path:
+    """A tiny character GPT that has seen TEXT_CORPUS for a few seconds: enough to continue it."""
+    tokenizer = train_char_tokenizer([TEXT_CORPUS])
+    torch.manual_seed(0)
+    config = GPTConfig(vocab_size=tokenizer.vocab_size, context_length=TEXT_CONTEXT, n_layer=2, n_head=2, n_embd=48)
+    model = GPT(config)
+    data = torch.tensor([0, *tokenizer.encode(TEXT_CORPUS)])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        starts = torch.randint(0, len(data) - TEXT_CONTEXT - 1, (16,), generator=g)
+        x = torch.stack([data[s : s + TEXT_CONTEXT] for s in starts])
+        y = torch.stack([data[s + 1 : s + TEXT_CONTEXT + 1] for s in starts])
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    spec = art.TextInputSpec(tokenizer="char", vocab_size=tokenizer.vocab_size, context_length=TEXT_CONTEXT,
+                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    return art.write_artifact(
+        store, kind="gpt", name=name, config=config.to_dict(), input_spec=spec, training={"source": "test"},
+        metrics={"train_loss": loss.item()},
+        files={art.WEIGHTS: art.module_weights(model.eval()), art.TOKENIZER: tokenizer.to_json().encode()},
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """The shutdown test stops the shared server: run it after every other test."""
+    items.sort(key=lambda item: item.get_closest_marker("shutdown") is not None)
 
 
 def stop(srv: Server, timeout: float = 60) -> float:

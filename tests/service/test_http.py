@@ -283,9 +283,10 @@ def test_client_raises_with_the_servers_message(client: GenserveClient) -> None:
     assert err.value.status_code == 422 and "finite" in err.value.message
 
 
-# ---- shutdown (keep last: it stops the session's server) ---------------------------------------------
+# ---- shutdown (runs last, see conftest: it stops the session's server) --------------------------------
 
 
+@pytest.mark.shutdown
 def test_sigterm_stops_server_and_ray_within_seconds(server: Server) -> None:
     took = stop(server)
     assert server.process.returncode == 0, server.log_tail()

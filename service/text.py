@@ -1,0 +1,210 @@
+"""The Ray Serve deployment that hosts one text model (one per model; replicas set in config).
+
+Each replica runs one decoding `Engine` (service/decoding.py) in a background task: requests
+from every client are admitted into its slots between steps and decoded together, one batched
+forward pass per step (continuous batching). A step runs in a worker thread, so the replica keeps
+accepting requests while the model computes.
+
+`generate` is an async generator: the Gateway streams it through the handle. Its first item says
+the request was accepted (or raises, before any response has started, so errors become a 4xx);
+then come the engine's updates for this request. A caller that goes away cancels the request,
+which frees its slots at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+from ray import serve
+
+from models.lm import sequence_log_probs
+from service.decoding import Engine, GenerationParams, SequenceOutput, Update
+from service.metrics import MetricsClient
+from service.runtime import RuntimeName
+from service.text_runtime import LoadedTextModel, load_text_model
+
+log = logging.getLogger("ray.serve")
+
+
+class TextOptions(BaseModel):
+    """Per-model settings, the deployment's `user_config` in the Serve config file."""
+
+    runtime: RuntimeName = Field("auto", description="torch, onnx, or auto: ONNX Runtime when the artifact has graphs")
+    slots: int = Field(16, ge=1, le=1024, description="sequences decoded together (the KV cache is sized for them)")
+    max_waiting: int = Field(256, ge=0, description="requests queued beyond the slots; more are refused with 503")
+
+
+class Overloaded(RuntimeError):
+    """The replica's queue is full; the Gateway answers 503 with Retry-After."""
+
+
+class TextModel:
+    def __init__(self, artifact_path: str):
+        self.artifact_path = artifact_path
+        self.options = TextOptions()
+        self.loaded: LoadedTextModel = load_text_model(artifact_path, self.options.runtime)
+        self.name = self.loaded.artifact.name
+        self.engine = self._new_engine()
+        self.queues: dict[int, asyncio.Queue] = {}
+        self.loop_task: asyncio.Task | None = None
+        self.wakeup = asyncio.Event()
+        self.metrics = MetricsClient()
+        self.replica = str(os.getpid())  # outside Serve (tests) the process id will do
+        with contextlib.suppress(Exception):
+            self.replica = serve.get_replica_context().replica_id.unique_id
+        log.info("loaded %s v%s (%s on %s)", self.name, self.loaded.artifact.version, self.loaded.runtime,
+                 self.loaded.device)
+
+    def _new_engine(self) -> Engine:
+        return Engine(self.loaded.model, self.loaded.tokenizer, slots=self.options.slots)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        options = TextOptions.model_validate(user_config or {})
+        changed = (options.runtime, options.slots) != (self.options.runtime, self.options.slots)
+        self.options = options
+        if changed:
+            if self.engine.has_work:
+                log.warning("%s: runtime/slots change waits for a restart of the replica (requests running)",
+                            self.name)
+                return
+            if options.runtime != self.loaded.runtime:
+                self.loaded = load_text_model(self.artifact_path, options.runtime)
+            self.engine = self._new_engine()
+
+    def info(self) -> dict[str, Any]:
+        return {"runtime": self.loaded.runtime, "device": self.loaded.device, "slots": self.engine.n_slots,
+                "max_len": self.engine.max_len}
+
+    def ready(self) -> bool:
+        return True
+
+    # ---- generation ------------------------------------------------------------------------
+
+    async def generate(self, prompt_ids: list[int], params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Yields {"accepted": True}, then one dict per engine update for this request:
+        {"deltas": [...], "finished": bool, "outputs": [...] (when finished)}."""
+        gen_params = GenerationParams(**params)
+        if self.engine.num_waiting >= self.options.max_waiting:
+            raise Overloaded(f"model {self.name!r} has {self.engine.num_waiting} requests waiting; retry shortly")
+        queue: asyncio.Queue = asyncio.Queue()
+        request = self.engine.submit(prompt_ids, gen_params)  # ValueError: a request that can never run
+        self.queues[request.id] = queue
+        self._ensure_loop()
+        try:
+            yield {"accepted": True, "prompt_tokens": len(prompt_ids)}
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item["finished"]:
+                    return
+        finally:
+            self.queues.pop(request.id, None)
+            if not request.finished:
+                self.engine.cancel(request)
+                self.wakeup.set()
+
+    def _ensure_loop(self) -> None:
+        self.wakeup.set()
+        if self.loop_task is None or self.loop_task.done():
+            self.loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        last_gauge = 0.0
+        while True:
+            if not self.engine.has_work:
+                self._send_gauges()
+                self.wakeup.clear()
+                await self.wakeup.wait()
+                continue
+            engine = self.engine
+            try:
+                updates = await asyncio.to_thread(engine.step)
+            except Exception as e:  # a failed step fails its requests, never the replica
+                log.exception("%s: decoding step failed", self.name)
+                self._fail_all(engine, e)
+                continue
+            for update in updates:
+                self._deliver(update)
+            now = time.monotonic()
+            if now - last_gauge > 0.25:
+                self._send_gauges()
+                last_gauge = now
+
+    def _deliver(self, update: Update) -> None:
+        request = update.request
+        item: dict[str, Any] = {"deltas": [d.__dict__ for d in update.deltas], "finished": update.finished}
+        if update.finished:
+            item["outputs"] = [_output_dict(o) for o in request.outputs]
+            self._record(request)
+        queue = self.queues.get(request.id)
+        if queue is not None:
+            queue.put_nowait(item)
+
+    def _fail_all(self, engine: Engine, error: Exception) -> None:
+        failure = RuntimeError(f"decoding failed: {type(error).__name__}: {error}")
+        for queue in self.queues.values():
+            queue.put_nowait(failure)
+        self.engine = self._new_engine()  # a clean cache; whatever was queued gets the error above
+
+    def _record(self, request) -> None:
+        labels = {"model": self.name}
+        events = [
+            ("genserve_prompt_tokens_total", labels, len(request.prompt_ids)),
+            ("genserve_generated_tokens_total", labels, request.generated_tokens),
+        ]
+        if request.first_token_at is not None:
+            events.append(("genserve_time_to_first_token_seconds", labels, request.first_token_at - request.arrived))
+            per_seq = max((len(o.token_ids) for o in request.outputs), default=0)
+            if per_seq > 1 and request.finished_at is not None:
+                events.append(("genserve_time_per_output_token_seconds", labels,
+                               (request.finished_at - request.first_token_at) / (per_seq - 1)))
+        self.metrics.send(events)
+
+    def _send_gauges(self) -> None:
+        labels = {"model": self.name, "replica": self.replica}
+        self.metrics.send([
+            ("genserve_requests_running", labels, self.engine.num_running),
+            ("genserve_requests_waiting", labels, self.engine.num_waiting),
+        ])
+
+    # ---- scoring ---------------------------------------------------------------------------
+
+    async def score(self, token_lists: list[list[int]]) -> list[list[float]]:
+        """log p(token t | tokens < t) for t >= 1 of each list (the first token is the context,
+        BOS for a whole text); one padded forward pass for all."""
+        return await asyncio.to_thread(self._score, token_lists)
+
+    @torch.inference_mode()
+    def _score(self, token_lists: list[list[int]]) -> list[list[float]]:
+        scorer = self.loaded.scorer
+        device = next(iter(scorer.parameters()), torch.empty(0)).device
+        width = max(len(t) for t in token_lists)
+        tokens = torch.zeros(len(token_lists), width, dtype=torch.long, device=device)
+        for i, t in enumerate(token_lists):
+            tokens[i, : len(t)] = torch.tensor(t)
+        # Right padding is harmless: every model here is causal, padding only follows real tokens.
+        log_probs = sequence_log_probs(scorer, tokens).cpu()
+        return [log_probs[i, : len(t) - 1].tolist() for i, t in enumerate(token_lists)]
+
+
+def _output_dict(o: SequenceOutput) -> dict[str, Any]:
+    return {
+        "index": o.index, "text": o.text, "token_ids": o.token_ids, "logprobs": o.logprobs,
+        "top_logprobs": o.top_logprobs, "finish_reason": o.finish_reason, "stop": o.stop_string, "score": o.score,
+        "cumulative_logprob": o.cumulative_logprob if o.logprobs else 0.0,
+    }
+
+
+TextModelDeployment = serve.deployment(
+    TextModel, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=512, health_check_period_s=10
+)

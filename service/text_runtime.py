@@ -1,0 +1,96 @@
+"""Loading a text artifact into a `LanguageModel` (torch, or ONNX Runtime for the transformer)
+and its tokenizer. The device is chosen at load time: CUDA when this process has a GPU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from models.gpt import GPT, GPTConfig
+from models.lm import LanguageModel
+from service.runtime import RuntimeName, pick_device
+from training import artifact as art
+from training.tokenizer import TextTokenizer
+
+TEXT_KINDS = ("gpt", "lstm", "ngram")
+
+
+@dataclass
+class LoadedTextModel:
+    artifact: art.Artifact
+    model: LanguageModel  # for decoding: torch or ONNX Runtime
+    scorer: LanguageModel  # for scoring whole texts: always torch
+    tokenizer: TextTokenizer
+    runtime: str
+    device: str
+
+    @property
+    def spec(self) -> art.TextInputSpec:
+        return self.artifact.manifest.input  # type: ignore[return-value]
+
+
+def build_text_module(loaded: art.Artifact) -> torch.nn.Module:
+    """The torch module of a text artifact, weights loaded and verified against the config."""
+    kind, config = loaded.manifest.kind, loaded.manifest.config
+    try:
+        if kind == "gpt":
+            module: torch.nn.Module = GPT(GPTConfig(**config))
+        elif kind == "lstm":
+            from models.lstm import CharLSTM, LSTMConfig
+
+            module = CharLSTM(LSTMConfig(**config))
+        elif kind == "ngram":
+            from safetensors.torch import load
+
+            from models.ngram import NGramConfig, NGramLM
+
+            return NGramLM.from_state_dict(NGramConfig(**config), load(loaded.contents[art.WEIGHTS])).eval()
+        else:
+            raise art.ArtifactError(f"{loaded.path}: kind {kind!r} is not a text model ({', '.join(TEXT_KINDS)})")
+    except (TypeError, ValueError) as e:
+        raise art.ArtifactError(f"{loaded.path / art.MANIFEST}: invalid {kind} config ({e})") from None
+    art.load_module_weights(module, loaded.contents[art.WEIGHTS], loaded.path / art.WEIGHTS)
+    return module.eval()
+
+
+def load_tokenizer(loaded: art.Artifact) -> TextTokenizer:
+    spec = loaded.manifest.input
+    if not isinstance(spec, art.TextInputSpec):
+        raise art.ArtifactError(f"{loaded.path}: not a text model (input type {spec.type!r})")
+    if art.TOKENIZER not in loaded.contents:
+        raise art.ArtifactError(f"{loaded.path}: the manifest lists no {art.TOKENIZER}")
+    try:
+        tokenizer = TextTokenizer.from_json(loaded.contents[art.TOKENIZER], spec.tokenizer, spec.bos_token_id,
+                                            spec.eos_token_id)
+    except Exception as e:  # the tokenizers library raises its own exception types
+        raise art.ArtifactError(f"{loaded.path / art.TOKENIZER}: not a valid tokenizer ({e})") from None
+    if tokenizer.vocab_size > spec.vocab_size:
+        raise art.ArtifactError(f"{loaded.path / art.TOKENIZER}: {tokenizer.vocab_size} tokens, more than the "
+                                f"model's vocabulary of {spec.vocab_size}")
+    return tokenizer
+
+
+def load_text_model(path: str | Path, runtime: RuntimeName = "auto", device: str | None = None) -> LoadedTextModel:
+    loaded = art.load_artifact(Path(path))
+    tokenizer = load_tokenizer(loaded)
+    device = device or pick_device()
+    module = build_text_module(loaded).to(device)
+    has_onnx = art.ONNX_DECODE in loaded.contents and art.ONNX_PREFILL in loaded.contents
+    chosen = "onnx" if runtime == "auto" and has_onnx else ("torch" if runtime == "auto" else runtime)
+    model: Any = module
+    if chosen == "onnx":
+        if not has_onnx:
+            raise art.ArtifactError(f"{loaded.path}: runtime 'onnx' asked for, but the artifact has no "
+                                    f"{art.ONNX_PREFILL} and {art.ONNX_DECODE}")
+        from service.onnx_text import OnnxGPT
+
+        model = OnnxGPT(loaded.contents[art.ONNX_PREFILL], loaded.contents[art.ONNX_DECODE],
+                        GPTConfig(**loaded.manifest.config), device)
+        device = model.device
+    elif chosen != "torch":
+        raise ValueError(f"unknown runtime {runtime!r}; use 'torch', 'onnx' or 'auto'")
+    return LoadedTextModel(artifact=loaded, model=model, scorer=module, tokenizer=tokenizer, runtime=chosen,
+                           device=str(device))
