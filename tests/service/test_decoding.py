@@ -212,3 +212,31 @@ def test_impossible_requests_are_refused_up_front(model, tokenizer, prompt_len, 
     with pytest.raises(ValueError, match=message):
         engine.submit([1] * prompt_len, params)
     assert not engine.has_work
+
+
+@pytest.fixture(scope="module")
+def baselines(tokenizer):
+    from models.lstm import CharLSTM, LSTMConfig
+    from models.ngram import NGramConfig, NGramLM
+
+    torch.manual_seed(0)
+    stream = torch.tensor(tokenizer.encode(TEXT * 5))
+    ngram = NGramLM.fit(stream, NGramConfig(vocab_size=tokenizer.vocab_size, order=3))
+    lstm = CharLSTM(LSTMConfig(vocab_size=tokenizer.vocab_size, n_embd=16, hidden_size=32, n_layer=2)).eval()
+    return {"ngram": ngram, "lstm": lstm}
+
+
+@pytest.mark.parametrize("kind", ["ngram", "lstm"])
+def test_the_same_loop_decodes_the_baselines(baselines, tokenizer, kind):
+    """Greedy, seeded sampling and beams on the n-gram's context and the LSTM's hidden state, batched together."""
+    model = baselines[kind]
+    prompt = tokenizer.encode("abc d")
+    greedy = generate(model, tokenizer, prompt, GenerationParams(max_new_tokens=10, temperature=0, ignore_eos=True))
+    assert greedy[0].token_ids == naive_greedy(model, prompt, 10)
+    engine = Engine(model, tokenizer, slots=8, max_len=64)
+    sampled = engine.submit(prompt, GenerationParams(max_new_tokens=10, seed=3, n=2, ignore_eos=True))
+    beams = engine.submit(tokenizer.encode("ij"), GenerationParams(max_new_tokens=6, num_beams=3, ignore_eos=True))
+    run_all(engine, [sampled, beams])
+    alone = generate(model, tokenizer, prompt, GenerationParams(max_new_tokens=10, seed=3, n=2, ignore_eos=True))
+    assert [o.token_ids for o in sampled.outputs] == [o.token_ids for o in alone]
+    assert len(beams.outputs[0].token_ids) == 6
