@@ -29,9 +29,10 @@ from models.lm import sequence_log_probs
 from service.decoding import Engine, GenerationParams, SequenceOutput, Update
 from service.metrics import MetricsClient
 from service.runtime import RuntimeName
-from service.text_runtime import LoadedTextModel, load_text_model
+from service.text_runtime import LoadedTextModel, load_text_model, resolve_text_runtime
 
 log = logging.getLogger("ray.serve")
+SCORE_LOGITS_BUDGET = 256 * 1024 * 1024  # bytes of float32 logits one scoring forward pass may hold
 
 
 class TextOptions(BaseModel):
@@ -75,7 +76,7 @@ class TextModel:
                 log.warning("%s: runtime/slots change waits for a restart of the replica (requests running)",
                             self.name)
                 return
-            if options.runtime != self.loaded.runtime:
+            if resolve_text_runtime(options.runtime) != self.loaded.runtime:
                 self.loaded = load_text_model(self.artifact_path, options.runtime)
             self.engine = self._new_engine()
 
@@ -189,12 +190,19 @@ class TextModel:
         scorer = self.loaded.scorer
         device = next(iter(scorer.parameters()), torch.empty(0)).device
         width = max(len(t) for t in token_lists)
-        tokens = torch.zeros(len(token_lists), width, dtype=torch.long, device=device)
-        for i, t in enumerate(token_lists):
-            tokens[i, : len(t)] = torch.tensor(t)
-        # Right padding is harmless: every model here is causal, padding only follows real tokens.
-        log_probs = sequence_log_probs(scorer, tokens).cpu()
-        return [log_probs[i, : len(t) - 1].tolist() for i, t in enumerate(token_lists)]
+        # Rows in chunks, so the (rows, width, vocab) logits stay near SCORE_LOGITS_BUDGET however many
+        # long texts one request holds.
+        rows = max(1, SCORE_LOGITS_BUDGET // (width * self.loaded.spec.vocab_size * 4))
+        results = []
+        for start in range(0, len(token_lists), rows):
+            chunk = token_lists[start : start + rows]
+            tokens = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
+            for i, t in enumerate(chunk):
+                tokens[i, : len(t)] = torch.tensor(t)
+            # Right padding is harmless: every model here is causal, padding only follows real tokens.
+            log_probs = sequence_log_probs(scorer, tokens).cpu()
+            results += [log_probs[i, : len(t) - 1].tolist() for i, t in enumerate(chunk)]
+        return results
 
 
 def _output_dict(o: SequenceOutput) -> dict[str, Any]:

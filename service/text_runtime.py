@@ -73,13 +73,19 @@ def load_tokenizer(loaded: art.Artifact) -> TextTokenizer:
     return tokenizer
 
 
+def resolve_text_runtime(runtime: RuntimeName) -> str:
+    """auto is torch for text models: decoding on torch's in-place KV cache measured about twice as fast
+    as ONNX Runtime with the cache passed in and out (4x128 char GPT, CPU); ONNX Runtime on request."""
+    return "torch" if runtime == "auto" else runtime
+
+
 def load_text_model(path: str | Path, runtime: RuntimeName = "auto", device: str | None = None) -> LoadedTextModel:
     loaded = art.load_artifact(Path(path))
     tokenizer = load_tokenizer(loaded)
     device = device or pick_device()
     module = build_text_module(loaded).to(device)
     has_onnx = art.ONNX_DECODE in loaded.contents and art.ONNX_PREFILL in loaded.contents
-    chosen = "onnx" if runtime == "auto" and has_onnx else ("torch" if runtime == "auto" else runtime)
+    chosen = resolve_text_runtime(runtime)
     model: Any = module
     if chosen == "onnx":
         if not has_onnx:

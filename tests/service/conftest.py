@@ -20,14 +20,18 @@ import torch
 import yaml
 
 from models.gpt import GPT, GPTConfig
+from models.ngram import NGramConfig, NGramLM
 from training import artifact as art
 from training.gmm_pipeline import GMMTrainConfig, train_gmm
+from training.onnx_export import export_gpt_onnx
 from training.tokenizer import train_char_tokenizer
 
 REPLICATED = "bc"  # breast_cancer, full covariances, ONNX Runtime, 2 replicas
 SINGLE = "wine"  # wine, diagonal covariances, torch, 1 replica
 TEXT = "bard"  # a character GPT fitted to TEXT_CORPUS for a moment, torch, 1 replica
 TEXT_CORPUS = "to be or not to be, that is the question.\nwhether tis nobler in the mind to suffer\n" * 4
+TEXT_ONNX = "bard-onnx"  # the same weights with prefill/decode graphs, served by ONNX Runtime
+TEXT_NGRAM = "bard-ngram"  # a 4-gram counted on TEXT_CORPUS
 TEXT_CONTEXT = 64
 TEXT_SLOTS = 8
 STARTUP_TIMEOUT_S = 180
@@ -68,6 +72,9 @@ def write_config(path: Path, port: int) -> None:
                  "user_config": {"runtime": "torch", "max_batch_size": 8, "batch_wait_timeout_s": 0.01}},
                 {"name": TEXT, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
                  "user_config": {"runtime": "torch", "slots": TEXT_SLOTS, "max_waiting": 64}},
+                {"name": TEXT_ONNX, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
+                 "user_config": {"runtime": "onnx", "slots": 4}},
+                {"name": TEXT_NGRAM, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
             ],
         }],
     }
@@ -82,7 +89,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
               store, progress=False)
     train_gmm(GMMTrainConfig(dataset="sklearn:wine", name=SINGLE, components=2, covariance_type="diag",
                              n_init=1, export_onnx=False), store, progress=False)
-    write_text_model(store, TEXT)
+    write_text_models(store)
     port = free_port()
     config = root / "serve.yaml"
     write_config(config, port)
@@ -112,8 +119,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
     stop(srv)
 
 
-def write_text_model(store: Path, name: str) -> Path:
-    """A tiny character GPT that has seen TEXT_CORPUS for a few seconds: enough to continue it."""
+def write_text_models(store: Path) -> None:
+    """A tiny character GPT that has seen TEXT_CORPUS for a few seconds (enough to continue it), the same
+    weights with ONNX graphs, and an n-gram model of the corpus."""
     tokenizer = train_char_tokenizer([TEXT_CORPUS])
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=tokenizer.vocab_size, context_length=TEXT_CONTEXT, n_layer=2, n_head=2, n_embd=48)
@@ -131,11 +139,16 @@ def write_text_model(store: Path, name: str) -> Path:
         opt.step()
     spec = art.TextInputSpec(tokenizer="char", vocab_size=tokenizer.vocab_size, context_length=TEXT_CONTEXT,
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    return art.write_artifact(
-        store, kind="gpt", name=name, config=config.to_dict(), input_spec=spec, training={"source": "test"},
-        metrics={"train_loss": loss.item()},
-        files={art.WEIGHTS: art.module_weights(model.eval()), art.TOKENIZER: tokenizer.to_json().encode()},
-    )
+    files = {art.WEIGHTS: art.module_weights(model.eval()), art.TOKENIZER: tokenizer.to_json().encode()}
+    common = {"input_spec": spec, "training": {"source": "test"}, "metrics": {"train_loss": loss.item()}}
+    art.write_artifact(store, kind="gpt", name=TEXT, config=config.to_dict(), files=files, **common)
+    prefill, decode = export_gpt_onnx(model)
+    art.write_artifact(store, kind="gpt", name=TEXT_ONNX, config=config.to_dict(),
+                       files={**files, art.ONNX_PREFILL: prefill, art.ONNX_DECODE: decode}, **common)
+    ngram = NGramLM.fit(data, NGramConfig(vocab_size=tokenizer.vocab_size, order=4))
+    art.write_artifact(store, kind="ngram", name=TEXT_NGRAM, config=ngram.config.to_dict(),
+                       files={**files, art.WEIGHTS: art.module_weights(ngram)},
+                       **{**common, "input_spec": spec.model_copy(update={"context_length": None})})
 
 
 def pytest_collection_modifyitems(config, items):

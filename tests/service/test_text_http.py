@@ -18,7 +18,7 @@ from models.lm import sequence_log_probs
 from service.client import GenserveClient, GenserveError
 from service.decoding import GenerationParams, generate
 from service.text_runtime import load_text_model
-from tests.service.conftest import TEXT, TEXT_CONTEXT, Server
+from tests.service.conftest import TEXT, TEXT_CONTEXT, TEXT_NGRAM, TEXT_ONNX, Server
 
 pytestmark = pytest.mark.integration
 H = {"Content-Type": "application/json"}
@@ -193,6 +193,28 @@ def test_text_metrics_are_exported(client):
     assert generated >= 10
 
 
+def test_onnx_runtime_serves_the_same_greedy_tokens_as_torch(client):
+    assert client.model(TEXT_ONNX).runtime == "onnx"
+    for prompt in ("to be", "whether tis", "q"):
+        torch_out = client.generate(TEXT, prompt, max_new_tokens=30, temperature=0).completions[0]
+        onnx_out = client.generate(TEXT_ONNX, prompt, max_new_tokens=30, temperature=0).completions[0]
+        assert onnx_out.token_ids == torch_out.token_ids
+        assert onnx_out.log_prob == pytest.approx(torch_out.log_prob, abs=1e-3)
+    beams = [client.generate(m, "that", max_new_tokens=10, num_beams=3, num_return_sequences=2)
+             for m in (TEXT, TEXT_ONNX)]
+    assert [c.token_ids for c in beams[0].completions] == [c.token_ids for c in beams[1].completions]
+
+
+def test_the_ngram_baseline_is_served_through_the_same_endpoints(client):
+    out = client.generate(TEXT_NGRAM, "to be or", max_new_tokens=12, temperature=0)
+    assert out.completions[0].text.startswith(" not to be")  # a 4-gram of this corpus knows the line
+    score = client.score(TEXT_NGRAM, ["to be or not to be"]).results[0]
+    assert score.n_tokens == 18 and score.bits_per_char < 2.0
+    assert client.model(TEXT_NGRAM).input.context_length is None
+    streamed = "".join(c.text for c in client.stream(TEXT_NGRAM, "that", max_new_tokens=8, temperature=0))
+    assert streamed == client.generate(TEXT_NGRAM, "that", max_new_tokens=8, temperature=0).completions[0].text
+
+
 # ---- the official openai client against /v1/completions ------------------------------------------
 
 
@@ -209,7 +231,7 @@ def test_openai_client_completions(oai: openai.OpenAI, client):
     lp = r.choices[0].logprobs
     assert "".join(lp.tokens) == expected and len(lp.token_logprobs) == 12 and len(lp.top_logprobs[0]) == 2
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(12)]
-    assert [m.id for m in oai.models.list()] == sorted(["bc", "wine", TEXT])
+    assert [m.id for m in oai.models.list()] == sorted(["bc", "wine", TEXT, TEXT_ONNX, TEXT_NGRAM])
 
 
 def test_openai_client_streaming_sampling_and_beams(oai: openai.OpenAI):
