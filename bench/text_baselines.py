@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
 
     rows, gpt_path = [], None
     started = time.perf_counter()
+    load_before = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     with tempfile.TemporaryDirectory(prefix="text-baselines-") as tmp:
         for label, overrides in RUNS:
             cfg = TextTrainConfig(name=f"baseline-{len(rows)}", dataset="shakespeare", tokenizer="char",
@@ -106,6 +107,7 @@ def main(argv: list[str] | None = None) -> None:
             rows.append((label, describe(manifest), m))
             if manifest.kind == "gpt":
                 gpt_path, data = path, manifest.training["data"]
+        load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
         text = sample(gpt_path) if gpt_path else ""
 
     lines = [
@@ -124,7 +126,9 @@ def main(argv: list[str] | None = None) -> None:
         "followed by EOS): the GPT with windows of its context at a stride of half of it (each scored token has at "
         "least half a context of history), the LSTM over 32 contiguous segments carrying its hidden state, the "
         "n-gram from its n-1 predecessors. Bits/char = total nats / (ln 2 x validation characters). Training time "
-        "is wall-clock on this machine, evaluation excluded; for the n-gram it is the counting.",
+        "is wall-clock on this machine, evaluation excluded; for the n-gram it is the counting. Load average "
+        f"(1 min) at the start {load_before:.2f}, at the end {load_after:.2f}: above the number of cores, other "
+        "processes shared them, and the times are longer than on an idle machine.",
         "",
         "| model | configuration | parameters | training time | validation nats/token | validation bits/char |",
         "|---|---|---:|---:|---:|---:|",

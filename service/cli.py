@@ -107,6 +107,7 @@ def train_text_command(
     bpe_vocab_size: Annotated[int, typer.Option(help="bpe vocabulary size, bytes and special token included")] = 2048,
     seed: Annotated[int, typer.Option(help="seed for initialisation and batches")] = 0,
     device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N [default: cuda if available]")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads [default: one per core; tiny preset: 1]")] = None,
     resume: Annotated[bool, typer.Option(help="continue from the checkpoint of a run with the same settings")] = False,
     onnx: Annotated[bool, typer.Option(help="gpt: also export the prefill and decode graphs")] = True,
 ) -> None:
@@ -121,7 +122,7 @@ def train_text_command(
         name=name, dataset=dataset, tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size, model=model, preset=preset,
         n_layer=n_layer, n_head=n_head, n_embd=n_embd, hidden_size=hidden_size, context_length=context_length,
         order=order, max_iters=max_iters, batch_size=batch_size, learning_rate=lr, lr_decay_iters=lr_decay_iters,
-        seed=seed, device=device, resume=resume, export_onnx=onnx,
+        seed=seed, device=device, threads=threads, resume=resume, export_onnx=onnx,
     )
     try:
         path = train_text(cfg, art.store_path(store))

@@ -23,14 +23,17 @@ Evaluation at the end, over the WHOLE validation stream, every token predicted e
 `validation_nll_nats_per_token` is the mean over those tokens; `validation_bits_per_char` is the total in nats /
 (ln 2 x the number of characters of the validation texts), comparable across tokenizers and model families (the
 cost of predicting each document's EOS is included in the total, and every model predicts the same EOS tokens).
+`train_loss` is the last estimate on random training windows (the n-gram: the NLL of the first training tokens).
 
 Checkpoints: every `checkpoint_interval` iterations and at the end, `STORE/.checkpoints/NAME/` holds
 `model.safetensors`, `optimizer.safetensors` (AdamW's per-parameter tensors, `state.{index}.{name}`), `rng.safetensors`
 (torch generator states, uint8) and `state.json` (the configuration, iteration, AdamW's steps and hyper-parameters,
 numpy's RNG state, history), plus the tokenizer, written to a temporary directory and renamed into place. With
 `resume=True` a run continues from it, if the configuration matches (fields that cannot change the trajectory,
-such as `max_iters`, `device` or the evaluation schedule, may differ), and ends with exactly the weights an
-uninterrupted run would have (bit for bit on CPU). Ctrl-C during training writes a checkpoint before stopping.
+such as `max_iters`, `device`, `threads` or the evaluation schedule, may differ; `lr_decay_iters` defaults to
+`max_iters`, so to train longer than planned, give it explicitly), and ends with exactly the weights an
+uninterrupted run would have (bit for bit on CPU with the same number of threads). Ctrl-C during training writes a
+checkpoint before stopping.
 """
 
 from __future__ import annotations
@@ -77,20 +80,23 @@ NGRAM_CURVE_TOKENS = 20_000  # tokens of each split scored per order for the n-g
 # Presets: per model kind, the values of every field left as None in TextTrainConfig. `min_lr` (learning_rate / 10),
 # `lr_decay_iters` (max_iters) and `warmup_iters` (at most a tenth of lr_decay_iters) are derived when not given.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    # Seconds on a laptop: for tests and smoke runs.
+    # Seconds on a laptop: for tests and smoke runs. One thread: ops this small gain nothing from more, and on a
+    # busy machine torch's spinning worker threads make them many times slower.
     "tiny": {
         "gpt": dict(n_layer=1, n_head=2, n_embd=32, context_length=32, dropout=0.0, batch_size=8, max_iters=30,
                     learning_rate=3e-3, warmup_iters=5, weight_decay=0.1, grad_clip=1.0, eval_interval=10,
-                    eval_iters=2, checkpoint_interval=10),
+                    eval_iters=2, checkpoint_interval=10, threads=1),
         "lstm": dict(n_layer=1, n_embd=16, hidden_size=32, context_length=32, dropout=0.0, batch_size=8,
                      max_iters=30, learning_rate=3e-3, warmup_iters=5, weight_decay=0.0, grad_clip=1.0,
-                     eval_interval=10, eval_iters=2, checkpoint_interval=10),
-        "ngram": dict(order=3),
+                     eval_interval=10, eval_iters=2, checkpoint_interval=10, threads=1),
+        "ngram": dict(order=3, threads=1),
     },
-    # What `genserve serve` trains on first run: about 3.5 minutes on 2 CPU cores end to end (2.7 of them training).
-    # Measured here at equal training time: a narrower model taking more steps of smaller batches won (4 x 96,
-    # 1400 x 16 x 128: 1.79 nats/char against 1.89 for 4 x 128, 1000 x 16 x 128), and a context of 256 with the
-    # same tokens per step lost (2.03-2.12: too few windows per batch).
+    # What `genserve serve` trains on first run. On 2 otherwise idle CPU cores (AMD EPYC, AVX2): about 160 s of
+    # training, 30 s of evaluation, 15 s of ONNX export, 3.5 minutes in all, for 2.58 bits/char (1.79 nats/token);
+    # a busy machine takes longer (6 minutes measured beside other jobs). Chosen at equal training time: a narrower
+    # model taking more steps of smaller batches did best (4 x 96 at 1400 x 16 x 128: 1.79 nats/token on random
+    # validation windows, against 1.89 for 4 x 128 at 1000 x 16 x 128 and 1.97 at 600 x 32 x 128), and a context of
+    # 256 lost (2.03-2.12 at 16 x 256 or 8 x 256 per step: too few windows per batch).
     "default": {
         "gpt": dict(n_layer=4, n_head=4, n_embd=96, context_length=128, dropout=0.0, batch_size=16, max_iters=1400,
                     learning_rate=3e-3, warmup_iters=50, weight_decay=0.1, grad_clip=1.0, eval_interval=200,
@@ -113,8 +119,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 # Fields that may differ between a checkpoint and the run resuming it: none of them changes the trajectory.
-RESUME_MAY_DIFFER = frozenset({"max_iters", "eval_interval", "eval_iters", "checkpoint_interval", "device", "resume",
-                               "export_onnx"})
+RESUME_MAY_DIFFER = frozenset({"max_iters", "eval_interval", "eval_iters", "checkpoint_interval", "device", "threads",
+                               "resume", "export_onnx"})
 
 
 @dataclass
@@ -154,6 +160,7 @@ class TextTrainConfig:
     validation_fraction: float = 0.1  # text files only: the share at the end held out
     seed: int = 0
     device: str | None = None  # None: cuda when available, else cpu
+    threads: int | None = None  # CPU intra-op threads; None: one per core (tiny models run faster on one)
     resume: bool = False
     export_onnx: bool = True  # GPT: also write the prefill and decode graphs for ONNX Runtime
 
@@ -182,6 +189,8 @@ class TextTrainConfig:
         if self.tokenizer == "bpe" and self.bpe_vocab_size < 257:
             raise ValueError(f"bpe_vocab_size must be at least 257 (256 bytes and the special token), "
                              f"got {self.bpe_vocab_size}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be at least 1, got {self.threads}")
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}")
         if self.model == "ngram":
@@ -348,7 +357,7 @@ def estimate_loss(model: nn.Module, stream: Tensor, cfg: TextTrainConfig, genera
 
 
 @torch.no_grad()
-def transformer_stream_nll(model: nn.Module, stream: Tensor, context: int, batch: int = 32) -> tuple[float, int]:
+def transformer_stream_nll(model: nn.Module, stream: Tensor, context: int, batch: int = 64) -> tuple[float, int]:
     """(total nats, tokens scored) of stream[1:] under a fixed-context model, windows of `context` tokens with a
     stride of context // 2: each later window scores only its tokens past the previous window's end."""
     n = stream.numel()
@@ -539,20 +548,32 @@ def pick_device(requested: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def set_threads(device: torch.device) -> None:
-    """On CPU, one intra-op thread per core this process may use (unless OMP_NUM_THREADS says otherwise)."""
-    if device.type == "cpu" and not os.environ.get("OMP_NUM_THREADS"):
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        torch.set_num_threads(max(1, cores))
+def set_threads(device: torch.device, threads: int | None) -> int:
+    """On CPU, `threads` intra-op threads, else one per core this process may use (unless OMP_NUM_THREADS says
+    otherwise); returns the previous number, to restore."""
+    previous = torch.get_num_threads()
+    if device.type == "cpu":
+        if threads is None and not os.environ.get("OMP_NUM_THREADS"):
+            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if threads:
+            torch.set_num_threads(max(1, threads))
+    return previous
 
 
 def train_text(cfg: TextTrainConfig, store: Path, progress: bool = True) -> Path:
     """Train (or fit) a text model, evaluate it on the whole validation stream, and write a new artifact version;
     returns its directory."""
     cfg = cfg.resolved()
-    started = time.perf_counter()
     device = pick_device(cfg.device)
-    set_threads(device)
+    previous_threads = set_threads(device, cfg.threads)
+    try:
+        return _train_text(cfg, store, device, progress)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train_text(cfg: TextTrainConfig, store: Path, device: torch.device, progress: bool) -> Path:
+    started = time.perf_counter()
     saved, saved_files, tokenizer = None, None, None
     if cfg.resume:
         if cfg.model == "ngram":
@@ -582,7 +603,9 @@ def train_text(cfg: TextTrainConfig, store: Path, progress: bool = True) -> Path
         train_loss = history["evaluations"][-1]["train_loss"]
 
     module.eval()
+    evaluation_started = time.perf_counter()
     val_nats, val_tokens = stream_nll(module, cfg.model, data.validation.to(device), cfg.context_length)
+    evaluation_seconds = time.perf_counter() - evaluation_started
     assert val_tokens == data.validation.numel() - 1, (val_tokens, data.validation.numel())
     module = module.cpu()
     metrics: dict[str, Any] = {
@@ -593,6 +616,7 @@ def train_text(cfg: TextTrainConfig, store: Path, progress: bool = True) -> Path
         "train_loss": train_loss,
         "parameters": _parameters(module, cfg.model),
         "training_seconds": round(train_seconds, 2),
+        "evaluation_seconds": round(evaluation_seconds, 2),
         "tokens_seen": tokens_seen,
         "iterations": iterations,
         "evaluation": {
@@ -802,15 +826,15 @@ def _progress(enabled: bool, description: str, total: int, completed: int = 0) -
     )
 
     shown = {"loss": "-", "val": "-", "tok/s": "-"}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("loss {task.fields[loss]}  val {task.fields[val]}  {task.fields[rate]} tok/s"),
-                  TimeElapsedColumn(), TimeRemainingColumn()) as bar:
+    with Progress(TextColumn("{task.description}"), BarColumn(bar_width=16), MofNCompleteColumn(),
+                  TextColumn("loss {task.fields[loss]} val {task.fields[val]} {task.fields[rate]} tok/s"),
+                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()) as bar:
         task = bar.add_task(description, total=total, completed=completed, loss="-", val="-", rate="-")
 
         def update(done: int, values: dict[str, float | None]) -> None:
             for key, value in values.items():
                 if value is not None:
-                    shown[key] = f"{value:,.0f}" if key == "tok/s" else f"{value:.4f}"
+                    shown[key] = f"{value:,.0f}" if key == "tok/s" else f"{value:.3f}"
             bar.update(task, completed=done, loss=shown["loss"], val=shown["val"], rate=shown["tok/s"])
 
         yield update

@@ -66,3 +66,11 @@ def test_readme_opens_with_the_two_commands_that_ci_runs() -> None:
     first_block = readme.split("```")[1]
     assert "make serve" in first_block and "make test" in first_block
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_default_deployments_fit_a_two_core_machine() -> None:
+    """Ray places a replica only where its logical CPUs fit: on a 2-core laptop the defaults must sum to <= 2."""
+    _, _, overrides = read_serve_config(Path("deploy/serve/genserve.yaml"))
+    total = sum(o.get("ray_actor_options", {}).get("num_cpus", 1) * o.get("num_replicas", 1)
+                for o in overrides.values())
+    assert total <= 2.0
