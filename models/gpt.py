@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.lm import next_token_loss
+
 
 @dataclass
 class GPTConfig:
@@ -199,10 +201,7 @@ class GPT(nn.Module):
         for block in self.h:
             x = block(x)
         logits = self.lm_head(self.ln_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, None if targets is None else next_token_loss(logits, targets)
 
     # ---- the LanguageModel interface (models/lm.py) -------------------------------------------
 

@@ -53,6 +53,11 @@ class LanguageModel(Protocol):
         ...
 
 
+def next_token_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """Mean cross-entropy of (B, T, V) logits against (B, T) targets; targets of -1 (padding) are ignored."""
+    return torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+
+
 def sequence_log_probs(model: LanguageModel, tokens: Tensor) -> Tensor:
     """log p(token t | tokens < t) for t = 1..T-1 of each row: (B, T-1). The first token is the
     context (a BOS token when scoring a whole text)."""

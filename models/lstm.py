@@ -11,9 +11,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
+
+from models.lm import next_token_loss
 
 
 @dataclass(frozen=True)
@@ -71,10 +72,7 @@ class CharLSTM(nn.Module):
         (targets equal to -1 are ignored, e.g. padding)."""
         out, _ = self.lstm(self.drop(self.wte(idx)))
         logits = self.lm_head(self.drop(out))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        return logits, loss
+        return logits, None if targets is None else next_token_loss(logits, targets)
 
     def logits(self, tokens: Tensor) -> Tensor:
         return self(tokens)[0]
