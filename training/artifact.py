@@ -10,6 +10,9 @@
         tokenizer.json       text models: the tokenizer, in the `tokenizers` library's format
         prefill.onnx         text transformers, optional: the prompt step, for ONNX Runtime
         decode.onnx          ... and the one-token step, past keys and values as explicit inputs
+        samples.png          image models: a grid of samples drawn at the end of training
+        loss_curve.png       gradient-trained models: training and validation loss
+        training_log.json    gradient-trained models: the loss history
 
 The writer and the reader live together here so the format has one definition. Loading checks
 the format version and every file's hash, and reads each file's bytes once: what was hashed is
@@ -42,6 +45,7 @@ CALIBRATION = "calibration.json"
 TOKENIZER = "tokenizer.json"
 ONNX_PREFILL = "prefill.onnx"  # text models: prompt -> logits, keys, values
 ONNX_DECODE = "decode.onnx"  # text models: one token + past keys and values -> logits, new key, value
+SAMPLES_PNG = "samples.png"  # image models: a grid of samples
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,62}$"
 DEFAULT_STORE = "./model-store"
 
@@ -75,7 +79,19 @@ class TextInputSpec(BaseModel):
     eos_token_id: int | None = Field(ge=0, description="token that ends generation")
 
 
-AnyInputSpec = Annotated[InputSpec | TextInputSpec, Field(discriminator="type")]
+class ImageInputSpec(BaseModel):
+    """Grey-level images: integer levels in [0, levels), height x width, one channel."""
+
+    type: Literal["image"] = "image"
+    height: int = Field(ge=1)
+    width: int = Field(ge=1)
+    channels: Literal[1] = 1
+    levels: int = Field(ge=2, description="grey levels; 2 for binarised images")
+    n_classes: int = Field(0, ge=0, description="class-conditional models: labels are 0..n_classes-1; 0: none")
+    class_names: list[str] | None = Field(None, description="what each label means, by index")
+
+
+AnyInputSpec = Annotated[InputSpec | TextInputSpec | ImageInputSpec, Field(discriminator="type")]
 
 
 class Manifest(BaseModel):
@@ -176,7 +192,7 @@ def write_artifact(
     kind: str,
     name: str,
     config: dict[str, Any],
-    input_spec: InputSpec | TextInputSpec,
+    input_spec: InputSpec | TextInputSpec | ImageInputSpec,
     training: dict[str, Any],
     metrics: dict[str, Any],
     files: dict[str, bytes],

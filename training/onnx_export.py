@@ -215,3 +215,56 @@ def check_gpt_onnx(model: GPT, prefill: bytes, decode: bytes, atol: float = 1e-4
     if not worst <= atol:
         raise RuntimeError(f"ONNX Runtime and torch disagree by {worst:.3g} (> {atol}) on the GPT graphs")
     return worst
+
+
+# ---- image models: log p(x | y) and the per-pixel conditionals --------------------------------------------------
+
+IMAGE_ONNX_INPUTS = ("images", "labels")  # int64 (N, H, W); int64 (N,), conditional models only
+IMAGE_ONNX_OUTPUTS = ("log_prob", "pixel_log_probs")  # float32 (N,); float32 (N, H*W)
+
+
+class _ImageScore(nn.Module):
+    def __init__(self, model: nn.Module, conditional: bool):
+        super().__init__()
+        self.model, self.conditional = model, conditional
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.score_given(images, labels if self.conditional else None)
+
+
+def _image_example(model, n: int = 3, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, model.levels, (n, model.height, model.width), generator=g)
+    if model.n_classes:
+        return images, torch.randint(0, model.n_classes, (n,), generator=g)
+    return (images,)
+
+
+def export_image_onnx(model: nn.Module) -> bytes:
+    """The graph of `model.score_given` (an ImageModel), float32 on the CPU, dynamic batch.
+
+    A conditional model's graph takes labels; the marginal over labels (no label given) is
+    computed outside it, from one run per class (models.image.marginalise_labels)."""
+    model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
+    args = _image_example(model)
+    batch = Dim("batch", min=1)
+    names = list(IMAGE_ONNX_INPUTS[: len(args)])
+    dynamic = tuple({0: batch} for _ in args)
+    return _export(_ImageScore(model, bool(model.n_classes)), args, names, list(IMAGE_ONNX_OUTPUTS), dynamic)
+
+
+def check_image_onnx(model: nn.Module, onnx_bytes: bytes, atol: float = 1e-4, n: int = 16, seed: int = 1) -> float:
+    """Largest deviation of ONNX Runtime from torch over random images (and labels); raise past atol
+    (nats, on log p(x) and on every per-pixel conditional)."""
+    import onnxruntime as ort
+
+    model = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
+    args = _image_example(model, n=n, seed=seed)
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    got = session.run(None, {name: a.numpy() for name, a in zip(IMAGE_ONNX_INPUTS, args, strict=False)})
+    with torch.no_grad():
+        want = model.score_given(*args) if model.n_classes else model.score_given(args[0], None)
+    worst = max(float(np.max(np.abs(g - w.numpy()))) for g, w in zip(got, want, strict=True))
+    if not worst <= atol:
+        raise RuntimeError(f"ONNX Runtime and torch disagree by {worst:.3g} nats (> {atol})")
+    return worst

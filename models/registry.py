@@ -1,0 +1,37 @@
+"""Image model kinds by name: the artifact's `kind` and config rebuild the module from these."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import fields
+from typing import Any
+
+from models.image import ImageModel
+
+# kind -> (module, config class, model class); imported on first use.
+IMAGE_MODELS: dict[str, tuple[str, str, str]] = {
+    "pixelcnn": ("models.pixelcnn", "PixelCNNConfig", "GatedPixelCNN"),
+    "made": ("models.made", "MADEConfig", "MADE"),
+    "nade": ("models.nade", "NADEConfig", "NADE"),
+    "fvsbn": ("models.fvsbn", "FVSBNConfig", "FVSBN"),
+}
+IMAGE_KINDS = frozenset(IMAGE_MODELS)
+
+
+def image_classes(kind: str) -> tuple[type, type[ImageModel]]:
+    if kind not in IMAGE_MODELS:
+        raise ValueError(f"unknown image model kind {kind!r}; known: {', '.join(sorted(IMAGE_MODELS))}")
+    module_name, config_name, model_name = IMAGE_MODELS[kind]
+    module = importlib.import_module(module_name)
+    return getattr(module, config_name), getattr(module, model_name)
+
+
+def build_image_model(kind: str, config: dict[str, Any]) -> ImageModel:
+    """A fresh module of `kind` from its config's fields (lists become tuples, as JSON loses them)."""
+    config_cls, model_cls = image_classes(kind)
+    known = {f.name for f in fields(config_cls)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"{kind} config has unknown fields {unknown}; known: {sorted(known)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    return model_cls(config_cls(**values))
