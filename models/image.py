@@ -56,6 +56,8 @@ class ImageModel(nn.Module):
         return 1 if self.levels == 2 else self.levels
 
     def set_class_prior(self, labels: Tensor) -> None:
+        """The class prior p(y) from training labels (each class seen at least once, or its log p(y) is -inf)."""
+        self._check_labels(labels, labels.shape[0], allow_none=False)
         counts = torch.bincount(labels, minlength=self.n_classes).to(self.class_log_prior)
         self.class_log_prior.copy_(torch.log(counts / counts.sum()))
 
@@ -88,6 +90,7 @@ class ImageModel(nn.Module):
 
         A conditional model given no labels answers for the marginal p(x) = sum_y p(y) p(x | y),
         exactly (see `marginalise_labels`)."""
+        self._check_images(x)
         self._check_labels(labels, x.shape[0], allow_none=True)
         if self.n_classes and labels is None:
             per_class = [self.score_given(x, self._full_labels(x, y)) for y in range(self.n_classes)]
@@ -120,10 +123,12 @@ class ImageModel(nn.Module):
         """Draw images, all of them in one batch, pixel by pixel in raster order.
 
         `prefix` (N, H, W) with `known` > 0 completes images: its first `known` pixels in raster
-        order are kept and the rest sampled given them. A conditional model samples labels from its
-        class prior where none are given. Returns the images and the labels (None if unconditional)."""
+        order are kept and the rest sampled given them. A conditional model given no labels draws them:
+        from the class prior for new images, from the posterior p(y | known pixels) for completions, so
+        both come from the marginal p(x). Returns the images and the labels (None if unconditional)."""
         device = self.class_log_prior.device
         if prefix is not None:
+            self._check_images(prefix)
             x = prefix.to(device=device, dtype=torch.long).clone()
             n = x.shape[0]
         else:
@@ -134,14 +139,25 @@ class ImageModel(nn.Module):
         if not 0 <= known <= self.n_pixels:
             raise ValueError(f"known must be within [0, {self.n_pixels}], got {known}")
         self._check_labels(labels, n, allow_none=True)
+        x.view(n, -1)[:, known:] = 0  # never let unknown pixels leak in, whatever the model
         if self.n_classes and labels is None:
-            u = torch.rand(n, generator=generator, device=device, dtype=self.class_log_prior.dtype)
-            cdf = self.class_log_prior.exp().cumsum(0)
-            labels = (u[:, None] > cdf[None, :]).sum(1).clamp(max=self.n_classes - 1)
+            labels = self._draw_labels(x, known, generator)
         if labels is not None:
             labels = labels.to(device)
-        x.view(n, -1)[:, known:] = 0  # never let unknown pixels leak in, whatever the model
         return self.sample_pixels(x, labels, known, generator), labels
+
+    def _draw_labels(self, x: Tensor, known: int, generator: torch.Generator | None) -> Tensor:
+        """One label per image from p(y | x_<known) ∝ p(y) p(x_<known | y) (the prior when known is 0)."""
+        log_posterior = self.class_log_prior[:, None].expand(-1, x.shape[0])
+        if known:
+            # Raster-order conditionals (for MADE: its raster ordering, the one that completes), so the
+            # prefix's likelihood never looks past the known pixels.
+            prefix = torch.stack([self.conditional_log_probs(x, self._full_labels(x, y))[:, :known].sum(1)
+                                  for y in range(self.n_classes)])  # (Y, N): log p(x_<known | y)
+            log_posterior = log_posterior + prefix
+        posterior = torch.softmax(log_posterior, dim=0)
+        u = torch.rand(x.shape[0], generator=generator, device=x.device, dtype=posterior.dtype)
+        return (u[None, :] > posterior.cumsum(0)).sum(0).clamp(max=self.n_classes - 1)
 
     def sample_pixels(self, x: Tensor, labels: Tensor | None, known: int, generator: torch.Generator | None) -> Tensor:
         """Fill x's pixels from `known` on, in raster order. The default recomputes all logits
@@ -157,6 +173,14 @@ class ImageModel(nn.Module):
     def _full_labels(self, x: Tensor, y: int) -> Tensor:
         return torch.full((x.shape[0],), y, dtype=torch.long, device=x.device)
 
+    def _check_images(self, x: Tensor) -> None:
+        if x.dim() != 3 or tuple(x.shape[1:]) != (self.height, self.width):
+            raise ValueError(f"images must have shape (N, {self.height}, {self.width}), got {tuple(x.shape)}")
+        if x.dtype.is_floating_point or x.dtype == torch.bool or x.is_complex():
+            raise ValueError(f"images must be integer grey levels, got dtype {x.dtype}")
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) >= self.levels):
+            raise ValueError(f"grey levels must be within [0, {self.levels}), got [{int(x.min())}, {int(x.max())}]")
+
     def _check_labels(self, labels: Tensor | None, n: int, allow_none: bool) -> None:
         if labels is None:
             if not (allow_none or not self.n_classes):
@@ -164,6 +188,8 @@ class ImageModel(nn.Module):
             return
         if not self.n_classes:
             raise ValueError("this model is not class-conditional: give no labels")
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
         if labels.shape != (n,):
             raise ValueError(f"labels must have shape ({n},), got {tuple(labels.shape)}")
         if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.n_classes):
@@ -192,9 +218,11 @@ def pixel_log_likelihood(logits: Tensor, x: Tensor) -> Tensor:
 
 
 def draw_pixel(logits: Tensor, generator: torch.Generator | None) -> Tensor:
-    """One level per row from (N, C) logits, by inverse CDF on one uniform draw per row, so a seeded
-    generator gives the same images on any device and batch composition within a request."""
-    u = torch.rand(logits.shape[0], generator=generator, device=logits.device, dtype=logits.dtype)
+    """One level per row from (N, C) logits, by inverse CDF on one uniform draw per row: a seeded generator
+    gives the same images for the same request."""
+    # Drawn where the generator lives (a CPU generator can serve a CUDA model), then moved.
+    where = generator.device if generator is not None else logits.device
+    u = torch.rand(logits.shape[0], generator=generator, device=where, dtype=logits.dtype).to(logits.device)
     if logits.shape[-1] == 1:
         return (u < torch.sigmoid(logits[:, 0])).long()
     cdf = torch.softmax(logits, dim=-1).cumsum(-1)

@@ -27,12 +27,14 @@ StoreOption = Annotated[
 ]
 
 # What `genserve serve` trains on first run, each one that is missing from the store: minutes at
-# most on 2 CPU cores (the Shakespeare transformer takes most of it).
+# at most on 2 CPU cores (the Shakespeare transformer and the MNIST PixelCNN take most of it).
 DEFAULT_MODELS: dict[str, dict[str, Any]] = {
     "breast-cancer": {"kind": "gmm", "dataset": "sklearn:breast_cancer", "covariance_type": "full"},
     "wine": {"kind": "gmm", "dataset": "sklearn:wine", "covariance_type": "full"},
     "shakespeare": {"kind": "text", "dataset": "shakespeare", "tokenizer": "char", "model": "gpt",
                     "preset": "default"},
+    "mnist": {"kind": "image", "model": "pixelcnn", "dataset": "mnist5k", "conditional": True, "preset": "default"},
+    "digits": {"kind": "image", "model": "made", "dataset": "digits", "conditional": False, "preset": "default"},
 }
 
 
@@ -138,6 +140,82 @@ def train_text_command(
                f"{m['training_seconds']:.0f} s training")
 
 
+def _train_image(
+    kind: str,
+    dataset: str,
+    name: str,
+    conditional: bool,
+    preset: str,
+    store: Path | None,
+    epochs: int | None,
+    batch_size: int | None,
+    lr: float | None,
+    arch: list[str] | None,
+    sample_every: int,
+    seed: int,
+    device: str | None,
+    threads: int | None,
+    onnx: bool,
+) -> None:
+    from training.image_pipeline import ImageTrainConfig, train_image
+
+    overrides: dict[str, Any] = {}
+    for item in arch or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--arch")
+        try:
+            overrides[key] = yaml.safe_load(value)  # numbers, and lists such as [512,512]
+        except yaml.YAMLError:
+            raise typer.BadParameter(f"cannot read the value of {item!r}", param_hint="--arch") from None
+    cfg = ImageTrainConfig(model=kind, dataset=dataset, name=name, conditional=conditional, preset=preset,
+                           epochs=epochs, batch_size=batch_size, learning_rate=lr, architecture=overrides or None,
+                           sample_every=sample_every, seed=seed, device=device, threads=threads, export_onnx=onnx)
+    try:
+        path = train_image(cfg, art.store_path(store))
+    except (ValueError, FileNotFoundError, RuntimeError, art.ArtifactError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    m = art.load_artifact(path).manifest.metrics
+    typer.echo(f"wrote {path}: {kind}, {m['parameters']:,} parameters, test NLL {m['test_nll_nats']:.2f} nats "
+               f"({m['test_bits_per_dim']:.4f} bits/dim), {m['training_seconds']:.0f} s training")
+
+
+def _image_command(kind: str, summary: str) -> None:
+    def command(
+        dataset: Annotated[str, typer.Option(help="mnist5k (28x28, binarised) or digits (8x8, 17 levels)")],
+        name: Annotated[str, typer.Option(help="model name: lowercase letters, digits, '.', '_', '-'")],
+        conditional: Annotated[bool, typer.Option(help="class-conditional: p(x | label), and exact p(x) by "
+                                                       "summing over labels")] = False,
+        preset: Annotated[str, typer.Option(help="tiny (seconds) or default (minutes on CPU); the options below "
+                                                 "override it")] = "default",
+        store: StoreOption = None,
+        epochs: Annotated[int | None, typer.Option(help="passes over the training split")] = None,
+        batch_size: Annotated[int | None, typer.Option(help="images per batch")] = None,
+        lr: Annotated[float | None, typer.Option(help="peak learning rate (Adam, cosine decay to a tenth)")] = None,
+        arch: Annotated[list[str] | None, typer.Option(help="architecture field as KEY=VALUE, repeatable, e.g. "
+                                                            "channels=64 or hidden=[512,512]")] = None,
+        sample_every: Annotated[int, typer.Option(help="epochs between sample grids written to "
+                                                       "STORE/.training/NAME/ (0: only at the end)")] = 5,
+        seed: Annotated[int, typer.Option(help="seed for initialisation, batches and samples")] = 0,
+        device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N [default: cuda if available]")] = None,
+        threads: Annotated[int | None, typer.Option(help="CPU threads [default: one per core]")] = None,
+        onnx: Annotated[bool, typer.Option(help="also export log_prob to ONNX (checked to 1e-4)")] = True,
+    ) -> None:
+        _train_image(kind, dataset, name, conditional, preset, store, epochs, batch_size, lr, arch, sample_every,
+                     seed, device, threads, onnx)
+
+    command.__doc__ = summary
+    train_app.command(kind)(command)
+
+
+_image_command("pixelcnn", "Gated PixelCNN (vertical and horizontal stacks, no blind spot) on binarised MNIST or "
+                           "digits; test NLL in nats and bits/dim.")
+_image_command("made", "MADE, trained order-agnostically over a few orderings and scored as their ensemble.")
+_image_command("nade", "NADE: shared hidden weights, all conditionals in one pass.")
+_image_command("fvsbn", "Fully visible sigmoid belief network: a logistic regression per pixel (baseline).")
+
+
 @import_app.command("hf")
 def import_hf_command(
     directory: Annotated[Path, typer.Argument(help="local Hugging Face GPT-2 directory (config.json, "
@@ -182,6 +260,13 @@ def train_defaults(store: Path) -> None:
             from training.gmm_pipeline import GMMTrainConfig, train_gmm
 
             _print_summary(train_gmm(GMMTrainConfig(name=name, **settings), store))
+        elif spec["kind"] == "image":
+            from training.image_pipeline import ImageTrainConfig, train_image
+
+            path = train_image(ImageTrainConfig(name=name, **settings), store)
+            metrics = art.load_artifact(path).manifest.metrics
+            typer.echo(f"wrote {path}: test NLL {metrics['test_nll_nats']:.2f} nats "
+                       f"({metrics['test_bits_per_dim']:.4f} bits/dim)")
         else:
             from training.text_pipeline import TextTrainConfig, train_text
 
@@ -218,7 +303,8 @@ def serve_command(
     address: Annotated[str | None, typer.Option(help="join this Ray cluster instead of starting Ray locally")] = None,
     train_defaults_: Annotated[bool, typer.Option(
         "--train-defaults/--no-train-defaults",
-        help="first train the default models (breast-cancer, wine, shakespeare) that the store lacks")] = True,
+        help="first train the default models (breast-cancer, wine, shakespeare, mnist, digits) that the store "
+             "lacks")] = True,
 ) -> None:
     """Serve every model in the store (or those the config names) until Ctrl-C or SIGTERM."""
     import ray

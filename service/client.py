@@ -6,6 +6,8 @@
         scores = client.anomaly("breast-cancer", records)
         print(scores.results[0].is_anomaly)
         print(client.generate("shakespeare", "ROMEO:", max_new_tokens=100, seed=1).completions[0].text)
+        digits = client.sample_images("mnist", n=4, label=3, seed=0).images  # arrays of grey levels
+        print(client.log_prob_images("mnist", [d.array for d in digits]).log_prob)
         for chunk in client.stream("shakespeare", "JULIET:", max_new_tokens=100):
             print(chunk.text, end="", flush=True)
 
@@ -22,11 +24,22 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel
 
-from service.schemas import AnomalyResponse, LogProbResponse, ModelInfo, ModelList, Readiness, SampleResponse
+from service.schemas import (
+    AnomalyResponse,
+    CompleteResponse,
+    ImageSampleResponse,
+    LogProbResponse,
+    ModelInfo,
+    ModelList,
+    Readiness,
+    SampleResponse,
+)
 from service.text_schemas import GenerateResponse, ScoreResponse, StreamChunk
 
 T = TypeVar("T", bound=BaseModel)
 Records = Sequence[Sequence[float]]
+# Images: each an (H, W) numpy array or nested lists of integer levels, or a base64 PNG string.
+Images = Sequence[Any]
 DEFAULT_URL = "http://127.0.0.1:8000"
 JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -78,6 +91,43 @@ def _anomaly(name: str, records: Records, threshold: float | None, fpr: float | 
 
 def _sample(name: str, n: int, seed: int | None) -> tuple[str, str, dict]:
     return "POST", f"/v1/models/{name}/sample", {"n": n} if seed is None else {"n": n, "seed": seed}
+
+
+def _images(images: Images) -> list:
+    return [image.tolist() if hasattr(image, "tolist") else image for image in images]
+
+
+def _labels(labels: Sequence[int] | None) -> list[int] | None:
+    return None if labels is None else [int(y) for y in labels]
+
+
+def _drop_none(body: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in body.items() if v is not None}
+
+
+def _log_prob_images(name: str, images: Images, labels: Sequence[int] | None,
+                     per_pixel: bool) -> tuple[str, str, dict]:
+    body = {"images": _images(images), "labels": _labels(labels), "per_pixel": per_pixel}
+    return "POST", f"/v1/models/{name}/log_prob", _drop_none(body)
+
+
+def _anomaly_images(name: str, images: Images, labels: Sequence[int] | None, threshold: float | None,
+                    fpr: float | None) -> tuple[str, str, dict]:
+    body = {"images": _images(images), "labels": _labels(labels), "threshold": threshold, "false_positive_rate": fpr}
+    return "POST", f"/v1/models/{name}/anomaly", _drop_none(body)
+
+
+def _sample_images(name: str, n: int, seed: int | None, labels: Sequence[int] | None, label: int | None,
+                   format: str) -> tuple[str, str, dict]:
+    body = {"n": n, "seed": seed, "labels": _labels(labels), "label": label, "format": format}
+    return "POST", f"/v1/models/{name}/sample", _drop_none(body)
+
+
+def _complete(name: str, images: Images, known_rows: int | None, known_pixels: int | None, n: int,
+              seed: int | None, labels: Sequence[int] | None, format: str) -> tuple[str, str, dict]:
+    body = {"images": _images(images), "known_rows": known_rows, "known_pixels": known_pixels, "n": n,
+            "seed": seed, "labels": _labels(labels), "format": format}
+    return "POST", f"/v1/models/{name}/complete", _drop_none(body)
 
 
 def _generate(name: str, prompt: str, stream: bool, options: dict[str, Any]) -> tuple[str, str, dict]:
@@ -147,6 +197,29 @@ class GenserveClient:
     def sample(self, name: str, n: int = 1, seed: int | None = None) -> SampleResponse:
         return self._call(*_sample(name, n, seed), SampleResponse)
 
+    # ---- image models ----
+
+    def log_prob_images(self, name: str, images: Images, labels: Sequence[int] | None = None,
+                        per_pixel: bool = False) -> LogProbResponse:
+        """log p(x) of each image (log p(x | label) with labels; a conditional model's marginal without)."""
+        return self._call(*_log_prob_images(name, images, labels, per_pixel), LogProbResponse)
+
+    def anomaly_images(self, name: str, images: Images, labels: Sequence[int] | None = None,
+                       threshold: float | None = None, false_positive_rate: float | None = None) -> AnomalyResponse:
+        return self._call(*_anomaly_images(name, images, labels, threshold, false_positive_rate), AnomalyResponse)
+
+    def sample_images(self, name: str, n: int = 1, seed: int | None = None, labels: Sequence[int] | None = None,
+                      label: int | None = None, format: str = "array") -> ImageSampleResponse:
+        """n images (format "array" or "png"), with their labels and exact log-probabilities."""
+        return self._call(*_sample_images(name, n, seed, labels, label, format), ImageSampleResponse)
+
+    def complete(self, name: str, images: Images, known_rows: int | None = None, known_pixels: int | None = None,
+                 n: int = 1, seed: int | None = None, labels: Sequence[int] | None = None,
+                 format: str = "array") -> CompleteResponse:
+        """n completions of each partial image, keeping its top known_rows rows or first known_pixels pixels."""
+        return self._call(*_complete(name, images, known_rows, known_pixels, n, seed, labels, format),
+                          CompleteResponse)
+
     def generate(self, name: str, prompt: str = "", **options: Any) -> GenerateResponse:
         """Continue `prompt`; options as in the generate endpoint (see /docs)."""
         return self._call(*_generate(name, prompt, False, options), GenerateResponse)
@@ -210,6 +283,27 @@ class AsyncGenserveClient:
 
     async def sample(self, name: str, n: int = 1, seed: int | None = None) -> SampleResponse:
         return await self._call(*_sample(name, n, seed), SampleResponse)
+
+    async def log_prob_images(self, name: str, images: Images, labels: Sequence[int] | None = None,
+                              per_pixel: bool = False) -> LogProbResponse:
+        return await self._call(*_log_prob_images(name, images, labels, per_pixel), LogProbResponse)
+
+    async def anomaly_images(self, name: str, images: Images, labels: Sequence[int] | None = None,
+                             threshold: float | None = None,
+                             false_positive_rate: float | None = None) -> AnomalyResponse:
+        return await self._call(*_anomaly_images(name, images, labels, threshold, false_positive_rate),
+                                AnomalyResponse)
+
+    async def sample_images(self, name: str, n: int = 1, seed: int | None = None,
+                            labels: Sequence[int] | None = None, label: int | None = None,
+                            format: str = "array") -> ImageSampleResponse:
+        return await self._call(*_sample_images(name, n, seed, labels, label, format), ImageSampleResponse)
+
+    async def complete(self, name: str, images: Images, known_rows: int | None = None,
+                       known_pixels: int | None = None, n: int = 1, seed: int | None = None,
+                       labels: Sequence[int] | None = None, format: str = "array") -> CompleteResponse:
+        return await self._call(*_complete(name, images, known_rows, known_pixels, n, seed, labels, format),
+                                CompleteResponse)
 
     async def generate(self, name: str, prompt: str = "", **options: Any) -> GenerateResponse:
         return await self._call(*_generate(name, prompt, False, options), GenerateResponse)

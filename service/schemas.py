@@ -7,12 +7,37 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, StrictInt, WithJsonSchema, model_validator
 
 # JSON numbers only: strict mode refuses strings and booleans, allow_inf_nan=False refuses the
 # NaN/Infinity literals that Python's JSON parser would otherwise accept.
 FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
 Record = Annotated[list[FiniteNumber], Field(min_length=1)]
+
+# An image: H lists of W integer grey levels in [0, levels), or a base64 PNG string. Checked by the gateway
+# (service/image_codec.py) against the model's size and levels, so errors name the image, row and column.
+ImageInput = Annotated[
+    Any,
+    WithJsonSchema({
+        "oneOf": [
+            {"type": "array", "items": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+             "description": "height lists (rows, top first) of width integer grey levels in [0, levels)"},
+            {"type": "string", "description": "base64 PNG, optionally prefixed data:image/png;base64, - one "
+             "channel (mode L, 8-bit grey, or mode 1), exactly the model's width x height; 8-bit value v is "
+             "read as level round(v * (levels - 1) / 255); needs levels <= 256"},
+        ],
+    }),
+]
+Label = Annotated[StrictInt, Field(description="class label in [0, n_classes)")]
+ImageFormat = Literal["array", "png"]
+IMAGES_DESCRIPTION = (
+    "images of the model's height x width: each a list of rows of integer levels in [0, levels), or a base64 "
+    "PNG (mode L or 1). At most limits.max_images_per_request. Image models only; give records or images"
+)
+LABELS_DESCRIPTION = (
+    "class-conditional image models: one label in [0, n_classes) per image, to score log p(x | label); "
+    "omitted: the exact marginal log p(x) = log sum_y p(y) p(x | y). Unconditional models take none"
+)
 
 
 class ErrorDetail(BaseModel):
@@ -33,15 +58,24 @@ class Limits(BaseModel):
     max_n: int
     max_texts_per_request: int
     max_prompts_per_request: int
+    max_images_per_request: int = Field(
+        description="image models: images scored per log_prob/anomaly request, n per sample request, and "
+        "len(images) * n per complete request"
+    )
 
 
 class InputInfo(BaseModel):
-    type: Literal["records", "text"]
+    type: Literal["records", "text", "image"]
     n_features: int | None = Field(None, description="records: features per record")
     feature_names: list[str] | None = Field(None, description="records: feature names, in order")
     tokenizer: Literal["char", "bpe"] | None = Field(None, description="text: the tokenizer's kind")
     vocab_size: int | None = Field(None, description="text: tokens in the vocabulary")
     context_length: int | None = Field(None, description="text: longest sequence (prompt + generated), tokens")
+    height: int | None = Field(None, description="image: rows per image")
+    width: int | None = Field(None, description="image: pixels per row")
+    levels: int | None = Field(None, description="image: grey levels per pixel, integers 0..levels-1 (2: binary)")
+    n_classes: int | None = Field(None, description="image: class labels 0..n_classes-1 (0: not class-conditional)")
+    class_names: list[str] | None = Field(None, description="image: what each label means, by index")
 
 
 class CalibrationInfo(BaseModel):
@@ -79,25 +113,50 @@ class ModelList(BaseModel):
     data: list[OpenAIModel] = []
 
 
-class LogProbRequest(BaseModel):
-    records: list[Record] = Field(
-        min_length=1, description="raw (unstandardised) records, one list of numbers per record"
-    )
-    responsibilities: bool = Field(False, description="also return each mixture component's posterior")
+def _records_or_images(body: Any) -> None:
+    if (body.records is None) == (body.images is None):
+        raise ValueError("give exactly one of records (models of records) or images (image models)")
 
-    model_config = {"json_schema_extra": {"examples": [{"records": [[1.0, 2.0, 3.0]]}]}}
+
+class LogProbRequest(BaseModel):
+    records: list[Record] | None = Field(
+        None, min_length=1, description="models of records: raw (unstandardised) records, one list of numbers per "
+        "record. Give records or images"
+    )
+    images: list[ImageInput] | None = Field(None, min_length=1, description=IMAGES_DESCRIPTION)
+    labels: list[Label] | None = Field(None, description=LABELS_DESCRIPTION)
+    responsibilities: bool = Field(False, description="GMMs: also return each mixture component's posterior")
+    per_pixel: bool = Field(False, description="image models: also return each pixel's log p(x_i | x_<i [, y]) in "
+                            "nats, rows of columns per image; they sum to log_prob")
+
+    model_config = {"json_schema_extra": {"examples": [{"records": [[1.0, 2.0, 3.0]]},
+                                                       {"images": [[[0, 1], [1, 0]]], "per_pixel": True}]}}
+
+    @model_validator(mode="after")
+    def _one_input(self) -> LogProbRequest:
+        _records_or_images(self)
+        return self
 
 
 class LogProbResponse(BaseModel):
     model: str
     version: str
-    log_prob: list[float] = Field(description="log p(x) in nats, per record")
-    bits_per_dim: list[float] = Field(description="-log2 p(x) / number of features, per record")
+    log_prob: list[float] = Field(description="log p(x) in nats, per record or image (log p(x | label) when "
+                                  "labels were given)")
+    bits_per_dim: list[float] = Field(description="-log2 p(x) / number of features (records) or of pixels, "
+                                      "height * width (images)")
     responsibilities: list[list[float]] | None = None
+    per_pixel: list[list[list[float]]] | None = Field(
+        None, description="images, with per_pixel: log p(x_i | x_<i [, y]) in nats, per image, row and column"
+    )
 
 
 class AnomalyRequest(BaseModel):
-    records: list[Record] = Field(min_length=1)
+    records: list[Record] | None = Field(None, min_length=1, description="models of records: raw records. Give "
+                                         "records or images")
+    images: list[ImageInput] | None = Field(None, min_length=1, description=IMAGES_DESCRIPTION)
+    labels: list[Label] | None = Field(None, description=LABELS_DESCRIPTION + "; the calibration is of the "
+                                       "marginal, so labels are rarely what you want here")
     threshold: FiniteNumber | None = Field(
         None, description="flag records whose score exceeds this (nats); overrides the calibrated threshold"
     )
@@ -107,6 +166,7 @@ class AnomalyRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_threshold(self) -> AnomalyRequest:
+        _records_or_images(self)
         if self.threshold is not None and self.false_positive_rate is not None:
             raise ValueError("give threshold or false_positive_rate, not both")
         return self
@@ -131,8 +191,20 @@ class AnomalyResponse(BaseModel):
 
 
 class SampleRequest(BaseModel):
-    n: int = Field(1, ge=1, description="number of samples")
+    n: int = Field(1, ge=1, description="number of samples (image models: at most limits.max_images_per_request; "
+                   "models of records: limits.max_samples_per_request)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="same seed, same samples")
+    labels: list[Label] | None = Field(None, description="class-conditional image models: the label of each of "
+                                       "the n images (n labels in [0, n_classes)); omitted: drawn from the "
+                                       "class prior")
+    label: Label | None = Field(None, description="class-conditional image models: one label for all n images")
+    format: ImageFormat = Field("array", description="image models: images as arrays of levels, or base64 PNGs")
+
+    @model_validator(mode="after")
+    def _one_label_field(self) -> SampleRequest:
+        if self.labels is not None and self.label is not None:
+            raise ValueError("give labels (one per image) or label (one for all), not both")
+        return self
 
 
 class SampleResponse(BaseModel):
@@ -140,6 +212,59 @@ class SampleResponse(BaseModel):
     version: str
     feature_names: list[str]
     samples: list[list[float]]
+
+
+class GeneratedImage(BaseModel):
+    label: int | None = Field(description="the image's class label (given, or drawn); null for unconditional "
+                              "models")
+    log_prob: float = Field(description="exact log p(image | label) in nats (log p(image) when unconditional)")
+    array: list[list[int]] | None = Field(None, description="format array: rows of integer levels")
+    png: str | None = Field(None, description="format png: base64 8-bit grey PNG, level l stored as "
+                            "round(l * 255 / (levels - 1))")
+
+
+class ImageSampleResponse(BaseModel):
+    model: str
+    version: str
+    height: int
+    width: int
+    levels: int
+    images: list[GeneratedImage]
+
+
+class CompleteRequest(BaseModel):
+    images: list[ImageInput] = Field(
+        min_length=1, description="partial images at full size (array or PNG, as in log_prob); pixels after the "
+        "known prefix are ignored (in arrays they may be any integer or null)"
+    )
+    known_rows: int | None = Field(None, ge=0, description="keep the top known_rows rows, in [0, height]; give "
+                                   "this or known_pixels")
+    known_pixels: int | None = Field(None, ge=0, description="keep the first known_pixels pixels in raster order "
+                                     "(row by row), in [0, height * width]; give this or known_rows")
+    n: int = Field(1, ge=1, description="completions per image; len(images) * n is at most "
+                   "limits.max_images_per_request")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="same seed, same completions")
+    labels: list[Label] | None = Field(None, description="class-conditional models: one label per image; omitted: "
+                                       "each completion's label is drawn from p(label | known pixels)")
+    format: ImageFormat = Field("array", description="completions as arrays of levels, or base64 PNGs")
+
+    model_config = {"json_schema_extra": {"examples": [{"images": [[[0, 1], [0, 0]]], "known_rows": 1, "n": 2}]}}
+
+    @model_validator(mode="after")
+    def _one_prefix(self) -> CompleteRequest:
+        if (self.known_rows is None) == (self.known_pixels is None):
+            raise ValueError("give exactly one of known_rows or known_pixels")
+        return self
+
+
+class CompleteResponse(BaseModel):
+    model: str
+    version: str
+    height: int
+    width: int
+    levels: int
+    known_pixels: int = Field(description="pixels kept from each input, in raster order")
+    completions: list[list[GeneratedImage]] = Field(description="per input image, its n completions")
 
 
 class Health(BaseModel):

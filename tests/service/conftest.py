@@ -1,10 +1,12 @@
 """One real genserve server per test session: `genserve serve` in a subprocess (Ray + Serve),
-over HTTP on loopback, with two small GMMs (one of them on two replicas) and a small character
-transformer trained into a temporary store. The test marked `shutdown` runs last: it stops the
-server with SIGTERM and checks it went quietly."""
+over HTTP on loopback, with two small GMMs (one of them on two replicas), a small character
+transformer and two small image models (FVSBNs on sklearn's digits) trained into a temporary store.
+The test marked `shutdown` runs last: it stops the server with SIGTERM and checks it went quietly."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import signal
 import socket
@@ -15,15 +17,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import torch
 import yaml
 
+from models.fvsbn import FVSBN, FVSBNConfig
 from models.gpt import GPT, GPTConfig
 from models.ngram import NGramConfig, NGramLM
 from training import artifact as art
+from training.calibration import Calibration
 from training.gmm_pipeline import GMMTrainConfig, train_gmm
-from training.onnx_export import export_gpt_onnx
+from training.onnx_export import export_gpt_onnx, export_image_onnx
 from training.tokenizer import train_char_tokenizer
 
 REPLICATED = "bc"  # breast_cancer, full covariances, ONNX Runtime, 2 replicas
@@ -34,6 +39,10 @@ TEXT_ONNX = "bard-onnx"  # the same weights with prefill/decode graphs, served b
 TEXT_NGRAM = "bard-ngram"  # a 4-gram counted on TEXT_CORPUS
 TEXT_CONTEXT = 64
 TEXT_SLOTS = 8
+IMAGE_COND = "digits-cond"  # class-conditional FVSBN on sklearn digits (8x8, 17 levels), ONNX Runtime
+IMAGE_BIN = "tiny-bin"  # unconditional binary FVSBN on thresholded 6x6 digit crops, torch
+DIGITS_TRAIN = 1500  # digits 0..1499 train the image models; the rest are held out (calibration, tests)
+MAX_IMAGES = 64  # limits.max_images_per_request of the test server
 STARTUP_TIMEOUT_S = 180
 
 
@@ -63,7 +72,7 @@ def write_config(path: Path, port: int) -> None:
             "import_path": "service.app:build_app",
             "args": {"limits": {"max_records_per_request": 500, "max_samples_per_request": 1000,
                                 "max_body_bytes": 1_000_000, "max_new_tokens": 40, "max_num_beams": 4, "max_n": 4,
-                                "max_texts_per_request": 8}},
+                                "max_texts_per_request": 8, "max_images_per_request": MAX_IMAGES}},
             "deployments": [
                 {"name": "Gateway", "ray_actor_options": {"num_cpus": 0}},
                 {"name": REPLICATED, "num_replicas": 2, "ray_actor_options": {"num_cpus": 0},
@@ -75,6 +84,10 @@ def write_config(path: Path, port: int) -> None:
                 {"name": TEXT_ONNX, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
                  "user_config": {"runtime": "onnx", "slots": 4}},
                 {"name": TEXT_NGRAM, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
+                {"name": IMAGE_COND, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
+                 "user_config": {"runtime": "onnx", "max_batch_size": 16, "batch_wait_timeout_s": 0.01}},
+                {"name": IMAGE_BIN, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
+                 "user_config": {"runtime": "torch"}},
             ],
         }],
     }
@@ -90,6 +103,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
     train_gmm(GMMTrainConfig(dataset="sklearn:wine", name=SINGLE, components=2, covariance_type="diag",
                              n_init=1, export_onnx=False), store, progress=False)
     write_text_models(store)
+    write_image_models(store)
     port = free_port()
     config = root / "serve.yaml"
     write_config(config, port)
@@ -149,6 +163,69 @@ def write_text_models(store: Path) -> None:
     art.write_artifact(store, kind="ngram", name=TEXT_NGRAM, config=ngram.config.to_dict(),
                        files={**files, art.WEIGHTS: art.module_weights(ngram)},
                        **{**common, "input_spec": spec.model_copy(update={"context_length": None})})
+
+
+def digits(binary: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """sklearn's digits as int64 images (1797, 8, 8) of levels 0..16 and their labels; binary: 6x6 centre
+    crops thresholded at 5 (levels 0..1)."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = data.images.astype(np.int64)
+    if binary:
+        images = (images[:, 1:7, 1:7] > 4).astype(np.int64)
+    return images, data.target.astype(np.int64)
+
+
+def fit_fvsbn(images: np.ndarray, labels: np.ndarray | None, levels: int, steps: int = 200, batch: int = 200,
+              seed: int = 0) -> FVSBN:
+    """An FVSBN (class-conditional when labels are given) fitted by minibatch Adam for a moment."""
+    torch.manual_seed(seed)
+    x = torch.as_tensor(images)
+    y = None if labels is None else torch.as_tensor(labels)
+    n_classes = 0 if labels is None else int(labels.max()) + 1
+    model = FVSBN(FVSBNConfig(height=x.shape[1], width=x.shape[2], levels=levels, n_classes=n_classes))
+    if y is not None:
+        model.set_class_prior(y)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        rows = torch.randint(0, len(x), (batch,), generator=g)
+        loss = -model.log_prob(x[rows], None if y is None else y[rows]).mean() / model.n_pixels
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def write_image_artifact(store: Path, name: str, model: FVSBN, heldout: np.ndarray, onnx: bool,
+                         class_names: list[str] | None = None) -> Path:
+    """An image artifact as training/image_pipeline.py writes one: weights, optionally model.onnx, and the
+    calibration of -log p(x) (the marginal) on held-out images."""
+    with torch.no_grad():
+        scores = -model.log_prob(torch.as_tensor(heldout)).double().numpy()
+    files = {art.WEIGHTS: art.module_weights(model),
+             art.CALIBRATION: json.dumps(Calibration.fit(scores, score="nll_nats").to_dict()).encode()}
+    if onnx:
+        files[art.ONNX] = export_image_onnx(model)
+    c = model.config
+    spec = art.ImageInputSpec(height=c.height, width=c.width, levels=c.levels, n_classes=c.n_classes,
+                              class_names=class_names)
+    return art.write_artifact(store, kind="fvsbn", name=name, config=dataclasses.asdict(c), input_spec=spec,
+                              training={"source": "test", "dataset": "sklearn:digits"},
+                              metrics={"heldout_nll_nats": float(scores.mean())}, files=files)
+
+
+def write_image_models(store: Path) -> None:
+    """A class-conditional FVSBN of the digits with its ONNX graph, and an unconditional binary one (torch)."""
+    torch.set_num_threads(1)
+    images, labels = digits()
+    model = fit_fvsbn(images[:DIGITS_TRAIN], labels[:DIGITS_TRAIN], levels=17)
+    write_image_artifact(store, IMAGE_COND, model, images[DIGITS_TRAIN:], onnx=True,
+                         class_names=[str(d) for d in range(10)])
+    binary, _ = digits(binary=True)
+    write_image_artifact(store, IMAGE_BIN, fit_fvsbn(binary[:DIGITS_TRAIN], None, levels=2),
+                         binary[DIGITS_TRAIN:], onnx=False)
 
 
 def pytest_collection_modifyitems(config, items):

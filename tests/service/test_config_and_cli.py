@@ -74,3 +74,18 @@ def test_default_deployments_fit_a_two_core_machine() -> None:
     total = sum(o.get("ray_actor_options", {}).get("num_cpus", 1) * o.get("num_replicas", 1)
                 for o in overrides.values())
     assert total <= 2.0
+
+
+def test_train_image_model_from_the_cli(tmp_path: Path) -> None:
+    args = ["train", "fvsbn", "--dataset", "digits", "--name", "dig", "--store", str(tmp_path), "--preset", "tiny",
+            "--epochs", "1", "--conditional", "--threads", "1", "--sample-every", "0", "--no-onnx"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "test NLL" in result.output and "bits/dim" in result.output
+    manifest = art.load_artifact(art.resolve(tmp_path, "dig")).manifest
+    assert manifest.kind == "fvsbn" and manifest.input.n_classes == 10 and art.ONNX not in manifest.files
+    bad = runner.invoke(app, ["train", "made", "--dataset", "digits", "--name", "x", "--store", str(tmp_path),
+                              "--arch", "depth=3"])
+    assert bad.exit_code == 2 and "no architecture fields ['depth']" in bad.output
+    bad = runner.invoke(app, ["train", "nade", "--dataset", "cifar10", "--name", "x", "--store", str(tmp_path)])
+    assert bad.exit_code == 2 and "mnist5k, digits" in bad.output

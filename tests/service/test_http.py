@@ -14,7 +14,17 @@ from sklearn.datasets import load_breast_cancer, load_wine
 
 from service.client import AsyncGenserveClient, GenserveClient, GenserveError
 from service.runtime import load_model
-from tests.service.conftest import REPLICATED, SINGLE, TEXT, TEXT_NGRAM, TEXT_ONNX, Server, stop
+from tests.service.conftest import (
+    IMAGE_BIN,
+    IMAGE_COND,
+    REPLICATED,
+    SINGLE,
+    TEXT,
+    TEXT_NGRAM,
+    TEXT_ONNX,
+    Server,
+    stop,
+)
 from training import artifact as art
 
 pytestmark = pytest.mark.integration
@@ -57,18 +67,18 @@ def test_health_ready_and_docs(server: Server, client: GenserveClient) -> None:
     assert client.healthy()
     ready = client.ready()
     assert ready.ready and ready.models == {REPLICATED: True, SINGLE: True, TEXT: True, TEXT_ONNX: True,
-                                            TEXT_NGRAM: True}
+                                            TEXT_NGRAM: True, IMAGE_COND: True, IMAGE_BIN: True}
     assert httpx.get(f"{server.url}/docs").status_code == 200
     paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
     for path in ("/v1/models", "/v1/models/{name}/log_prob", "/v1/models/{name}/anomaly",
                  "/v1/models/{name}/sample", "/healthz", "/readyz", "/metrics", "/v1/models/{name}/generate",
-                 "/v1/models/{name}/score", "/v1/completions"):
+                 "/v1/models/{name}/score", "/v1/completions", "/v1/models/{name}/complete"):
         assert path in paths
 
 
 def test_models_describe_artifacts(server: Server, client: GenserveClient) -> None:
     models = {m.name: m for m in client.models()}
-    assert set(models) == {REPLICATED, SINGLE, TEXT, TEXT_ONNX, TEXT_NGRAM}
+    assert set(models) == {REPLICATED, SINGLE, TEXT, TEXT_ONNX, TEXT_NGRAM, IMAGE_COND, IMAGE_BIN}
     bc = models[REPLICATED]
     assert bc.runtime == "onnx" and bc.kind == "gmm" and bc.version == "1"
     assert bc.input.n_features == 30 and bc.input.feature_names[0] == "mean radius"

@@ -1,0 +1,141 @@
+"""The Ray Serve deployment that hosts one image model (one per model; replicas set in config).
+
+Scoring is batched with `@serve.batch`: the images of every waiting request are stacked into one pass
+(requests that gave labels in one, requests that did not in another: a conditional model scores those
+for the marginal over classes) and split back per request. Scoring is row-wise, so an image's result does
+not depend on what it was batched with.
+
+Sampling and completion run the torch sampler in a worker thread, so the replica keeps answering health
+checks and scoring requests meanwhile; all images of one request are drawn in one batch, seeded with a
+torch.Generator on the module's device (the same seed gives the same images on the same device).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+from ray import serve
+
+from models.image import ImageModel
+from service.image_runtime import ImageScore, LoadedImageModel, load_image_model
+from service.metrics import MetricsClient
+from service.runtime import RuntimeName, resolve_runtime
+from training.artifact import ONNX
+
+log = logging.getLogger("ray.serve")
+
+
+class ImageOptions(BaseModel):
+    """Per-model settings, the deployment's `user_config` in the Serve config file; changes take effect
+    without restarting replicas."""
+
+    runtime: RuntimeName = Field("auto", description="scoring runtime: torch, onnx, or auto (ONNX Runtime when "
+                                 "the artifact has model.onnx); sampling always runs in torch")
+    max_batch_size: int = Field(32, ge=1, description="most scoring requests stacked into one pass")
+    batch_wait_timeout_s: float = Field(0.002, ge=0, description="how long a scoring batch waits to fill")
+
+
+def make_generator(device: torch.device | str, seed: int | None) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def draw_images(module: ImageModel, n: int, labels: np.ndarray | None, seed: int | None,
+                prefix: np.ndarray | None = None, known: int = 0) -> dict[str, Any]:
+    """Sample `n` images (or complete the `prefix` images, keeping their first `known` raster-order pixels),
+    all in one batch. A conditional model given no labels draws them (`ImageModel.sample`): from the class
+    prior for samples, from the posterior given the known pixels for completions. Returns numpy images
+    (N, H, W), labels (N,) or None, and each image's exact log p(x | label) (log p(x) if unconditional)."""
+    device = module.class_log_prior.device
+    generator = make_generator(device, seed)
+    with torch.inference_mode():
+        y = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
+        x = None if prefix is None else torch.as_tensor(np.asarray(prefix, dtype=np.int64), device=device)
+        images, y = module.sample(n=n, labels=y, generator=generator, prefix=x, known=known)
+        log_prob, _ = module.score(images, y)
+        return {"images": images.cpu().numpy().astype(np.int64),
+                "labels": None if y is None else y.cpu().numpy().astype(np.int64),
+                "log_prob": log_prob.double().cpu().numpy()}
+
+
+def score_requests(loaded: LoadedImageModel, requests: list[tuple[np.ndarray, np.ndarray | None]]) -> list[ImageScore]:
+    """Score a batch of requests: those with labels in one pass, those without in another."""
+    results: list[ImageScore | None] = [None] * len(requests)
+    for with_labels in (True, False):
+        group = [i for i, (_, labels) in enumerate(requests) if (labels is not None) == with_labels]
+        if not group:
+            continue
+        images = np.concatenate([requests[i][0] for i in group])
+        labels = np.concatenate([requests[i][1] for i in group]) if with_labels else None
+        log_prob, pixels = loaded.runtime.score(images, labels)
+        bounds = np.cumsum([len(requests[i][0]) for i in group])[:-1]
+        for i, lp, px in zip(group, np.split(log_prob, bounds), np.split(pixels, bounds), strict=True):
+            results[i] = (lp, px)
+    return results  # type: ignore[return-value]
+
+
+class ImageModelReplica:
+    def __init__(self, artifact_path: str):
+        self.artifact_path = artifact_path
+        self.options = ImageOptions()
+        self.loaded = load_image_model(artifact_path, self.options.runtime)
+        self.name = self.loaded.artifact.name
+        self.metrics = MetricsClient()
+        log.info("loaded image model %s v%s (%s on %s)", self.name, self.loaded.artifact.version,
+                 self.loaded.runtime.name, self.loaded.device)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        options = ImageOptions.model_validate(user_config or {})
+        # Serve calls this right after __init__: reload only when the runtime really changes.
+        if resolve_runtime(options.runtime, ONNX in self.loaded.artifact.contents) != self.loaded.runtime.name:
+            self.loaded = load_image_model(self.artifact_path, options.runtime)
+        self._score_batch.set_max_batch_size(options.max_batch_size)
+        self._score_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
+        self.options = options
+
+    def info(self) -> dict[str, Any]:
+        return {"runtime": self.loaded.runtime.name, "device": self.loaded.device}
+
+    def ready(self) -> bool:
+        return True
+
+    async def score(self, images: np.ndarray, labels: np.ndarray | None) -> ImageScore:
+        """log p(x [| y]) (N,) and per-pixel conditionals (N, H, W) of int64 images (N, H, W); labels None:
+        the marginal over classes for a conditional model. Batched with concurrent callers."""
+        return await self._score_batch((images, labels))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    async def _score_batch(self, requests: list[tuple[np.ndarray, np.ndarray | None]]) -> list[ImageScore]:
+        loaded = self.loaded
+        results = await asyncio.to_thread(score_requests, loaded, requests)
+        self.metrics.send([
+            ("genserve_batch_size_requests", {"model": self.name}, len(requests)),
+            ("genserve_batch_size_records", {"model": self.name}, sum(len(r[0]) for r in requests)),
+        ])
+        return results
+
+    async def sample(self, n: int, labels: np.ndarray | None, seed: int | None) -> dict[str, Any]:
+        """n images in one batch; see `draw_images`."""
+        return await asyncio.to_thread(draw_images, self.loaded.module, n, labels, seed)
+
+    async def complete(self, images: np.ndarray, known: int, n: int, labels: np.ndarray | None,
+                       seed: int | None) -> dict[str, Any]:
+        """n completions of each image (its first `known` raster-order pixels kept), all in one batch: each
+        input (and its label) is repeated n times in a row, so completion j of image i is row i * n + j."""
+        prefix = np.repeat(images, n, axis=0)
+        repeated = None if labels is None else np.repeat(labels, n)
+        return await asyncio.to_thread(draw_images, self.loaded.module, len(prefix), repeated, seed, prefix, known)
+
+
+ImageModelDeployment = serve.deployment(
+    ImageModelReplica, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256, health_check_period_s=5
+)

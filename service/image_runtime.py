@@ -1,0 +1,157 @@
+"""Loading an image artifact (any kind in models.registry.IMAGE_KINDS) and scoring images with it, in torch
+or ONNX Runtime, on CUDA when this process has a GPU, else the CPU (one code path for both).
+
+Both runtimes answer `score(images, labels)` with log p(x [| y]) (N,) and each pixel's log p(x_i | x_<i [, y])
+(N, H, W), float64 numpy. A class-conditional model given no labels answers for the exact marginal over
+classes: torch through `ImageModel.score`, ONNX Runtime by running the graph (which computes log p(x | y)) once
+per class and combining the runs with `marginalise_labels` and the model's class prior. Sampling and
+completion always run in torch, on `LoadedImageModel.module`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from models.image import ImageModel, marginalise_labels
+from models.registry import IMAGE_KINDS, build_image_model
+from service.runtime import RuntimeName, pick_device, resolve_runtime
+from training import artifact as art
+from training.calibration import Calibration
+
+ImageScore = tuple[np.ndarray, np.ndarray]  # log p (N,), per-pixel conditionals (N, H, W), float64
+
+
+class ImageRuntime(Protocol):
+    name: str
+    device: str
+
+    def score(self, images: np.ndarray, labels: np.ndarray | None) -> ImageScore:
+        """images int64 (N, H, W), labels int64 (N,) or None -> log p (N,), pixel log-probs (N, H, W)."""
+        ...
+
+
+class TorchImageRuntime:
+    name = "torch"
+
+    def __init__(self, module: ImageModel):
+        self.module = module
+        self.device = str(module.class_log_prior.device.type)
+
+    @torch.inference_mode()
+    def score(self, images: np.ndarray, labels: np.ndarray | None) -> ImageScore:
+        device = self.module.class_log_prior.device
+        x = torch.as_tensor(np.asarray(images, dtype=np.int64), device=device)
+        y = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
+        log_prob, pixels = self.module.score(x, y)
+        return log_prob.double().cpu().numpy(), pixels.double().cpu().numpy()
+
+
+class OnnxImageRuntime:
+    name = "onnx"
+
+    def __init__(self, onnx_bytes: bytes, device: str, height: int, width: int, n_classes: int,
+                 class_log_prior: torch.Tensor):
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(onnx_bytes, sess_options=options, providers=providers)
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.height, self.width, self.n_classes = height, width, n_classes
+        self.class_log_prior = class_log_prior.detach().to("cpu", torch.float64)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        expected = 2 if n_classes else 1
+        if len(self.input_names) != expected:
+            which = "conditional" if n_classes else "unconditional"
+            raise art.ArtifactError(f"{art.ONNX}: the graph takes {len(self.input_names)} inputs "
+                                    f"({', '.join(self.input_names)}); a {which} image model's graph takes {expected}")
+
+    def _run(self, images: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        feeds = {self.input_names[0]: np.ascontiguousarray(images, dtype=np.int64)}
+        if labels is not None:
+            feeds[self.input_names[1]] = np.ascontiguousarray(labels, dtype=np.int64)
+        log_prob, pixels = self.session.run(None, feeds)
+        return log_prob.astype(np.float64), pixels.astype(np.float64).reshape(len(images), -1)
+
+    def score(self, images: np.ndarray, labels: np.ndarray | None) -> ImageScore:
+        n = len(images)
+        if self.n_classes and labels is None:
+            runs = [self._run(images, np.full(n, y, dtype=np.int64)) for y in range(self.n_classes)]
+            log_prob, pixels = marginalise_labels(torch.from_numpy(np.stack([lp for lp, _ in runs])),
+                                                  torch.from_numpy(np.stack([px for _, px in runs])),
+                                                  self.class_log_prior)
+            log_prob, pixels = log_prob.numpy(), pixels.numpy()
+        else:
+            if not self.n_classes and labels is not None:
+                raise ValueError("this model is not class-conditional: give no labels")
+            log_prob, pixels = self._run(images, labels)
+        return log_prob, pixels.reshape(n, self.height, self.width)
+
+
+@dataclass
+class LoadedImageModel:
+    artifact: art.Artifact
+    module: ImageModel  # always loaded, on `device`: sampling and completion run in torch
+    runtime: ImageRuntime
+    calibration: Calibration | None  # None when the artifact has no calibration.json
+    device: str
+
+    @property
+    def spec(self) -> art.ImageInputSpec:
+        return self.artifact.manifest.input  # type: ignore[return-value]
+
+
+def build_image_module(loaded: art.Artifact) -> ImageModel:
+    """The artifact's module, built from its kind and config, weights loaded and checked, in eval mode."""
+    manifest = loaded.manifest
+    if manifest.kind not in IMAGE_KINDS:
+        raise art.ArtifactError(f"{loaded.path}: kind {manifest.kind!r} is not an image model "
+                                f"({', '.join(sorted(IMAGE_KINDS))})")
+    spec = manifest.input
+    if not isinstance(spec, art.ImageInputSpec):
+        raise art.ArtifactError(f"{loaded.path / art.MANIFEST}: an image model needs an input of type 'image', "
+                                f"got {spec.type!r}")
+    try:
+        module = build_image_model(manifest.kind, manifest.config)
+    except (TypeError, ValueError) as e:
+        raise art.ArtifactError(f"{loaded.path / art.MANIFEST}: invalid {manifest.kind} config ({e})") from None
+    shape = (module.height, module.width, module.levels, module.n_classes)
+    if shape != (spec.height, spec.width, spec.levels, spec.n_classes):
+        raise art.ArtifactError(f"{loaded.path / art.MANIFEST}: the config's images (height, width, levels, "
+                                f"n_classes) = {shape} differ from the input spec's "
+                                f"{(spec.height, spec.width, spec.levels, spec.n_classes)}")
+    art.load_module_weights(module, loaded.contents[art.WEIGHTS], loaded.path / art.WEIGHTS)
+    return module.eval()
+
+
+def load_image_model(path: str | Path, runtime: RuntimeName = "auto", device: str | None = None) -> LoadedImageModel:
+    """Verify an image artifact and load it: the torch module on `device` (default CUDA when available, else
+    the CPU) and the scoring runtime; 'auto' is ONNX Runtime when the artifact has model.onnx, else torch."""
+    loaded = art.load_artifact(Path(path))
+    device = device or pick_device()
+    module = build_image_module(loaded).to(device)
+    chosen = resolve_runtime(runtime, art.ONNX in loaded.contents)
+    if chosen == "onnx":
+        if art.ONNX not in loaded.contents:
+            raise art.ArtifactError(f"{loaded.path}: runtime 'onnx' asked for, but the artifact has no {art.ONNX}")
+        rt: ImageRuntime = OnnxImageRuntime(loaded.contents[art.ONNX], device, module.height, module.width,
+                                            module.n_classes, module.class_log_prior)
+    elif chosen == "torch":
+        rt = TorchImageRuntime(module)
+    else:
+        raise ValueError(f"unknown runtime {runtime!r}; use 'torch', 'onnx' or 'auto'")
+    calibration = None
+    if art.CALIBRATION in loaded.contents:
+        try:
+            calibration = Calibration.from_dict(loaded.json(art.CALIBRATION))
+        except (TypeError, ValueError) as e:
+            raise art.ArtifactError(f"{loaded.path / art.CALIBRATION}: invalid calibration ({e})") from None
+    return LoadedImageModel(artifact=loaded, module=module, runtime=rt, calibration=calibration, device=device)

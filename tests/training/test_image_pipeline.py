@@ -1,0 +1,73 @@
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from models.registry import build_image_model
+from training import artifact as art
+from training.calibration import Calibration
+from training.image_data import load_digits
+from training.image_pipeline import ImageTrainConfig, grid_png, train_image
+
+torch.set_num_threads(1)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_train_fvsbn_on_digits_writes_a_complete_artifact(tmp_path, conditional):
+    cfg = ImageTrainConfig(model="fvsbn", dataset="digits", name="d", conditional=conditional, preset="tiny",
+                           epochs=2, threads=1, grid_size=2, sample_every=1)
+    path = train_image(cfg, tmp_path, progress=False)
+    loaded = art.load_artifact(path)
+    m = loaded.manifest
+    assert m.kind == "fvsbn" and m.input.type == "image"
+    assert (m.input.height, m.input.width, m.input.levels) == (8, 8, 17)
+    assert m.input.n_classes == (10 if conditional else 0)
+    assert {art.WEIGHTS, art.ONNX, art.CALIBRATION, art.SAMPLES_PNG, "loss_curve.png"} <= set(m.files)
+    assert m.metrics["onnx_max_abs_error"] <= 1e-4
+    assert m.metrics["test_bits_per_dim"] == pytest.approx(m.metrics["test_nll_nats"] / (64 * np.log(2)))
+
+    # The reported test NLL is the rebuilt model's, on the documented split.
+    model = build_image_model(m.kind, m.config)
+    art.load_module_weights(model, loaded.contents[art.WEIGHTS])
+    test = load_digits().test
+    with torch.no_grad():
+        lp = model.eval().log_prob(torch.from_numpy(test.images))
+    assert -lp.double().mean().item() == pytest.approx(m.metrics["test_nll_nats"], rel=1e-5)
+    if conditional:
+        assert m.metrics["test_given_label_nll_nats"] < m.metrics["test_nll_nats"]
+        prior = model.class_log_prior.exp()
+        assert prior.sum().item() == pytest.approx(1.0, abs=1e-5) and (prior > 0.05).all()
+
+    # An untrained model does worse than the trained one: training happened.
+    fresh = build_image_model(m.kind, m.config)
+    with torch.no_grad():
+        assert -fresh.log_prob(torch.from_numpy(test.images)).mean().item() > m.metrics["test_nll_nats"]
+
+    cal = Calibration.from_dict(loaded.json(art.CALIBRATION))
+    assert cal.score == "nll_nats" and cal.n == len(load_digits().validation.images)
+    grid = Image.open(io.BytesIO(loaded.contents[art.SAMPLES_PNG]))
+    assert grid.mode == "L" and grid.size[0] > 16
+    assert (tmp_path / ".training" / "d" / "samples-epoch-001.png").is_file()
+    log = json.loads(loaded.contents["training_log.json"])
+    assert [e["epoch"] for e in log["epochs"]] == [1, 2] and 1 <= m.metrics["best_epoch"] <= 2
+
+
+def test_bad_settings_are_named(tmp_path):
+    with pytest.raises(ValueError, match="unknown image model"):
+        train_image(ImageTrainConfig(model="gan", dataset="digits", name="x"), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="unknown image dataset"):
+        train_image(ImageTrainConfig(model="fvsbn", dataset="cifar", name="x"), tmp_path, progress=False)
+    with pytest.raises(ValueError, match="no architecture fields"):
+        train_image(ImageTrainConfig(model="fvsbn", dataset="digits", name="x", architecture={"width": 3}),
+                    tmp_path, progress=False)
+
+
+def test_grid_png_scales_levels_to_8_bits():
+    images = np.array([[[0, 16], [8, 16]]] * 3)
+    png = Image.open(io.BytesIO(grid_png(images, levels=17, columns=2, scale=1, pad=1)))
+    pixels = np.asarray(png)
+    assert pixels.shape == (2 * 3 + 1, 2 * 3 + 1)
+    assert pixels[1:3, 1:3].tolist() == [[0, 255], [128, 255]]
