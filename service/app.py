@@ -26,18 +26,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.registry import IMAGE_KINDS
 from service.density import DensityModel
+from service.errors import ERRORS, ApiError, error_body, model_kind_phrase
 from service.image import ImageModelDeployment
-from service.image_codec import MAX_PNG_LEVELS, ImageInputError, decode_image, encode_png
+from service.image_api import ImageRoutes
+from service.image_api import router as image_router
 from service.metrics import CONTENT_TYPE, MetricsClient
 from service.schemas import (
     AnomalyRequest,
     AnomalyResponse,
     AnomalyResult,
     CalibrationInfo,
-    CompleteRequest,
-    CompleteResponse,
-    ErrorResponse,
-    GeneratedImage,
     Health,
     ImageSampleResponse,
     InputInfo,
@@ -61,12 +59,6 @@ from training.tokenizer import TextTokenizer
 LN2 = math.log(2.0)
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, type_: str, message: str):
-        super().__init__(message)
-        self.status, self.type, self.message = status, type_, message
-
-
 class LimitsConfig(TextLimits):
     max_records_per_request: int = Field(10_000, ge=1)
     max_samples_per_request: int = Field(10_000, ge=1)
@@ -83,10 +75,6 @@ class AppArgs(BaseModel):
         None, description="models to serve, as NAME or NAME@VERSION; default every model in the store (latest)"
     )
     limits: LimitsConfig = LimitsConfig()
-
-
-def error_body(type_: str, message: str) -> dict[str, Any]:
-    return {"error": {"type": type_, "message": message}}
 
 
 def describe_validation_error(err: dict[str, Any]) -> str:
@@ -226,41 +214,7 @@ def _timestamp(iso: str) -> int:
         return 0
 
 
-def _generated_images(result: dict[str, Any], format_: str, levels: int) -> list[GeneratedImage]:
-    """A replica's sampled images (numpy: images, labels, log_prob) as the API's image objects. Above the
-    Gateway class, like _timestamp."""
-    labels = result["labels"]
-    out = []
-    for i, (image, log_prob) in enumerate(zip(result["images"], result["log_prob"].tolist(), strict=True)):
-        label = None if labels is None else int(labels[i])
-        if format_ == "png":
-            out.append(GeneratedImage(label=label, log_prob=log_prob, png=encode_png(image, levels)))
-        else:
-            out.append(GeneratedImage(label=label, log_prob=log_prob, array=image.tolist()))
-    return out
-
-
-def _model_kind_phrase(name: str, manifest: art.Manifest) -> str:
-    """'model 'x' is a gmm model of records: use ...' - what the model is and which endpoints it takes."""
-    kind, path = manifest.kind, f"/v1/models/{name}"
-    if manifest.input.type == "text":
-        return f"model {name!r} is a {kind} text model: use {path}/generate, {path}/score or /v1/completions"
-    if manifest.input.type == "image":
-        return (f"model {name!r} is a {kind} image model: use {path}/sample, {path}/complete, and {path}/log_prob "
-                f"or {path}/anomaly with images")
-    return f"model {name!r} is a {kind} model of records: use {path}/log_prob, {path}/anomaly or {path}/sample " \
-           "with records"
-
-
 # ---- the FastAPI app ----------------------------------------------------------------------------
-
-ERRORS = {
-    400: {"model": ErrorResponse, "description": "invalid input (message says what and what is allowed)"},
-    404: {"model": ErrorResponse, "description": "unknown model"},
-    413: {"model": ErrorResponse, "description": "body, batch or sample count over its limit"},
-    415: {"model": ErrorResponse, "description": "body is not application/json"},
-    422: {"model": ErrorResponse, "description": "body does not match the schema"},
-}
 
 api = FastAPI(
     title="genserve",
@@ -270,6 +224,7 @@ api = FastAPI(
 )
 api.add_middleware(GatewayMiddleware)
 api.include_router(router)
+api.include_router(image_router)
 
 
 @api.exception_handler(ApiError)
@@ -317,7 +272,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512)
 @serve.ingress(api)
-class Gateway(TextRoutes):
+class Gateway(TextRoutes, ImageRoutes):
     def __init__(
         self,
         models: dict[str, DeploymentHandle],
@@ -351,7 +306,7 @@ class Gateway(TextRoutes):
     def _density_manifest(self, name: str) -> art.Manifest:
         manifest = self._manifest(name)
         if manifest.input.type == "image":
-            raise ApiError(400, "wrong_model_kind", _model_kind_phrase(name, manifest))
+            raise ApiError(400, "wrong_model_kind", model_kind_phrase(name, manifest))
         if manifest.input.type != "records":
             density = ", ".join(n for n, m in sorted(self.manifests.items()) if m.input.type == "records") or "none"
             raise ApiError(400, "wrong_model_kind",
@@ -364,10 +319,10 @@ class Gateway(TextRoutes):
         for field in ("images", "labels"):
             if getattr(body, field) is not None:
                 raise ApiError(400, "wrong_model_kind", f"{field} is for image models; "
-                               f"{_model_kind_phrase(name, manifest)}")
+                               f"{model_kind_phrase(name, manifest)}")
         if getattr(body, "per_pixel", False):
             raise ApiError(400, "wrong_model_kind",
-                           f"per_pixel is for image models; {_model_kind_phrase(name, manifest)}")
+                           f"per_pixel is for image models; {model_kind_phrase(name, manifest)}")
         records = body.records
         limit = self.limits.max_records_per_request
         if len(records) > limit:
@@ -388,76 +343,9 @@ class Gateway(TextRoutes):
         manifest = self.manifests.get(name)
         if manifest is not None and manifest.input.type == "image":
             texts = ", ".join(sorted(self.tokenizers)) or "none"
-            raise TextError(400, "wrong_model_kind", f"{_model_kind_phrase(name, manifest)}; it is not a text "
+            raise TextError(400, "wrong_model_kind", f"{model_kind_phrase(name, manifest)}; it is not a text "
                             f"model; text models: {texts}", param)
         return TextRoutes._text_model(self, name, param)
-
-    def _image_manifest(self, name: str, endpoint: str) -> art.Manifest:
-        manifest = self._manifest(name)
-        if manifest.input.type != "image":
-            images = ", ".join(n for n, m in sorted(self.manifests.items()) if m.input.type == "image") or "none"
-            raise ApiError(400, "wrong_model_kind", f"{endpoint} is for image models; "
-                           f"{_model_kind_phrase(name, manifest)}; image models: {images}")
-        return manifest
-
-    def _images(self, name: str, images: list[Any], known: int | None = None) -> np.ndarray:
-        spec = self.manifests[name].input
-        limit = self.limits.max_images_per_request
-        if len(images) > limit:
-            raise ApiError(413, "limit_exceeded", f"{len(images)} images in one request; the limit is {limit} per "
-                           "request (limits.max_images_per_request)")
-        try:
-            return np.stack([decode_image(image, f"images[{i}]", spec.height, spec.width, spec.levels, known)
-                             for i, image in enumerate(images)])
-        except ImageInputError as e:
-            raise ApiError(400, e.type, f"{e.message} (model {name!r})") from None
-
-    def _labels(self, name: str, labels: list[int] | None, n: int, field: str = "labels") -> np.ndarray | None:
-        """Labels as given (checked against the model), or None."""
-        if labels is None:
-            return None
-        spec = self.manifests[name].input
-        if not spec.n_classes:
-            raise ApiError(400, "invalid_label", f"model {name!r} is not class-conditional: give no {field}")
-        if len(labels) != n:
-            raise ApiError(400, "invalid_label", f"{field} has {len(labels)} entries; give one per image ({n})")
-        for i, label in enumerate(labels):
-            if not 0 <= label < spec.n_classes:
-                where = field if field == "label" else f"{field}[{i}]"
-                names = ""
-                if spec.class_names:
-                    shown = ", ".join(f"{j}={c}" for j, c in enumerate(spec.class_names[:12]))
-                    names = f" ({shown}{', ...' if len(spec.class_names) > 12 else ''})"
-                raise ApiError(400, "invalid_label", f"{where}={label} is out of range; model {name!r}'s labels are "
-                               f"0..{spec.n_classes - 1}{names}")
-        return np.asarray(labels, dtype=np.int64)
-
-    def _check_format(self, name: str, format_: str) -> None:
-        levels = self.manifests[name].input.levels
-        if format_ == "png" and levels > MAX_PNG_LEVELS:
-            raise ApiError(400, "invalid_request", f"format png needs at most {MAX_PNG_LEVELS} levels; model "
-                           f"{name!r} has {levels}: use format array")
-
-    async def _image_call(self, name: str, method: str, *args: Any) -> Any:
-        try:
-            return await getattr(self.handles[name], method).remote(*args)
-        except Exception as e:  # a replica failed or is gone; Serve retries elsewhere when it can
-            raise ApiError(503, "model_unavailable", f"model {name!r} could not {method.replace('_', ' ')} this "
-                           f"request: {type(e).__name__}; retry shortly") from e
-
-    async def _image_log_prob(self, name: str, body: LogProbRequest | AnomalyRequest,
-                              endpoint: str) -> tuple[np.ndarray, ...]:
-        manifest = self._image_manifest(name, endpoint)
-        if body.records is not None:
-            raise ApiError(400, "wrong_model_kind", f"records are for models of records; "
-                           f"{_model_kind_phrase(name, manifest)}")
-        if getattr(body, "responsibilities", False):
-            raise ApiError(400, "wrong_model_kind", f"responsibilities is for GMMs; "
-                           f"{_model_kind_phrase(name, manifest)}")
-        images = self._images(name, body.images)
-        labels = self._labels(name, body.labels, len(images))
-        log_prob, pixels = await self._image_call(name, "score", images, labels)
-        return images, log_prob, pixels
 
     def _anomaly_response(self, name: str, body: AnomalyRequest, log_prob: np.ndarray,
                           request: Request) -> AnomalyResponse:
@@ -606,7 +494,7 @@ class Gateway(TextRoutes):
         m = self._density_manifest(name)
         for field in ("labels", "label", "format"):
             if field in body.model_fields_set:
-                raise ApiError(400, "wrong_model_kind", f"{field} is for image models; {_model_kind_phrase(name, m)}")
+                raise ApiError(400, "wrong_model_kind", f"{field} is for image models; {model_kind_phrase(name, m)}")
         limit = self.limits.max_samples_per_request
         if body.n > limit:
             raise ApiError(413, "limit_exceeded", f"n={body.n} samples asked for; the limit is {limit} per request")
@@ -617,60 +505,6 @@ class Gateway(TextRoutes):
         request.state.metric_events = [("genserve_samples_total", {"model": name}, body.n)]
         return SampleResponse(model=name, version=m.version, feature_names=m.input.feature_names,
                               samples=samples.tolist())
-
-    async def _sample_images(self, name: str, m: art.Manifest, body: SampleRequest,
-                             request: Request) -> ImageSampleResponse:
-        spec = m.input
-        limit = self.limits.max_images_per_request
-        if body.n > limit:
-            raise ApiError(413, "limit_exceeded", f"n={body.n} images asked for; the limit is {limit} per request "
-                           "(limits.max_images_per_request)")
-        if body.label is not None:
-            labels = self._labels(name, [body.label], 1, "label")
-            labels = None if labels is None else np.repeat(labels, body.n)
-        else:
-            labels = self._labels(name, body.labels, body.n)
-        self._check_format(name, body.format)
-        result = await self._image_call(name, "sample", body.n, labels, body.seed)
-        request.state.metric_events = [("genserve_samples_total", {"model": name}, body.n)]
-        return ImageSampleResponse(model=name, version=m.version, height=spec.height, width=spec.width,
-                                   levels=spec.levels, images=_generated_images(result, body.format, spec.levels))
-
-    @api.post("/v1/models/{name}/complete", name="complete", response_model=CompleteResponse,
-              tags=["images"], responses=ERRORS)
-    async def complete(self, name: str, body: CompleteRequest, request: Request) -> CompleteResponse:
-        """Complete partial images: keep each image's top known_rows rows (or first known_pixels pixels in raster
-        order) exactly and sample the rest from the model given them, n completions per image; the same seed
-        gives the same completions. A class-conditional model given no labels draws each completion's label
-        from p(label | known pixels), so completions come from the model's marginal."""
-        m = self._image_manifest(name, "complete")
-        spec = m.input
-        limit = self.limits.max_images_per_request
-        total = len(body.images) * body.n
-        if total > limit:
-            raise ApiError(413, "limit_exceeded", f"{len(body.images)} images x n={body.n} = {total} completions; "
-                           f"the limit is {limit} per request (limits.max_images_per_request)")
-        if body.known_rows is not None:
-            if body.known_rows > spec.height:
-                raise ApiError(400, "invalid_request", f"known_rows={body.known_rows} is out of range: model "
-                               f"{name!r}'s images have {spec.height} rows; allowed 0..{spec.height}")
-            known = body.known_rows * spec.width
-        else:
-            n_pixels = spec.height * spec.width
-            if body.known_pixels > n_pixels:
-                raise ApiError(400, "invalid_request", f"known_pixels={body.known_pixels} is out of range: model "
-                               f"{name!r}'s images have {spec.height}x{spec.width} = {n_pixels} pixels; allowed "
-                               f"0..{n_pixels}")
-            known = body.known_pixels
-        images = self._images(name, body.images, known)
-        labels = self._labels(name, body.labels, len(images))
-        self._check_format(name, body.format)
-        result = await self._image_call(name, "complete", images, known, body.n, labels, body.seed)
-        request.state.metric_events = [("genserve_samples_total", {"model": name}, total)]
-        flat = _generated_images(result, body.format, spec.levels)
-        return CompleteResponse(model=name, version=m.version, height=spec.height, width=spec.width,
-                                levels=spec.levels, known_pixels=known,
-                                completions=[flat[i * body.n:(i + 1) * body.n] for i in range(len(images))])
 
 
 # ---- building the application ------------------------------------------------------------------

@@ -11,12 +11,10 @@ reported likelihood is the ensemble over all of them.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
 import time
-from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,8 @@ from models.registry import IMAGE_KINDS, build_image_model, image_classes
 from training import artifact
 from training.calibration import Calibration
 from training.image_data import DATASETS, ImageDataset, ImageSplit, load_image_dataset
-from training.text_pipeline import LOSS_CURVE, TRAINING_LOG, pick_device, set_threads
+from training.runs import figure_png, pick_device, progress_bar, threads_for
+from training.text_pipeline import LOSS_CURVE, TRAINING_LOG
 
 TRAINING_DIR = ".training"  # STORE/.training/NAME/: sample grids written during training
 EVAL_BATCH = 250
@@ -168,11 +167,8 @@ def train_image(cfg: ImageTrainConfig, store: Path, progress: bool = True) -> Pa
     """Train, evaluate, calibrate and export an image model; returns the new artifact's directory."""
     cfg = cfg.resolved()
     device = pick_device(cfg.device)
-    previous_threads = set_threads(device, cfg.threads)
-    try:
+    with threads_for(device, cfg.threads):
         return _train_image(cfg, store, device, progress)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _train_image(cfg: ImageTrainConfig, store: Path, device: torch.device, progress: bool) -> Path:
@@ -253,7 +249,8 @@ def _fit(cfg: ImageTrainConfig, model: ImageModel, data: ImageDataset, train: Im
     history: dict[str, Any] = {"n_pixels": model.n_pixels, "train": [], "epochs": [], "best_epoch": 0}
     best_state, best_val = None, math.inf
     seconds = 0.0
-    with _progress(progress, f"{cfg.model} {cfg.name}", total_steps) as bar:
+    shown = {"loss": ("bits/dim {}", ".4f"), "val": ("val {}", ".4f")}
+    with progress_bar(progress, f"{cfg.model} {cfg.name}", total_steps, shown) as bar:
         for epoch in range(1, cfg.epochs + 1):
             epoch_started = time.perf_counter()
             model.train()
@@ -321,56 +318,22 @@ def grid_png(images: np.ndarray, levels: int, columns: int, scale: int | None = 
 
 def loss_curve_png(history: dict[str, Any], cfg: ImageTrainConfig) -> bytes:
     """Training NLL per batch and validation NLL per epoch, in bits/dim, as PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     to_bpd = 1 / (history["n_pixels"] * math.log(2))
-    fig = Figure(figsize=(7, 4.2), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    train = np.array(history["train"], dtype=float).reshape(-1, 2)
-    if len(train):
-        ax.plot(train[:, 0], train[:, 1] * to_bpd, lw=0.6, alpha=0.35, color="C0", label="train (batch)")
-    epochs = history["epochs"]
-    ax.plot([e["step"] for e in epochs], [e["train_nll"] * to_bpd for e in epochs], "o-", ms=3, color="C0",
-            label="train (epoch mean)")
-    ax.plot([e["step"] for e in epochs], [e["validation_nll"] * to_bpd for e in epochs], "o-", ms=3, color="C1",
-            label="validation")
-    ax.set_xlabel("step")
-    ax.set_ylabel("bits/dim")
-    what = "class-conditional " if cfg.conditional else ""
-    ax.set_title(f"{cfg.name}: {what}{cfg.model} on {cfg.dataset}", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
 
+    def draw(ax) -> None:
+        train = np.array(history["train"], dtype=float).reshape(-1, 2)
+        if len(train):
+            ax.plot(train[:, 0], train[:, 1] * to_bpd, lw=0.6, alpha=0.35, color="C0", label="train (batch)")
+        epochs = history["epochs"]
+        ax.plot([e["step"] for e in epochs], [e["train_nll"] * to_bpd for e in epochs], "o-", ms=3, color="C0",
+                label="train (epoch mean)")
+        ax.plot([e["step"] for e in epochs], [e["validation_nll"] * to_bpd for e in epochs], "o-", ms=3,
+                color="C1", label="validation")
+        ax.set_xlabel("step")
+        ax.set_ylabel("bits/dim")
+        what = "class-conditional " if cfg.conditional else ""
+        ax.set_title(f"{cfg.name}: {what}{cfg.model} on {cfg.dataset}", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
 
-@contextlib.contextmanager
-def _progress(enabled: bool, description: str, total: int) -> Iterator[Callable]:
-    """A rich progress bar (loss and val in bits/dim) when enabled; yields `update(completed, fields)`."""
-    if not enabled:
-        yield lambda completed, values: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    shown = {"loss": "-", "val": "-"}
-    with Progress(TextColumn("{task.description}"), BarColumn(bar_width=16), MofNCompleteColumn(),
-                  TextColumn("bits/dim {task.fields[loss]} val {task.fields[val]}"), TimeElapsedColumn(),
-                  TextColumn("eta"), TimeRemainingColumn()) as bar:
-        task = bar.add_task(description, total=total, loss="-", val="-")
-
-        def update(done: int, values: dict[str, float]) -> None:
-            shown.update({k: f"{v:.4f}" for k, v in values.items()})
-            bar.update(task, completed=done, **shown)
-
-        yield update
+    return figure_png(draw)

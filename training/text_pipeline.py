@@ -40,17 +40,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import itertools
 import json
 import math
-import os
 import shutil
 import signal
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -63,6 +61,7 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from training import artifact
+from training.runs import figure_png, pick_device, progress_bar, threads_for
 from training.text_data import VALIDATION_PLAYS, encode_documents, load_shakespeare, random_windows, split_by_play
 from training.tokenizer import KINDS as TOKENIZER_KINDS
 from training.tokenizer import TextTokenizer, UnknownCharactersError, train_bpe_tokenizer, train_char_tokenizer
@@ -72,6 +71,7 @@ MODEL_KINDS = ("gpt", "lstm", "ngram")
 LOSS_CURVE = "loss_curve.png"
 TRAINING_LOG = "training_log.json"
 CHECKPOINTS = ".checkpoints"
+TEXT_FIELDS = {"loss": ("loss {}", ".3f"), "val": ("val {}", ".3f"), "tok/s": ("{} tok/s", ",.0f")}
 LSTM_EVAL_SEGMENTS = 32
 LSTM_EVAL_CHUNK = 256
 NGRAM_EVAL_CHUNK = 1 << 15
@@ -539,37 +539,13 @@ def check_resumable(saved: dict[str, Any], cfg: TextTrainConfig, data_sha256: st
 # ---- the run --------------------------------------------------------------------------------------------------
 
 
-def pick_device(requested: str | None) -> torch.device:
-    if requested:
-        device = torch.device(requested)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {requested!r} asked for, but torch sees no CUDA GPU")
-        return device
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def set_threads(device: torch.device, threads: int | None) -> int:
-    """On CPU, `threads` intra-op threads, else one per core this process may use (unless OMP_NUM_THREADS says
-    otherwise); returns the previous number, to restore."""
-    previous = torch.get_num_threads()
-    if device.type == "cpu":
-        if threads is None and not os.environ.get("OMP_NUM_THREADS"):
-            threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        if threads:
-            torch.set_num_threads(max(1, threads))
-    return previous
-
-
 def train_text(cfg: TextTrainConfig, store: Path, progress: bool = True) -> Path:
     """Train (or fit) a text model, evaluate it on the whole validation stream, and write a new artifact version;
     returns its directory."""
     cfg = cfg.resolved()
     device = pick_device(cfg.device)
-    previous_threads = set_threads(device, cfg.threads)
-    try:
+    with threads_for(device, cfg.threads):
         return _train_text(cfg, store, device, progress)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _train_text(cfg: TextTrainConfig, store: Path, device: torch.device, progress: bool) -> Path:
@@ -678,7 +654,7 @@ def _fit_ngram(cfg: TextTrainConfig, data: TextData, device: torch.device,
     seconds = time.perf_counter() - started
     # The loss "curve" of a counting model: NLL by order, on the first tokens of each split.
     by_order = []
-    with _progress(progress, f"n-gram {cfg.name}", cfg.order) as bar:
+    with progress_bar(progress, f"n-gram {cfg.name}", cfg.order, TEXT_FIELDS) as bar:
         for k in range(1, cfg.order + 1):
             m = model if k == cfg.order else NGramLM.fit(train, replace(config, order=k)).eval()
             row = {"order": k}
@@ -746,7 +722,8 @@ def _train_network(cfg: TextTrainConfig, data: TextData, device: torch.device, s
     model.train()
     tokens_per_iter = cfg.batch_size * cfg.context_length
     last_eval = history["evaluations"][-1] if history["evaluations"] else None
-    with _progress(progress, f"{cfg.model} {cfg.name}", cfg.max_iters, start) as bar, _stop_on_sigint() as stop:
+    bar_ = progress_bar(progress, f"{cfg.model} {cfg.name}", cfg.max_iters, TEXT_FIELDS, start)
+    with bar_ as bar, _stop_on_sigint() as stop:
         window_start, window_iters = time.perf_counter(), 0
         iteration = start
         for iteration in range(start + 1, cfg.max_iters + 1):
@@ -810,74 +787,37 @@ def _stop_on_sigint() -> Iterator[threading.Event]:
         signal.signal(signal.SIGINT, previous)
 
 
-@contextlib.contextmanager
-def _progress(enabled: bool, description: str, total: int, completed: int = 0) -> Iterator[Callable]:
-    """A rich progress bar when enabled; yields `update(completed, fields)` (fields: loss, val, tok/s)."""
-    if not enabled:
-        yield lambda completed, values: None
-        return
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    shown = {"loss": "-", "val": "-", "tok/s": "-"}
-    with Progress(TextColumn("{task.description}"), BarColumn(bar_width=16), MofNCompleteColumn(),
-                  TextColumn("loss {task.fields[loss]} val {task.fields[val]} {task.fields[rate]} tok/s"),
-                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()) as bar:
-        task = bar.add_task(description, total=total, completed=completed, loss="-", val="-", rate="-")
-
-        def update(done: int, values: dict[str, float | None]) -> None:
-            for key, value in values.items():
-                if value is not None:
-                    shown[key] = f"{value:,.0f}" if key == "tok/s" else f"{value:.3f}"
-            bar.update(task, completed=done, loss=shown["loss"], val=shown["val"], rate=shown["tok/s"])
-
-        yield update
-
-
 # ---- the plot -------------------------------------------------------------------------------------------------
 
 
 def loss_curve_png(history: dict[str, Any], cfg: TextTrainConfig) -> bytes:
     """Training and validation loss (nats/token) against iteration (the n-gram: against its order), as PNG."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.2), dpi=110)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if cfg.model == "ngram":
-        rows = history["by_order"]
-        orders = [r["order"] for r in rows]
-        ax.plot(orders, [r["train_loss"] for r in rows], "o-", label="train")
-        ax.plot(orders, [r["validation_loss"] for r in rows], "o-", label="validation")
-        ax.set_xlabel(f"n-gram order (first {history['sample_tokens']:,} tokens of each split)")
-        ax.set_xticks(orders)
-        title = f"{cfg.name}: {cfg.order}-gram, interpolated Kneser-Ney ({cfg.tokenizer} tokens)"
-    else:
-        train = np.array(history["train"], dtype=float).reshape(-1, 2)
-        evals = history["evaluations"]
-        if len(train):
-            ax.plot(train[:, 0], train[:, 1], lw=0.6, alpha=0.35, color="C0", label="train (batch)")
-        ax.plot([e["iter"] for e in evals], [e["train_loss"] for e in evals], "o-", color="C0", ms=3,
-                label="train (estimate)")
-        ax.plot([e["iter"] for e in evals], [e["validation_loss"] for e in evals], "o-", color="C1", ms=3,
-                label="validation (estimate)")
-        ax.set_xlabel("iteration")
-        arch = (f"{cfg.n_layer} layers x {cfg.n_embd}, context {cfg.context_length}" if cfg.model == "gpt"
-                else f"{cfg.n_layer} x {cfg.hidden_size} hidden")
-        title = f"{cfg.name}: {cfg.model.upper()} ({arch}, {cfg.tokenizer} tokens)"
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    return buffer.getvalue()
+    def draw(ax) -> None:
+        if cfg.model == "ngram":
+            rows = history["by_order"]
+            orders = [r["order"] for r in rows]
+            ax.plot(orders, [r["train_loss"] for r in rows], "o-", label="train")
+            ax.plot(orders, [r["validation_loss"] for r in rows], "o-", label="validation")
+            ax.set_xlabel(f"n-gram order (first {history['sample_tokens']:,} tokens of each split)")
+            ax.set_xticks(orders)
+            title = f"{cfg.name}: {cfg.order}-gram, interpolated Kneser-Ney ({cfg.tokenizer} tokens)"
+        else:
+            train = np.array(history["train"], dtype=float).reshape(-1, 2)
+            evals = history["evaluations"]
+            if len(train):
+                ax.plot(train[:, 0], train[:, 1], lw=0.6, alpha=0.35, color="C0", label="train (batch)")
+            ax.plot([e["iter"] for e in evals], [e["train_loss"] for e in evals], "o-", color="C0", ms=3,
+                    label="train (estimate)")
+            ax.plot([e["iter"] for e in evals], [e["validation_loss"] for e in evals], "o-", color="C1", ms=3,
+                    label="validation (estimate)")
+            ax.set_xlabel("iteration")
+            arch = (f"{cfg.n_layer} layers x {cfg.n_embd}, context {cfg.context_length}" if cfg.model == "gpt"
+                    else f"{cfg.n_layer} x {cfg.hidden_size} hidden")
+            title = f"{cfg.name}: {cfg.model.upper()} ({arch}, {cfg.tokenizer} tokens)"
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.legend()
 
+    return figure_png(draw)

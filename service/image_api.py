@@ -1,0 +1,165 @@
+"""The image routes of the ingress: checking images, labels and limits, and asking the model's replica to
+score, sample or complete. `ImageRoutes` is mixed into the Gateway (service/app.py), whose log_prob, anomaly
+and sample routes hand image models to it; POST /v1/models/{name}/complete is its own route here.
+
+Every check happens here, before a request reaches a replica: a bad image never joins a batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+
+from service.errors import ERRORS, ApiError, model_kind_phrase
+from service.image_codec import MAX_PNG_LEVELS, ImageInputError, decode_image, encode_png
+from service.schemas import (
+    AnomalyRequest,
+    CompleteRequest,
+    CompleteResponse,
+    GeneratedImage,
+    ImageSampleResponse,
+    LogProbRequest,
+    SampleRequest,
+)
+from training import artifact as art
+
+router = APIRouter()
+
+def generated_images(result: dict[str, Any], format_: str, levels: int) -> list[GeneratedImage]:
+    """A replica's sampled images (numpy: images, labels, log_prob) as the API's image objects."""
+    labels = result["labels"]
+    out = []
+    for i, (image, log_prob) in enumerate(zip(result["images"], result["log_prob"].tolist(), strict=True)):
+        label = None if labels is None else int(labels[i])
+        if format_ == "png":
+            out.append(GeneratedImage(label=label, log_prob=log_prob, png=encode_png(image, levels)))
+        else:
+            out.append(GeneratedImage(label=label, log_prob=log_prob, array=image.tolist()))
+    return out
+
+
+class ImageRoutes:
+    """Mixed into the Gateway, which provides manifests, handles, limits and _manifest()."""
+
+    def _image_manifest(self, name: str, endpoint: str) -> art.Manifest:
+        manifest = self._manifest(name)
+        if manifest.input.type != "image":
+            images = ", ".join(n for n, m in sorted(self.manifests.items()) if m.input.type == "image") or "none"
+            raise ApiError(400, "wrong_model_kind", f"{endpoint} is for image models; "
+                           f"{model_kind_phrase(name, manifest)}; image models: {images}")
+        return manifest
+
+    def _images(self, name: str, images: list[Any], known: int | None = None) -> np.ndarray:
+        spec = self.manifests[name].input
+        limit = self.limits.max_images_per_request
+        if len(images) > limit:
+            raise ApiError(413, "limit_exceeded", f"{len(images)} images in one request; the limit is {limit} per "
+                           "request (limits.max_images_per_request)")
+        try:
+            return np.stack([decode_image(image, f"images[{i}]", spec.height, spec.width, spec.levels, known)
+                             for i, image in enumerate(images)])
+        except ImageInputError as e:
+            raise ApiError(400, e.type, f"{e.message} (model {name!r})") from None
+
+    def _labels(self, name: str, labels: list[int] | None, n: int, field: str = "labels") -> np.ndarray | None:
+        """Labels as given (checked against the model), or None."""
+        if labels is None:
+            return None
+        spec = self.manifests[name].input
+        if not spec.n_classes:
+            raise ApiError(400, "invalid_label", f"model {name!r} is not class-conditional: give no {field}")
+        if len(labels) != n:
+            raise ApiError(400, "invalid_label", f"{field} has {len(labels)} entries; give one per image ({n})")
+        for i, label in enumerate(labels):
+            if not 0 <= label < spec.n_classes:
+                where = field if field == "label" else f"{field}[{i}]"
+                names = ""
+                if spec.class_names:
+                    shown = ", ".join(f"{j}={c}" for j, c in enumerate(spec.class_names[:12]))
+                    names = f" ({shown}{', ...' if len(spec.class_names) > 12 else ''})"
+                raise ApiError(400, "invalid_label", f"{where}={label} is out of range; model {name!r}'s labels are "
+                               f"0..{spec.n_classes - 1}{names}")
+        return np.asarray(labels, dtype=np.int64)
+
+    def _check_format(self, name: str, format_: str) -> None:
+        levels = self.manifests[name].input.levels
+        if format_ == "png" and levels > MAX_PNG_LEVELS:
+            raise ApiError(400, "invalid_request", f"format png needs at most {MAX_PNG_LEVELS} levels; model "
+                           f"{name!r} has {levels}: use format array")
+
+    async def _image_call(self, name: str, method: str, *args: Any) -> Any:
+        try:
+            return await getattr(self.handles[name], method).remote(*args)
+        except Exception as e:  # a replica failed or is gone; Serve retries elsewhere when it can
+            raise ApiError(503, "model_unavailable", f"model {name!r} could not {method.replace('_', ' ')} this "
+                           f"request: {type(e).__name__}; retry shortly") from e
+
+    async def _image_log_prob(self, name: str, body: LogProbRequest | AnomalyRequest,
+                              endpoint: str) -> tuple[np.ndarray, ...]:
+        manifest = self._image_manifest(name, endpoint)
+        if body.records is not None:
+            raise ApiError(400, "wrong_model_kind", f"records are for models of records; "
+                           f"{model_kind_phrase(name, manifest)}")
+        if getattr(body, "responsibilities", False):
+            raise ApiError(400, "wrong_model_kind", f"responsibilities is for GMMs; "
+                           f"{model_kind_phrase(name, manifest)}")
+        images = self._images(name, body.images)
+        labels = self._labels(name, body.labels, len(images))
+        log_prob, pixels = await self._image_call(name, "score", images, labels)
+        return images, log_prob, pixels
+
+    async def _sample_images(self, name: str, m: art.Manifest, body: SampleRequest,
+                             request: Request) -> ImageSampleResponse:
+        spec = m.input
+        limit = self.limits.max_images_per_request
+        if body.n > limit:
+            raise ApiError(413, "limit_exceeded", f"n={body.n} images asked for; the limit is {limit} per request "
+                           "(limits.max_images_per_request)")
+        if body.label is not None:
+            labels = self._labels(name, [body.label], 1, "label")
+            labels = None if labels is None else np.repeat(labels, body.n)
+        else:
+            labels = self._labels(name, body.labels, body.n)
+        self._check_format(name, body.format)
+        result = await self._image_call(name, "sample", body.n, labels, body.seed)
+        request.state.metric_events = [("genserve_samples_total", {"model": name}, body.n)]
+        return ImageSampleResponse(model=name, version=m.version, height=spec.height, width=spec.width,
+                                   levels=spec.levels, images=generated_images(result, body.format, spec.levels))
+
+    @router.post("/v1/models/{name}/complete", name="complete", response_model=CompleteResponse,
+              tags=["images"], responses=ERRORS)
+    async def complete(self, name: str, body: CompleteRequest, request: Request) -> CompleteResponse:
+        """Complete partial images: keep each image's top known_rows rows (or first known_pixels pixels in raster
+        order) exactly and sample the rest from the model given them, n completions per image; the same seed
+        gives the same completions. A class-conditional model given no labels draws each completion's label
+        from p(label | known pixels), so completions come from the model's marginal."""
+        m = self._image_manifest(name, "complete")
+        spec = m.input
+        limit = self.limits.max_images_per_request
+        total = len(body.images) * body.n
+        if total > limit:
+            raise ApiError(413, "limit_exceeded", f"{len(body.images)} images x n={body.n} = {total} completions; "
+                           f"the limit is {limit} per request (limits.max_images_per_request)")
+        if body.known_rows is not None:
+            if body.known_rows > spec.height:
+                raise ApiError(400, "invalid_request", f"known_rows={body.known_rows} is out of range: model "
+                               f"{name!r}'s images have {spec.height} rows; allowed 0..{spec.height}")
+            known = body.known_rows * spec.width
+        else:
+            n_pixels = spec.height * spec.width
+            if body.known_pixels > n_pixels:
+                raise ApiError(400, "invalid_request", f"known_pixels={body.known_pixels} is out of range: model "
+                               f"{name!r}'s images have {spec.height}x{spec.width} = {n_pixels} pixels; allowed "
+                               f"0..{n_pixels}")
+            known = body.known_pixels
+        images = self._images(name, body.images, known)
+        labels = self._labels(name, body.labels, len(images))
+        self._check_format(name, body.format)
+        result = await self._image_call(name, "complete", images, known, body.n, labels, body.seed)
+        request.state.metric_events = [("genserve_samples_total", {"model": name}, total)]
+        flat = generated_images(result, body.format, spec.levels)
+        return CompleteResponse(model=name, version=m.version, height=spec.height, width=spec.width,
+                                levels=spec.levels, known_pixels=known,
+                                completions=[flat[i * body.n:(i + 1) * body.n] for i in range(len(images))])
