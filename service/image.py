@@ -5,9 +5,9 @@ Scoring is batched with `@serve.batch`: the images of every waiting request are 
 for the marginal over classes) and split back per request. Scoring is row-wise, so an image's result does
 not depend on what it was batched with.
 
-Sampling and completion run the torch sampler in a worker thread, so the replica keeps answering health
-checks and scoring requests meanwhile; all images of one request are drawn in one batch, seeded with a
-torch.Generator on the module's device (the same seed gives the same images on the same device).
+Sampling and completion run the torch sampler in a worker thread, one job at a time, so the replica keeps
+answering health checks and scoring requests meanwhile; all images of one request are drawn in one batch,
+seeded with a torch.Generator on the module's device (the same seed gives the same images on the same device).
 """
 
 from __future__ import annotations
@@ -90,6 +90,9 @@ class ImageModelReplica:
         self.loaded = load_image_model(artifact_path, self.options.runtime)
         self.name = self.loaded.artifact.name
         self.metrics = MetricsClient()
+        # One sampling job at a time per replica: each already uses every thread torch has, and jobs run
+        # side by side would only slow each other; the others wait their turn (max_ongoing_requests bounds them).
+        self._sampling = asyncio.Lock()
         log.info("loaded image model %s v%s (%s on %s)", self.name, self.loaded.artifact.version,
                  self.loaded.runtime.name, self.loaded.device)
 
@@ -125,7 +128,8 @@ class ImageModelReplica:
 
     async def sample(self, n: int, labels: np.ndarray | None, seed: int | None) -> dict[str, Any]:
         """n images in one batch; see `draw_images`."""
-        return await asyncio.to_thread(draw_images, self.loaded.module, n, labels, seed)
+        async with self._sampling:
+            return await asyncio.to_thread(draw_images, self.loaded.module, n, labels, seed)
 
     async def complete(self, images: np.ndarray, known: int, n: int, labels: np.ndarray | None,
                        seed: int | None) -> dict[str, Any]:
@@ -133,7 +137,9 @@ class ImageModelReplica:
         input (and its label) is repeated n times in a row, so completion j of image i is row i * n + j."""
         prefix = np.repeat(images, n, axis=0)
         repeated = None if labels is None else np.repeat(labels, n)
-        return await asyncio.to_thread(draw_images, self.loaded.module, len(prefix), repeated, seed, prefix, known)
+        async with self._sampling:
+            return await asyncio.to_thread(draw_images, self.loaded.module, len(prefix), repeated, seed, prefix,
+                                           known)
 
 
 ImageModelDeployment = serve.deployment(

@@ -257,3 +257,43 @@ def test_png_size_is_checked_before_decoding_pixels() -> None:
     assert err.value.type == "wrong_image_shape" and "20000x20000 PNG" in err.value.message
     with pytest.raises(ImageInputError, match="at most 256 levels"):
         decode_image(huge, "images[0]", 1, 1, 300)
+
+
+# ---- every image kind through the same serving path ----------------------------------------------------
+
+TINY_ARCHITECTURES = {
+    "pixelcnn": {"channels": 4, "n_layers": 2, "kernel_size": 3, "head_channels": 4},
+    "made": {"hidden": (16,), "n_masks": 3},
+    "nade": {"hidden": 8},
+    "fvsbn": {},
+}
+
+
+@pytest.mark.parametrize("kind", sorted(TINY_ARCHITECTURES))
+def test_every_kind_scores_alike_in_torch_and_onnx_and_samples(tmp_path, kind: str) -> None:
+    from models.registry import build_image_model
+
+    torch.manual_seed(0)
+    model = build_image_model(kind, {"height": H, "width": W, "levels": LEVELS, "n_classes": CLASSES,
+                                     **TINY_ARCHITECTURES[kind]}).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    spec = art.ImageInputSpec(height=H, width=W, levels=LEVELS, n_classes=CLASSES)
+    path = art.write_artifact(tmp_path, kind=kind, name="m", config=dataclasses.asdict(model.config),
+                              input_spec=spec, training={}, metrics={},
+                              files={art.WEIGHTS: art.module_weights(model), art.ONNX: export_image_onnx(model)})
+    images, labels = random_images(6), np.array([0, 1, 2, 2, 1, 0])
+    in_torch = load_image_model(str(path), runtime="torch", device="cpu")
+    in_onnx = load_image_model(str(path), runtime="onnx", device="cpu")
+    for given in (labels, None):  # given labels, and the marginal over them
+        (lp_t, px_t), (lp_o, px_o) = in_torch.runtime.score(images, given), in_onnx.runtime.score(images, given)
+        np.testing.assert_allclose(lp_o, lp_t, atol=1e-4)
+        np.testing.assert_allclose(px_o, px_t, atol=1e-4)
+    drawn = draw_images(in_torch.module, 4, None, seed=3)
+    again = draw_images(in_torch.module, 4, None, seed=3)
+    assert np.array_equal(drawn["images"], again["images"]) and drawn["images"].shape == (4, H, W)
+    np.testing.assert_allclose(drawn["log_prob"], in_torch.runtime.score(drawn["images"], drawn["labels"])[0],
+                               atol=1e-5)
+    done = draw_images(in_torch.module, 6, labels, seed=4, prefix=images, known=5)
+    assert np.array_equal(done["images"].reshape(6, -1)[:, :5], images.reshape(6, -1)[:, :5])
