@@ -262,3 +262,28 @@ def test_label_errors():
         conditional.sample(prefix=x, known=5)
     conditional.score(x)  # no labels: the marginal
     conditional.score(x, torch.tensor([0, 2, 1]))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("kind", ["fvsbn", "made"])
+def test_completions_without_labels_come_from_the_marginal_given_the_prefix(kind):
+    """A conditional model completing a prefix with no label: labels from p(y | prefix), and the completed
+    images' frequencies those of the marginal p(rest | prefix) = sum_y p(y | prefix) p(rest | prefix, y),
+    in the raster order completion uses (MADE: its raster ordering, mask 0)."""
+    arch = {"hidden": (12, 12), "n_masks": 3} if kind == "made" else {}
+    model = randomise(build_image_model(kind, {"height": 2, "width": 2, "levels": 2, "n_classes": 3, **arch}))
+    model.set_class_prior(torch.tensor([0, 1, 1, 2, 2, 2]))
+    prefix, known, n = torch.tensor([[1, 0], [0, 0]]), 2, 4000
+    images = all_images(2, 2, 2)
+    images = images[(images.flatten(1)[:, :known] == prefix.flatten()[:known]).all(1)]  # the 4 completions
+    # Exact, in raster order: p(y, x) for each label, from the raster conditionals.
+    joint = torch.stack([model.conditional_log_probs(images, torch.full((len(images),), y)).sum(1)
+                         for y in range(3)]) + model.class_log_prior[:, None]  # (Y, 4)
+    want_images = torch.softmax(torch.logsumexp(joint, 0), 0)
+    want_labels = torch.softmax(torch.logsumexp(joint, 1), 0)
+    out, labels = model.sample(prefix=prefix.expand(n, 2, 2), known=known, generator=torch.Generator().manual_seed(2))
+    index = (out.flatten(1)[:, known:] * torch.tensor([2, 1])).sum(1)  # the completion's rank among the 4
+    got_images = torch.bincount(index, minlength=4).double() / n
+    got_labels = torch.bincount(labels, minlength=3).double() / n
+    assert float((got_images - want_images).abs().max()) < 0.03
+    assert float((got_labels - want_labels).abs().max()) < 0.03
