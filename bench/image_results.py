@@ -66,7 +66,7 @@ def completion_png(path: Path, dataset: str, per_class: int = 1, completions: in
         done, _ = model.eval().sample(labels=None, generator=generator, prefix=prefix, known=known)
     done = done.view(len(picks), completions, model.height, model.width).float()
     top = originals.clone().float()
-    top[:, model.height // 2:] = 0.5  # grey: unknown
+    top[:, model.height // 2:] = (model.levels - 1) / 2  # mid-grey: unknown
     rows = torch.cat([originals.float()[:, None], top[:, None], done], dim=1)
     return grid_png(rows.flatten(0, 1).numpy(), model.levels, columns=completions + 2)
 
