@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.text_baselines import machine
+from bench.text_baselines import load_note, machine
 from models.registry import build_image_model
 from training import artifact as art
 from training.image_data import load_image_dataset
@@ -125,8 +125,7 @@ def main(argv: list[str] | None = None) -> None:
         "bits/dim = NLL / (pixels x ln 2). MADE's is the ensemble over its orderings, log of the mean of "
         "p(x) under each. The class-conditional PixelCNN's is the marginal log p(x) = log sum_y p(y) p(x | y) "
         "(exact; it saw the labels in training, so it is listed apart), with log p(x | y) beside it. Training "
-        "time is wall-clock, evaluation excluded. Load average (1 min) at the start "
-        f"{load_before:.2f}, at the end {load_after:.2f}: above the number of cores, other processes shared them.",
+        "time is wall-clock, evaluation excluded. " + load_note(load_before, load_after),
         "",
         "Published figures for binarised MNIST in the literature (test NLL in nats, models trained on all 60,000 "
         "digits and evaluated on the standard test set: FVSBN about 97, NADE 88.3, MADE 86.6, PixelCNN 81.3) are "

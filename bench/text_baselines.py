@@ -62,6 +62,16 @@ def machine() -> str:
             f"threads, Python {platform.python_version()}")
 
 
+def load_note(before: float, after: float) -> str:
+    """The 1-minute load average around a run, and what it means for the times measured."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    note = f"Load average (1 min) at the start {before:.2f}, at the end {after:.2f}"
+    if max(before, after) > cores:
+        return note + (f": above the {cores} cores, other processes shared them, and the times are longer than on "
+                       "an idle machine.")
+    return note + f", within the {cores} cores."
+
+
 def sample(path: Path, prompt: str = "ROMEO:\n", chars: int = 400, seed: int = 0) -> str:
     """About `chars` tokens at temperature 0.8. A fixed-context model continues from the last half of its context
     each time it fills it (one `generate` call per piece, seeds seed, seed+1, ...)."""
@@ -126,9 +136,8 @@ def main(argv: list[str] | None = None) -> None:
         "followed by EOS): the GPT with windows of its context at a stride of half of it (each scored token has at "
         "least half a context of history), the LSTM over 32 contiguous segments carrying its hidden state, the "
         "n-gram from its n-1 predecessors. Bits/char = total nats / (ln 2 x validation characters). Training time "
-        "is wall-clock on this machine, evaluation excluded; for the n-gram it is the counting. Load average "
-        f"(1 min) at the start {load_before:.2f}, at the end {load_after:.2f}: above the number of cores, other "
-        "processes shared them, and the times are longer than on an idle machine.",
+        "is wall-clock on this machine, evaluation excluded; for the n-gram it is the counting. "
+        + load_note(load_before, load_after),
         "",
         "| model | configuration | parameters | training time | validation nats/token | validation bits/char |",
         "|---|---|---:|---:|---:|---:|",

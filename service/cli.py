@@ -187,8 +187,8 @@ def _image_command(kind: str, summary: str) -> None:
         name: Annotated[str, typer.Option(help="model name: lowercase letters, digits, '.', '_', '-'")],
         conditional: Annotated[bool, typer.Option(help="class-conditional: p(x | label), and exact p(x) by "
                                                        "summing over labels")] = False,
-        preset: Annotated[str, typer.Option(help="tiny (seconds) or default (minutes on CPU); the options below "
-                                                 "override it")] = "default",
+        preset: Annotated[str, typer.Option(help="tiny (seconds), default (minutes on CPU) or gpu; the options "
+                                                 "below override it")] = "default",
         store: StoreOption = None,
         epochs: Annotated[int | None, typer.Option(help="passes over the training split")] = None,
         batch_size: Annotated[int | None, typer.Option(help="images per batch")] = None,

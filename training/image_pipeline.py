@@ -68,6 +68,23 @@ PRESETS: dict[str, dict[str, dict[str, dict[str, Any]]]] = {
             "fvsbn": dict(arch={}, epochs=60, batch_size=32, learning_rate=1e-2),
         },
     },
+    # For a GPU (not measured here: no GPU was at hand): wider and deeper PixelCNNs, longer runs.
+    "gpu": {
+        "mnist5k": {
+            "pixelcnn": dict(arch=dict(channels=64, n_layers=8, kernel_size=5, head_channels=128), epochs=60,
+                             batch_size=64, learning_rate=1e-3),
+            "made": dict(arch=dict(hidden=(1024, 1024), n_masks=16), epochs=200, batch_size=128, learning_rate=1e-3),
+            "nade": dict(arch=dict(hidden=500), epochs=100, batch_size=64, learning_rate=3e-3),
+            "fvsbn": dict(arch={}, epochs=100, batch_size=64, learning_rate=1e-2),
+        },
+        "digits": {
+            "pixelcnn": dict(arch=dict(channels=64, n_layers=6, kernel_size=3, head_channels=128), epochs=200,
+                             batch_size=64, learning_rate=1e-3),
+            "made": dict(arch=dict(hidden=(512, 512), n_masks=16), epochs=300, batch_size=64, learning_rate=1e-3),
+            "nade": dict(arch=dict(hidden=256), epochs=300, batch_size=64, learning_rate=3e-3),
+            "fvsbn": dict(arch={}, epochs=100, batch_size=32, learning_rate=1e-2),
+        },
+    },
 }
 
 

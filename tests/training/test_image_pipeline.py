@@ -71,3 +71,17 @@ def test_grid_png_scales_levels_to_8_bits():
     pixels = np.asarray(png)
     assert pixels.shape == (2 * 3 + 1, 2 * 3 + 1)
     assert pixels[1:3, 1:3].tolist() == [[0, 255], [128, 255]]
+
+
+@pytest.mark.parametrize("preset", ["tiny", "default", "gpu"])
+def test_every_preset_builds_every_model(preset):
+    from training.image_data import DATASETS
+    from training.image_pipeline import PRESETS
+
+    for dataset in DATASETS:
+        shape = {"mnist5k": (28, 28, 2), "digits": (8, 8, 17)}[dataset]
+        for kind in ("pixelcnn", "made", "nade", "fvsbn"):
+            cfg = ImageTrainConfig(model=kind, dataset=dataset, name="x", preset=preset).resolved()
+            assert cfg.epochs == PRESETS[preset][dataset][kind]["epochs"]
+            config = {"height": shape[0], "width": shape[1], "levels": shape[2], "n_classes": 10, **cfg.architecture}
+            assert sum(p.numel() for p in build_image_model(kind, config).parameters()) > 0
