@@ -4,13 +4,7 @@ import torch
 from models.nade import NADE, NADEConfig
 from tests.models.test_image import (
     check_autoregressive,
-    check_chain_rule,
-    check_incremental_sampler,
-    check_normalised,
     check_onnx,
-    check_registry_round_trip,
-    check_sample_frequencies,
-    check_sampling,
     randomise,
 )
 
@@ -58,36 +52,6 @@ def test_logits_match_the_definition():
     for i in range(6):
         h = torch.sigmoid(model.c + model.class_embedding(labels) + v[:, :i] @ model.W[:, :i].T)
         torch.testing.assert_close(logits[:, i], h @ model.V[i].T + model.b[i], atol=1e-12, rtol=0)
-
-
-@pytest.mark.parametrize(("levels", "n_classes"), CASES)
-def test_normalised_and_chain_rule(levels, n_classes):
-    model = make(levels=levels, n_classes=n_classes)
-    if n_classes:
-        model.set_class_prior(torch.arange(n_classes).repeat_interleave(torch.arange(1, n_classes + 1)))
-    check_normalised(model)
-    check_chain_rule(model)
-
-
-@pytest.mark.parametrize(("levels", "n_classes"), CASES)
-@pytest.mark.parametrize("known", [0, 5])
-def test_incremental_sampler_matches_the_base_class(levels, n_classes, known):
-    check_incremental_sampler(make(3, 3, levels, n_classes), known=known)
-
-
-@pytest.mark.parametrize(("levels", "n_classes"), [(2, 0), (3, 2)])
-def test_sampling(levels, n_classes):
-    check_sampling(make(3, 3, levels, n_classes))
-
-
-@pytest.mark.parametrize(("levels", "n_classes"), [(2, 0), (2, 2)])
-def test_sample_frequencies(levels, n_classes):
-    check_sample_frequencies(make(levels=levels, n_classes=n_classes))
-
-
-@pytest.mark.parametrize(("levels", "n_classes"), [(2, 0), (3, 2)])
-def test_registry_round_trip(levels, n_classes):
-    check_registry_round_trip("nade", make(levels=levels, n_classes=n_classes))
 
 
 @pytest.mark.parametrize("n_classes", [0, 3])
