@@ -111,10 +111,13 @@ class ImageModelReplica:
     def ready(self) -> bool:
         return True
 
-    async def score(self, images: np.ndarray, labels: np.ndarray | None) -> ImageScore:
-        """log p(x [| y]) (N,) and per-pixel conditionals (N, H, W) of int64 images (N, H, W); labels None:
-        the marginal over classes for a conditional model. Batched with concurrent callers."""
-        return await self._score_batch((images, labels))
+    async def score(self, images: np.ndarray, labels: np.ndarray | None,
+                    per_pixel: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """log p(x [| y]) (N,) and, if `per_pixel`, the per-pixel conditionals (N, H, W) of int64 images
+        (N, H, W) (else None: not shipped back); labels None: the marginal over classes for a conditional
+        model. Batched with concurrent callers."""
+        log_prob, pixels = await self._score_batch((images, labels))
+        return log_prob, pixels if per_pixel else None
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
     async def _score_batch(self, requests: list[tuple[np.ndarray, np.ndarray | None]]) -> list[ImageScore]:

@@ -107,7 +107,8 @@ class ImageRoutes:
                            f"{model_kind_phrase(name, manifest)}")
         images = self._images(name, body.images)
         labels = self._labels(name, body.labels, len(images))
-        log_prob, pixels = await self._image_call(name, "score", images, labels)
+        per_pixel = bool(getattr(body, "per_pixel", False))
+        log_prob, pixels = await self._image_call(name, "score", images, labels, per_pixel)
         return images, log_prob, pixels
 
     async def _sample_images(self, name: str, m: art.Manifest, body: SampleRequest,
