@@ -63,3 +63,26 @@ def sequence_log_probs(model: LanguageModel, tokens: Tensor) -> Tensor:
     context (a BOS token when scoring a whole text)."""
     logits = model.logits(tokens[:, :-1]).float()
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
+
+
+def score_token_lists(model: LanguageModel, token_lists: list[list[int]], budget_bytes: int = 256 << 20
+                      ) -> list[list[float]]:
+    """log p(token t | tokens < t) for t >= 1 of each list (the first token is the context, BOS for a whole
+    text), padded into rows of one forward pass per chunk; chunks keep the (rows, width, vocab) float32 logits
+    near `budget_bytes` however many long lists there are."""
+    if not token_lists:
+        return []
+    tensors = [*model.parameters(), *model.buffers()][:1] if isinstance(model, torch.nn.Module) else []
+    device = tensors[0].device if tensors else torch.device("cpu")
+    width = max(len(t) for t in token_lists)
+    rows = max(1, budget_bytes // (width * model.vocab_size * 4))
+    results = []
+    for start in range(0, len(token_lists), rows):
+        chunk = token_lists[start : start + rows]
+        tokens = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, t in enumerate(chunk):
+            tokens[i, : len(t)] = torch.tensor(t)
+        # Right padding is harmless: every model here is causal, padding only follows real tokens.
+        log_probs = sequence_log_probs(model, tokens.to(device)).double().cpu()
+        results += [log_probs[i, : len(t) - 1].tolist() for i, t in enumerate(chunk)]
+    return results

@@ -25,6 +25,8 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from models.registry import IMAGE_KINDS
+from service.anomaly_api import AnomalyRoutes
+from service.anomaly_api import router as anomaly_router
 from service.density import DensityModel
 from service.errors import ERRORS, ApiError, error_body, model_kind_phrase
 from service.image import ImageModelDeployment
@@ -33,8 +35,6 @@ from service.image_api import router as image_router
 from service.metrics import CONTENT_TYPE, MetricsClient
 from service.schemas import (
     AnomalyRequest,
-    AnomalyResponse,
-    AnomalyResult,
     CalibrationInfo,
     Health,
     ImageSampleResponse,
@@ -52,8 +52,11 @@ from service.schemas import (
 from service.text import TextModelDeployment
 from service.text_api import TextError, TextLimits, TextRoutes, router, text_error_response
 from service.text_runtime import TEXT_KINDS
+from service.v2_api import V2Routes
+from service.v2_api import router as v2_router
 from training import artifact as art
-from training.calibration import Calibration
+from training.anomaly import DEFAULT_SCORE
+from training.calibration import CalibrationSet
 from training.tokenizer import TextTokenizer
 
 LN2 = math.log(2.0)
@@ -129,7 +132,9 @@ class GatewayMiddleware:
             if scope["method"] in ("POST", "PUT", "PATCH"):
                 headers = dict(scope.get("headers") or [])
                 content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-                if content_type != b"application/json":
+                # /v2 (Open Inference Protocol) bodies may be JSON then binary tensors; tritonclient sends none.
+                v2_body = scope["path"].startswith("/v2/") and content_type in (b"", b"application/octet-stream")
+                if content_type != b"application/json" and not v2_body:
                     shown = content_type.decode("latin-1") or "none"
                     rejection = (415, "unsupported_media_type",
                                  f"Content-Type must be application/json, got {shown} "
@@ -225,6 +230,8 @@ api = FastAPI(
 api.add_middleware(GatewayMiddleware)
 api.include_router(router)
 api.include_router(image_router)
+api.include_router(anomaly_router)
+api.include_router(v2_router)
 
 
 @api.exception_handler(ApiError)
@@ -272,7 +279,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512)
 @serve.ingress(api)
-class Gateway(TextRoutes, ImageRoutes):
+class Gateway(TextRoutes, ImageRoutes, AnomalyRoutes, V2Routes):
     def __init__(
         self,
         models: dict[str, DeploymentHandle],
@@ -283,7 +290,7 @@ class Gateway(TextRoutes, ImageRoutes):
     ):
         self.handles = models
         self.manifests = {name: art.Manifest.model_validate(m) for name, m in manifests.items()}
-        self.calibrations = {name: Calibration.from_dict(c) for name, c in calibrations.items()}
+        self.calibrations = {name: CalibrationSet.from_dict(c) for name, c in calibrations.items()}
         self.limits = LimitsConfig.model_validate(limits)
         self.text_limits = self.limits
         self.tokenizers = {}
@@ -347,31 +354,6 @@ class Gateway(TextRoutes, ImageRoutes):
                             f"model; text models: {texts}", param)
         return TextRoutes._text_model(self, name, param)
 
-    def _anomaly_response(self, name: str, body: AnomalyRequest, log_prob: np.ndarray,
-                          request: Request) -> AnomalyResponse:
-        cal = self.calibrations.get(name)
-        if cal is None:
-            raise ApiError(400, "not_calibrated", f"model {name!r} has no anomaly calibration (its artifact has no "
-                           f"{art.CALIBRATION}); use log_prob")
-        if body.threshold is not None:
-            threshold, fpr = body.threshold, None
-        else:
-            fpr = body.false_positive_rate or cal.false_positive_rate
-            threshold = cal.threshold_for(fpr)
-        scores = -log_prob
-        flags = scores > threshold
-        percentiles = cal.percentile(scores)
-        request.state.metric_events = [
-            ("genserve_records_scored_total", {"model": name, "endpoint": "anomaly"}, len(log_prob)),
-            ("genserve_anomalies_flagged_total", {"model": name}, int(flags.sum())),
-        ]
-        return AnomalyResponse(
-            model=name, version=self._manifest(name).version, threshold=threshold, false_positive_rate=fpr,
-            results=[AnomalyResult(score=s, log_prob=lp, percentile=p, is_anomaly=f)
-                     for s, lp, p, f in zip(scores.tolist(), log_prob.tolist(), percentiles.tolist(),
-                                            flags.tolist(), strict=True)],
-        )
-
     async def _score(self, name: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         try:
             return await self.handles[name].score.remote(x)
@@ -381,14 +363,16 @@ class Gateway(TextRoutes, ImageRoutes):
 
     def _info(self, name: str, runtime: str) -> ModelInfo:
         m = self._manifest(name)
-        cal = self.calibrations.get(name)
+        cals = self.calibrations.get(name)
+        default = DEFAULT_SCORE[m.input.type]
+        cal = None if cals is None else (cals.get(default) or next(iter(cals.scores.values())))
         return ModelInfo(
             name=m.name, version=m.version, kind=m.kind, created=m.created, runtime=runtime,
             input=InputInfo.model_validate(m.input.model_dump(exclude={"dtype", "bos_token_id", "eos_token_id"})),
             config=m.config, metrics=m.metrics, training=m.training,
             calibration=None if cal is None else CalibrationInfo(
                 score=cal.score, n_heldout=cal.n, false_positive_rate=cal.false_positive_rate,
-                threshold=cal.threshold),
+                threshold=cal.threshold, thresholds={k: c.threshold for k, c in cals.scores.items()}),
             limits=Limits(**self.limits.model_dump()),
         )
 
@@ -466,21 +450,6 @@ class Gateway(TextRoutes, ImageRoutes):
             responsibilities=resp.tolist() if body.responsibilities else None,
         )
 
-    @api.post("/v1/models/{name}/anomaly", name="anomaly", response_model=AnomalyResponse,
-              tags=["density"], responses=ERRORS)
-    async def anomaly(self, name: str, body: AnomalyRequest, request: Request) -> AnomalyResponse:
-        """Anomaly score (-log p(x), nats), its percentile among held-out normal records, and a flag.
-
-        The threshold is the calibrated one for a 1% false-positive rate unless the request gives
-        `threshold` or `false_positive_rate`. Images work the same way (score -log p(x), nats; calibrated on
-        held-out images' marginal log-likelihood)."""
-        if self._manifest(name).input.type == "image":
-            _, log_prob, _ = await self._image_log_prob(name, body, "anomaly")
-            return self._anomaly_response(name, body, log_prob, request)
-        x = self._records(name, body)
-        log_prob, _ = await self._score(name, x)
-        return self._anomaly_response(name, body, log_prob, request)
-
     @api.post("/v1/models/{name}/sample", name="sample", response_model=SampleResponse | ImageSampleResponse,
               tags=["density"], responses=ERRORS)
     async def sample(self, name: str, body: SampleRequest, request: Request) -> SampleResponse | ImageSampleResponse:
@@ -529,6 +498,8 @@ def build(args: AppArgs, overrides: dict[str, dict[str, Any]] | None = None):
         path = art.resolve(store, name, version)
         loaded = art.load_artifact(path)  # verify here, so a bad artifact fails the deploy loudly
         manifests[name] = loaded.manifest.model_dump()
+        if art.CALIBRATION in loaded.contents:  # optional: without it, anomaly answers 400 not_calibrated
+            calibrations[name] = loaded.json(art.CALIBRATION)
         if loaded.manifest.kind in TEXT_KINDS:
             tokenizers[name] = loaded.contents[art.TOKENIZER].decode()
             deployment = TextModelDeployment.options(name=name, **overrides.get(name, {}))
@@ -536,11 +507,8 @@ def build(args: AppArgs, overrides: dict[str, dict[str, Any]] | None = None):
             if not isinstance(loaded.manifest.input, art.ImageInputSpec):
                 raise art.ArtifactError(f"{path / art.MANIFEST}: kind {loaded.manifest.kind!r} is an image model, "
                                         f"but its input is of type {loaded.manifest.input.type!r}, not 'image'")
-            if art.CALIBRATION in loaded.contents:  # optional: without it, anomaly answers 400 not_calibrated
-                calibrations[name] = loaded.json(art.CALIBRATION)
             deployment = ImageModelDeployment.options(name=name, **overrides.get(name, {}))
         else:
-            calibrations[name] = loaded.json(art.CALIBRATION)
             deployment = DensityModel.options(name=name, **overrides.get(name, {}))
         handles[name] = deployment.bind(str(path.resolve()))
     gateway = Gateway.options(**overrides.get("Gateway", {}))

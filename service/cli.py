@@ -52,6 +52,8 @@ def train_gmm_command(
     restarts: Annotated[int, typer.Option(help="EM runs from different k-means++ starts; the best is kept")] = 3,
     validation_fraction: Annotated[float, typer.Option(help="share held out for metrics and calibration")] = 0.2,
     label_column: Annotated[str | None, typer.Option(help="CSV column to drop (a label, an id)")] = None,
+    exclude_class: Annotated[list[int] | None, typer.Option(
+        help="scikit-learn datasets: leave out the records of this class, repeatable (anomaly detection)")] = None,
     seed: Annotated[int, typer.Option(help="seed for the split and initialisation")] = 0,
     onnx: Annotated[bool, typer.Option(help="also export the scoring function to ONNX")] = True,
 ) -> None:
@@ -66,7 +68,7 @@ def train_gmm_command(
         dataset=dataset, name=name, components=None if components == "auto" else int(components),
         max_components=max_components, covariance_type=covariance, reg_covar=reg_covar, max_iter=max_iter,
         tol=tol, n_init=restarts, seed=seed, validation_fraction=validation_fraction,
-        label_column=label_column, export_onnx=onnx,
+        label_column=label_column, exclude_classes=exclude_class or None, export_onnx=onnx,
     )
     try:
         path = train_gmm(cfg, art.store_path(store))
@@ -156,6 +158,7 @@ def _train_image(
     device: str | None,
     threads: int | None,
     onnx: bool,
+    exclude_class: list[int] | None = None,
 ) -> None:
     from training.image_pipeline import ImageTrainConfig, train_image
 
@@ -170,7 +173,8 @@ def _train_image(
             raise typer.BadParameter(f"cannot read the value of {item!r}", param_hint="--arch") from None
     cfg = ImageTrainConfig(model=kind, dataset=dataset, name=name, conditional=conditional, preset=preset,
                            epochs=epochs, batch_size=batch_size, learning_rate=lr, architecture=overrides or None,
-                           sample_every=sample_every, seed=seed, device=device, threads=threads, export_onnx=onnx)
+                           sample_every=sample_every, seed=seed, device=device, threads=threads, export_onnx=onnx,
+                           exclude_classes=exclude_class or None)
     try:
         path = train_image(cfg, art.store_path(store))
     except (ValueError, FileNotFoundError, RuntimeError, art.ArtifactError) as e:
@@ -201,9 +205,11 @@ def _image_command(kind: str, summary: str) -> None:
         device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:N [default: cuda if available]")] = None,
         threads: Annotated[int | None, typer.Option(help="CPU threads [default: one per core]")] = None,
         onnx: Annotated[bool, typer.Option(help="also export log_prob to ONNX (checked to 1e-4)")] = True,
+        exclude_class: Annotated[list[int] | None, typer.Option(help="leave this class out of every split, "
+                                                                     "repeatable (anomaly detection)")] = None,
     ) -> None:
         _train_image(kind, dataset, name, conditional, preset, store, epochs, batch_size, lr, arch, sample_every,
-                     seed, device, threads, onnx)
+                     seed, device, threads, onnx, exclude_class)
 
     command.__doc__ = summary
     train_app.command(kind)(command)
@@ -248,6 +254,48 @@ def list_models_command(store: StoreOption = None) -> None:
         typer.echo(f"no models in {root}")
     for name, versions in models.items():
         typer.echo(f"{name}\t{', '.join(versions)} (latest {versions[-1]})")
+
+
+@app.command("score")
+def score_command(
+    input: Annotated[Path, typer.Argument(help="CSV or JSONL file of records, images or texts, any size")],
+    model: Annotated[str, typer.Option("--model", help="model name")],
+    out: Annotated[Path, typer.Option("--out", help="output file (.csv or .jsonl): one row per input row; "
+                                                    "rerunning the same command continues it")],
+    url: Annotated[str, typer.Option(help="the genserve server")] = "http://127.0.0.1:8000",
+    local: Annotated[bool, typer.Option("--local", help="score in this process, from --store, without a "
+                                                        "server")] = False,
+    store: StoreOption = None,
+    score: Annotated[str | None, typer.Option("--score", help="score type, e.g. nll, bits_per_dim, "
+                                                              "likelihood_ratio [default: the model's]")] = None,
+    false_positive_rate: Annotated[float | None, typer.Option(help="flag at this held-out false-positive "
+                                                                   "rate")] = None,
+    threshold: Annotated[float | None, typer.Option(help="flag scores above this instead")] = None,
+    id_column: Annotated[str | None, typer.Option(help="input column (or JSON key) copied to the output's id "
+                                                       "column, to join rows back")] = None,
+    output_format: Annotated[str | None, typer.Option("--format", help="csv or jsonl [default: from OUT's "
+                                                                       "extension]")] = None,
+    input_format: Annotated[str | None, typer.Option(help="csv or jsonl [default: from INPUT's "
+                                                          "extension]")] = None,
+    chunk_size: Annotated[int, typer.Option(min=1, help="rows per request (at most the server's limit)")] = 512,
+    restart: Annotated[bool, typer.Option("--restart", help="discard an existing OUT and start over")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
+) -> None:
+    """Anomaly scores for every row of a CSV or JSONL file, streamed in chunks; resumable."""
+    from service.file_scorer import ScoreFileError, score_file
+
+    try:
+        summary = score_file(input, model, out, url=url, local=local, store=store, score=score,
+                             threshold=threshold, false_positive_rate=false_positive_rate, id_column=id_column,
+                             output_format=output_format, input_format=input_format, chunk_size=chunk_size,
+                             restart=restart, progress=not quiet)
+    except ScoreFileError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    except KeyboardInterrupt:
+        typer.secho(f"interrupted; run the same command again to continue {out}", fg="yellow", err=True)
+        raise typer.Exit(130) from None
+    typer.echo(summary.report())
 
 
 def train_defaults(store: Path) -> None:

@@ -3,7 +3,7 @@
     from service.client import GenserveClient
 
     with GenserveClient("http://127.0.0.1:8000") as client:
-        scores = client.anomaly("breast-cancer", records)
+        scores = client.anomaly("breast-cancer", records)  # score="bits_per_dim", false_positive_rate=0.01, ...
         print(scores.results[0].is_anomaly)
         print(client.generate("shakespeare", "ROMEO:", max_new_tokens=100, seed=1).completions[0].text)
         digits = client.sample_images("mnist", n=4, label=3, seed=0).images  # arrays of grey levels
@@ -80,13 +80,10 @@ def _log_prob(name: str, records: Records, responsibilities: bool) -> tuple[str,
     return "POST", f"/v1/models/{name}/log_prob", {"records": records, "responsibilities": responsibilities}
 
 
-def _anomaly(name: str, records: Records, threshold: float | None, fpr: float | None) -> tuple[str, str, dict]:
-    body: dict[str, Any] = {"records": records}
-    if threshold is not None:
-        body["threshold"] = threshold
-    if fpr is not None:
-        body["false_positive_rate"] = fpr
-    return "POST", f"/v1/models/{name}/anomaly", body
+def _anomaly(name: str, records: Records, threshold: float | None, fpr: float | None,
+             score: str | None = None) -> tuple[str, str, dict]:
+    body = {"records": records, "score": score, "threshold": threshold, "false_positive_rate": fpr}
+    return "POST", f"/v1/models/{name}/anomaly", _drop_none(body)
 
 
 def _sample(name: str, n: int, seed: int | None) -> tuple[str, str, dict]:
@@ -112,8 +109,17 @@ def _log_prob_images(name: str, images: Images, labels: Sequence[int] | None,
 
 
 def _anomaly_images(name: str, images: Images, labels: Sequence[int] | None, threshold: float | None,
-                    fpr: float | None) -> tuple[str, str, dict]:
-    body = {"images": _images(images), "labels": _labels(labels), "threshold": threshold, "false_positive_rate": fpr}
+                    fpr: float | None, score: str | None = None) -> tuple[str, str, dict]:
+    body = {"images": _images(images), "labels": _labels(labels), "score": score, "threshold": threshold,
+            "false_positive_rate": fpr}
+    return "POST", f"/v1/models/{name}/anomaly", _drop_none(body)
+
+
+def _anomaly_texts(name: str, texts: Sequence[str], score: str | None, per_line: bool, threshold: float | None,
+                   fpr: float | None) -> tuple[str, str, dict]:
+    # per_line is sent only when set, so a text request reads like the records and images ones.
+    body = {"texts": list(texts), "score": score, "per_line": per_line or None, "threshold": threshold,
+            "false_positive_rate": fpr}
     return "POST", f"/v1/models/{name}/anomaly", _drop_none(body)
 
 
@@ -191,8 +197,11 @@ class GenserveClient:
         return self._call(*_log_prob(name, _jsonable(records), responsibilities), LogProbResponse)
 
     def anomaly(self, name: str, records: Records, threshold: float | None = None,
-                false_positive_rate: float | None = None) -> AnomalyResponse:
-        return self._call(*_anomaly(name, _jsonable(records), threshold, false_positive_rate), AnomalyResponse)
+                false_positive_rate: float | None = None, score: str | None = None) -> AnomalyResponse:
+        """Anomaly scores of records: `score` picks the score type (default: the model's), and
+        threshold or false_positive_rate the flagging threshold (default: the calibrated one)."""
+        return self._call(*_anomaly(name, _jsonable(records), threshold, false_positive_rate, score),
+                          AnomalyResponse)
 
     def sample(self, name: str, n: int = 1, seed: int | None = None) -> SampleResponse:
         return self._call(*_sample(name, n, seed), SampleResponse)
@@ -205,8 +214,17 @@ class GenserveClient:
         return self._call(*_log_prob_images(name, images, labels, per_pixel), LogProbResponse)
 
     def anomaly_images(self, name: str, images: Images, labels: Sequence[int] | None = None,
-                       threshold: float | None = None, false_positive_rate: float | None = None) -> AnomalyResponse:
-        return self._call(*_anomaly_images(name, images, labels, threshold, false_positive_rate), AnomalyResponse)
+                       threshold: float | None = None, false_positive_rate: float | None = None,
+                       score: str | None = None) -> AnomalyResponse:
+        return self._call(*_anomaly_images(name, images, labels, threshold, false_positive_rate, score),
+                          AnomalyResponse)
+
+    def anomaly_texts(self, name: str, texts: Sequence[str], score: str | None = None, per_line: bool = False,
+                      threshold: float | None = None, false_positive_rate: float | None = None) -> AnomalyResponse:
+        """Anomaly scores of texts; per_line: each line of each text scored on its own (results carry
+        text_index and line)."""
+        return self._call(*_anomaly_texts(name, texts, score, per_line, threshold, false_positive_rate),
+                          AnomalyResponse)
 
     def sample_images(self, name: str, n: int = 1, seed: int | None = None, labels: Sequence[int] | None = None,
                       label: int | None = None, format: str = "array") -> ImageSampleResponse:
@@ -277,8 +295,8 @@ class AsyncGenserveClient:
         return await self._call(*_log_prob(name, _jsonable(records), responsibilities), LogProbResponse)
 
     async def anomaly(self, name: str, records: Records, threshold: float | None = None,
-                      false_positive_rate: float | None = None) -> AnomalyResponse:
-        return await self._call(*_anomaly(name, _jsonable(records), threshold, false_positive_rate),
+                      false_positive_rate: float | None = None, score: str | None = None) -> AnomalyResponse:
+        return await self._call(*_anomaly(name, _jsonable(records), threshold, false_positive_rate, score),
                                 AnomalyResponse)
 
     async def sample(self, name: str, n: int = 1, seed: int | None = None) -> SampleResponse:
@@ -289,9 +307,15 @@ class AsyncGenserveClient:
         return await self._call(*_log_prob_images(name, images, labels, per_pixel), LogProbResponse)
 
     async def anomaly_images(self, name: str, images: Images, labels: Sequence[int] | None = None,
-                             threshold: float | None = None,
-                             false_positive_rate: float | None = None) -> AnomalyResponse:
-        return await self._call(*_anomaly_images(name, images, labels, threshold, false_positive_rate),
+                             threshold: float | None = None, false_positive_rate: float | None = None,
+                             score: str | None = None) -> AnomalyResponse:
+        return await self._call(*_anomaly_images(name, images, labels, threshold, false_positive_rate, score),
+                                AnomalyResponse)
+
+    async def anomaly_texts(self, name: str, texts: Sequence[str], score: str | None = None,
+                            per_line: bool = False, threshold: float | None = None,
+                            false_positive_rate: float | None = None) -> AnomalyResponse:
+        return await self._call(*_anomaly_texts(name, texts, score, per_line, threshold, false_positive_rate),
                                 AnomalyResponse)
 
     async def sample_images(self, name: str, n: int = 1, seed: int | None = None,

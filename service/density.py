@@ -82,6 +82,14 @@ class DensityModel:
         bounds = np.cumsum(sizes)[:-1]
         return list(zip(np.split(log_prob, bounds), np.split(resp, bounds), strict=True))
 
+    def reference_log_prob(self, records: np.ndarray) -> np.ndarray | None:
+        """log p_ref(x) of (N, D) records under the artifact's reference Gaussian (likelihood-ratio scores);
+        None when the artifact has none. Closed form and cheap: not batched."""
+        if self.loaded.reference is None:
+            return None
+        with torch.inference_mode():
+            return self.loaded.reference.log_prob(torch.from_numpy(np.asarray(records, np.float64))).numpy()
+
     def sample(self, n: int, seed: int | None) -> np.ndarray:
         generator = torch.Generator()
         if seed is None:

@@ -33,7 +33,8 @@ def model_kind_phrase(name: str, manifest: art.Manifest) -> str:
     """'model 'x' is a gmm model of records: use ...' - what the model is and which endpoints it takes."""
     kind, path = manifest.kind, f"/v1/models/{name}"
     if manifest.input.type == "text":
-        return f"model {name!r} is a {kind} text model: use {path}/generate, {path}/score or /v1/completions"
+        return (f"model {name!r} is a {kind} text model: use {path}/generate, {path}/score, /v1/completions, or "
+                f"{path}/anomaly with texts")
     if manifest.input.type == "image":
         return (f"model {name!r} is a {kind} image model: use {path}/sample, {path}/complete, and {path}/log_prob "
                 f"or {path}/anomaly with images")

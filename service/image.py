@@ -129,6 +129,14 @@ class ImageModelReplica:
         ])
         return results
 
+    def reference_log_prob(self, images: np.ndarray) -> np.ndarray | None:
+        """log p_ref(x) of int64 images (N, H, W) under the artifact's local-neighbourhood reference model
+        (likelihood-ratio scores); None when the artifact has none. A table lookup: not batched."""
+        if self.loaded.reference is None:
+            return None
+        with torch.inference_mode():
+            return self.loaded.reference.log_prob(torch.as_tensor(np.asarray(images, np.int64))).numpy()
+
     async def sample(self, n: int, labels: np.ndarray | None, seed: int | None) -> dict[str, Any]:
         """n images in one batch; see `draw_images`."""
         async with self._sampling:

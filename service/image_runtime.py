@@ -21,7 +21,8 @@ from models.image import ImageModel, marginalise_labels
 from models.registry import IMAGE_KINDS, build_image_model
 from service.runtime import RuntimeName, pick_device, resolve_runtime
 from training import artifact as art
-from training.calibration import Calibration
+from training.calibration import CalibrationSet, read_calibration
+from training.reference import load_reference
 
 ImageScore = tuple[np.ndarray, np.ndarray]  # log p (N,), per-pixel conditionals (N, H, W), float64
 
@@ -101,8 +102,9 @@ class LoadedImageModel:
     artifact: art.Artifact
     module: ImageModel  # always loaded, on `device`: sampling and completion run in torch
     runtime: ImageRuntime
-    calibration: Calibration | None  # None when the artifact has no calibration.json
+    calibration: CalibrationSet | None  # None when the artifact has no calibration.json
     device: str
+    reference: torch.nn.Module | None = None  # likelihood-ratio reference model, on the CPU
 
     @property
     def spec(self) -> art.ImageInputSpec:
@@ -148,10 +150,5 @@ def load_image_model(path: str | Path, runtime: RuntimeName = "auto", device: st
         rt = TorchImageRuntime(module)
     else:
         raise ValueError(f"unknown runtime {runtime!r}; use 'torch', 'onnx' or 'auto'")
-    calibration = None
-    if art.CALIBRATION in loaded.contents:
-        try:
-            calibration = Calibration.from_dict(loaded.json(art.CALIBRATION))
-        except (TypeError, ValueError) as e:
-            raise art.ArtifactError(f"{loaded.path / art.CALIBRATION}: invalid calibration ({e})") from None
-    return LoadedImageModel(artifact=loaded, module=module, runtime=rt, calibration=calibration, device=device)
+    return LoadedImageModel(artifact=loaded, module=module, runtime=rt, calibration=read_calibration(loaded),
+                            device=device, reference=load_reference(loaded))

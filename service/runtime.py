@@ -18,7 +18,8 @@ from safetensors.torch import load as load_safetensors
 
 from models.gmm import GaussianMixture, GMMConfig
 from training import artifact as art
-from training.calibration import Calibration
+from training.calibration import CalibrationSet, read_calibration
+from training.reference import load_reference
 
 RuntimeName = Literal["torch", "onnx", "auto"]
 
@@ -97,7 +98,8 @@ class LoadedModel:
     artifact: art.Artifact
     module: GaussianMixture  # always loaded: sampling runs in torch
     runtime: DensityRuntime
-    calibration: Calibration
+    calibration: CalibrationSet | None
+    reference: torch.nn.Module | None = None  # likelihood-ratio reference model (one Gaussian)
 
     @property
     def n_features(self) -> int:
@@ -118,8 +120,5 @@ def load_model(path: str, runtime: RuntimeName = "auto", device: str | None = No
         rt = TorchDensityRuntime(module, device)
     else:
         raise ValueError(f"unknown runtime {runtime!r}; use 'torch' or 'onnx'")
-    try:
-        calibration = Calibration.from_dict(loaded.json(art.CALIBRATION))
-    except (TypeError, ValueError) as e:
-        raise art.ArtifactError(f"{loaded.path / art.CALIBRATION}: invalid calibration ({e})") from None
-    return LoadedModel(artifact=loaded, module=module, runtime=rt, calibration=calibration)
+    return LoadedModel(artifact=loaded, module=module, runtime=rt, calibration=read_calibration(loaded),
+                       reference=load_reference(loaded))

@@ -78,11 +78,24 @@ class InputInfo(BaseModel):
     class_names: list[str] | None = Field(None, description="image: what each label means, by index")
 
 
+ScoreType = Literal["nll", "bits_per_dim", "bits_per_char", "complexity", "likelihood_ratio"]
+SCORE_DESCRIPTION = (
+    "anomaly score type (higher = more anomalous): nll (-log p(x), nats); bits_per_dim (records, images: -log2 "
+    "p(x) / dimensions); bits_per_char (text: mean surprisal per character); complexity (images: -log2 p(x) "
+    "minus the image's PNG size in bits); likelihood_ratio (log p_ref(x) - log p(x) against the artifact's "
+    "simpler reference model; nats, text: bits per character). Default: nll for records, complexity for images, "
+    "bits_per_char for text"
+)
+
+
 class CalibrationInfo(BaseModel):
-    score: str
-    n_heldout: int
-    false_positive_rate: float
-    threshold: float
+    score: str = Field(description="the default score type")
+    n_heldout: int = Field(description="held-out in-distribution items the default score was calibrated on")
+    false_positive_rate: float = Field(description="the default false-positive rate of the thresholds")
+    threshold: float = Field(description="the default score's threshold at that rate")
+    thresholds: dict[str, float] = Field(
+        {}, description="every calibrated score type's threshold at that rate (text per-line scores: line:NAME)"
+    )
 
 
 class ModelInfo(BaseModel):
@@ -153,36 +166,53 @@ class LogProbResponse(BaseModel):
 
 class AnomalyRequest(BaseModel):
     records: list[Record] | None = Field(None, min_length=1, description="models of records: raw records. Give "
-                                         "records or images")
+                                         "exactly one of records, images or texts")
     images: list[ImageInput] | None = Field(None, min_length=1, description=IMAGES_DESCRIPTION)
+    texts: list[str] | None = Field(None, min_length=1, description="text models: texts, each scored whole from "
+                                    "BOS (or per line, with per_line); at most limits.max_texts_per_request, each "
+                                    "within the model's context length")
     labels: list[Label] | None = Field(None, description=LABELS_DESCRIPTION + "; the calibration is of the "
                                        "marginal, so labels are rarely what you want here")
+    score: ScoreType | None = Field(None, description=SCORE_DESCRIPTION)
+    per_line: bool = Field(False, description="text models: score every non-blank line of each text on its own "
+                           "(from BOS) against the per-line calibration; results carry text_index and line")
     threshold: FiniteNumber | None = Field(
-        None, description="flag records whose score exceeds this (nats); overrides the calibrated threshold"
+        None, description="flag items whose score exceeds this (in the score's units); overrides the calibrated "
+        "threshold"
     )
     false_positive_rate: float | None = Field(
-        None, gt=0.0, lt=1.0, description="flag at this held-out false-positive rate instead of the default"
+        None, gt=0.0, lt=1.0, description="flag at this held-out false-positive rate instead of the default (0.01)"
     )
+
+    model_config = {"json_schema_extra": {"examples": [
+        {"records": [[1.0, 2.0, 3.0]]}, {"images": [[[0, 1], [1, 0]]], "score": "complexity"},
+        {"texts": ["To be, or not to be"], "score": "bits_per_char", "false_positive_rate": 0.05}]}}
 
     @model_validator(mode="after")
     def _one_threshold(self) -> AnomalyRequest:
-        _records_or_images(self)
+        if sum(x is not None for x in (self.records, self.images, self.texts)) != 1:
+            raise ValueError("give exactly one of records (models of records), images (image models) or texts "
+                             "(text models)")
         if self.threshold is not None and self.false_positive_rate is not None:
             raise ValueError("give threshold or false_positive_rate, not both")
         return self
 
 
 class AnomalyResult(BaseModel):
-    score: float = Field(description="anomaly score: negative log-likelihood in nats (higher = more anomalous)")
-    log_prob: float
-    percentile: float = Field(description="percent of held-out normal records scoring at or below this one")
-    is_anomaly: bool
+    score: float = Field(description="the anomaly score of score_type (higher = more anomalous)")
+    log_prob: float = Field(description="log p(x) in nats (text: of the whole text or line)")
+    percentile: float = Field(description="percent of held-out normal items scoring at or below this one")
+    is_anomaly: bool = Field(description="score > threshold")
+    component: int | None = Field(None, description="GMMs: the most likely mixture component")
+    responsibility: float | None = Field(None, description="GMMs: that component's posterior probability")
+    text_index: int | None = Field(None, description="text per_line: which text the line is from")
+    line: int | None = Field(None, description="text per_line: the line's 1-based number in its text")
 
 
 class AnomalyResponse(BaseModel):
     model: str
     version: str
-    score_type: Literal["nll_nats"] = "nll_nats"
+    score_type: ScoreType
     threshold: float
     false_positive_rate: float | None = Field(
         description="held-out false-positive rate of the threshold (null when the request set the threshold)"

@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, Field
 from ray import serve
 
-from models.lm import sequence_log_probs
+from models.lm import score_token_lists
 from service.decoding import Engine, GenerationParams, SequenceOutput, Update
 from service.metrics import MetricsClient
 from service.runtime import RuntimeName
@@ -187,22 +187,18 @@ class TextModel:
 
     @torch.inference_mode()
     def _score(self, token_lists: list[list[int]]) -> list[list[float]]:
-        scorer = self.loaded.scorer
-        device = next(iter(scorer.parameters()), torch.empty(0)).device
-        width = max(len(t) for t in token_lists)
-        # Rows in chunks, so the (rows, width, vocab) logits stay near SCORE_LOGITS_BUDGET however many
-        # long texts one request holds.
-        rows = max(1, SCORE_LOGITS_BUDGET // (width * self.loaded.spec.vocab_size * 4))
-        results = []
-        for start in range(0, len(token_lists), rows):
-            chunk = token_lists[start : start + rows]
-            tokens = torch.zeros(len(chunk), width, dtype=torch.long, device=device)
-            for i, t in enumerate(chunk):
-                tokens[i, : len(t)] = torch.tensor(t)
-            # Right padding is harmless: every model here is causal, padding only follows real tokens.
-            log_probs = sequence_log_probs(scorer, tokens).cpu()
-            results += [log_probs[i, : len(t) - 1].tolist() for i, t in enumerate(chunk)]
-        return results
+        return score_token_lists(self.loaded.scorer, token_lists, SCORE_LOGITS_BUDGET)
+
+    async def reference_log_prob(self, token_lists: list[list[int]]) -> list[float] | None:
+        """log p_ref(tokens[1:] | tokens[0]) of each list under the artifact's reference model (the
+        likelihood-ratio score's denominator); None when the artifact has none."""
+        if self.loaded.reference is None:
+            return None
+        return await asyncio.to_thread(self._reference, token_lists)
+
+    @torch.inference_mode()
+    def _reference(self, token_lists: list[list[int]]) -> list[float]:
+        return [sum(lps) for lps in score_token_lists(self.loaded.reference, token_lists, SCORE_LOGITS_BUDGET)]
 
 
 def _output_dict(o: SequenceOutput) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from models.gpt import GPT, GPTConfig
 from models.lm import LanguageModel
 from service.runtime import RuntimeName, pick_device
 from training import artifact as art
+from training.reference import load_reference
 from training.tokenizer import TextTokenizer
 
 TEXT_KINDS = ("gpt", "lstm", "ngram")
@@ -26,6 +27,7 @@ class LoadedTextModel:
     tokenizer: TextTokenizer
     runtime: str
     device: str
+    reference: torch.nn.Module | None = None  # likelihood-ratio reference (training/reference.py), on CPU
 
     @property
     def spec(self) -> art.TextInputSpec:
@@ -99,4 +101,4 @@ def load_text_model(path: str | Path, runtime: RuntimeName = "auto", device: str
     elif chosen != "torch":
         raise ValueError(f"unknown runtime {runtime!r}; use 'torch', 'onnx' or 'auto'")
     return LoadedTextModel(artifact=loaded, model=model, scorer=module, tokenizer=tokenizer, runtime=chosen,
-                           device=str(device))
+                           device=str(device), reference=load_reference(loaded))

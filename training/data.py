@@ -18,6 +18,7 @@ class Tabular:
     x: np.ndarray  # (N, D) float64
     feature_names: list[str]
     source: str  # what --dataset said, recorded in the manifest
+    target: np.ndarray | None = None  # class labels, for scikit-learn's labelled datasets
 
 
 @dataclass
@@ -52,7 +53,20 @@ def _load_sklearn(name: str, spec: str) -> Tabular:
     names = [str(n) for n in getattr(bunch, "feature_names", [])] or [
         f"x{i}" for i in range(bunch.data.shape[1])
     ]
-    return Tabular(np.asarray(bunch.data, dtype=np.float64), names, spec)
+    return Tabular(np.asarray(bunch.data, dtype=np.float64), names, spec, np.asarray(bunch.target))
+
+
+def exclude_classes(data: Tabular, classes: list[int]) -> Tabular:
+    """The records whose class is not in `classes` (training on normal classes for anomaly detection)."""
+    if data.target is None:
+        raise ValueError(f"{data.source} has no class labels to exclude classes by (scikit-learn datasets do)")
+    known = set(np.unique(data.target).tolist())
+    unknown = sorted(set(classes) - known)
+    if unknown:
+        raise ValueError(f"{data.source} has no class {unknown}; its classes are {sorted(known)}")
+    keep = ~np.isin(data.target, classes)
+    return Tabular(data.x[keep], data.feature_names, f"{data.source} without classes {sorted(classes)}",
+                   data.target[keep])
 
 
 def _load_csv(path: Path, label_column: str | None) -> Tabular:

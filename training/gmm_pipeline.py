@@ -16,10 +16,12 @@ from safetensors.torch import save as save_safetensors
 
 from models.gmm import CovarianceType, GaussianMixture
 from training import artifact
-from training.calibration import Calibration
-from training.data import load_tabular, split
+from training.anomaly import compute_scores
+from training.calibration import CalibrationSet
+from training.data import Tabular, exclude_classes, load_tabular, split
 from training.em import EMSettings, select_components
 from training.onnx_export import check_onnx, export_onnx
+from training.reference import fit_gaussian, reference_files
 
 GMM_KIND = "gmm"
 EM_HISTORY = "em_history.json"
@@ -39,6 +41,7 @@ class GMMTrainConfig:
     seed: int = 0
     validation_fraction: float = 0.2
     label_column: str | None = None
+    exclude_classes: list[int] | None = None  # scikit-learn datasets: leave out records of these target classes
     export_onnx: bool = True
 
 
@@ -54,11 +57,15 @@ def mean_log_prob(model: GaussianMixture, x: np.ndarray) -> np.ndarray:
         return model.log_prob(torch.from_numpy(x)).numpy()
 
 
-def train_gmm(cfg: GMMTrainConfig, store: Path, progress: bool = True) -> Path:
-    """Fit, evaluate, calibrate and export a GMM; returns the new artifact's directory."""
+def train_gmm(cfg: GMMTrainConfig, store: Path, progress: bool = True, data: Tabular | None = None) -> Path:
+    """Fit, evaluate, calibrate and export a GMM; returns the new artifact's directory. `data` replaces
+    cfg.dataset (records already in memory, e.g. one class of a labelled set)."""
     artifact.validate_name(cfg.name)
     started = time.perf_counter()
-    data = load_tabular(cfg.dataset, cfg.label_column)
+    if data is None:
+        data = load_tabular(cfg.dataset, cfg.label_column)
+    if cfg.exclude_classes:
+        data = exclude_classes(data, cfg.exclude_classes)
     parts = split(data.x, cfg.validation_fraction, cfg.seed)
     mean, scale = standardisation(parts.train)
     z = torch.from_numpy((parts.train - mean) / scale)
@@ -82,7 +89,11 @@ def train_gmm(cfg: GMMTrainConfig, store: Path, progress: bool = True) -> Path:
     d = data.x.shape[1]
     train_lp = mean_log_prob(model, parts.train)
     val_lp = mean_log_prob(model, parts.validation)
-    calibration = Calibration.fit(-val_lp)
+    reference = fit_gaussian(parts.train)
+    with torch.no_grad():
+        ref_lp = reference.log_prob(torch.from_numpy(parts.validation)).numpy()
+    calibration = CalibrationSet.fit(compute_scores("records", val_lp, d, reference_log_prob=ref_lp))
+    nll_cal = calibration.scores["nll"]
     metrics = {
         "n_components": model.config.n_components,
         "covariance_type": cfg.covariance_type,
@@ -94,13 +105,15 @@ def train_gmm(cfg: GMMTrainConfig, store: Path, progress: bool = True) -> Path:
         "validation_log_likelihood_per_record": float(val_lp.mean()),
         "validation_nll_nats": float(-val_lp.mean()),
         "validation_bits_per_dim": float(-val_lp.mean() / (d * math.log(2))),
-        "anomaly_threshold_nll_nats": calibration.threshold,
-        "anomaly_false_positive_rate": calibration.false_positive_rate,
+        "anomaly_threshold_nll_nats": nll_cal.threshold,
+        "anomaly_false_positive_rate": nll_cal.false_positive_rate,
+        "anomaly_thresholds": {k: c.threshold for k, c in calibration.scores.items()},
     }
 
     files = {
         artifact.WEIGHTS: save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}),
         artifact.CALIBRATION: json.dumps(calibration.to_dict()).encode(),
+        **reference_files(reference),
         EM_HISTORY: json.dumps({"restart_seed": fit.seed, "iterations": [asdict(h) for h in fit.history]}).encode(),
     }
     if cfg.export_onnx:

@@ -101,6 +101,21 @@ def load_digits() -> ImageDataset:
                     bunch.target.astype(np.int64), levels=17)
 
 
+def without_classes(data: ImageDataset, classes: list[int]) -> ImageDataset:
+    """Every split without the images of `classes` (anomaly detection: train and calibrate on the rest)."""
+    unknown = sorted(set(classes) - set(range(data.n_classes)))
+    if unknown:
+        raise ValueError(f"{data.name} has no class {unknown}; its classes are 0..{data.n_classes - 1}")
+
+    def keep(split: ImageSplit) -> ImageSplit:
+        mask = ~np.isin(split.labels, classes)
+        return ImageSplit(split.images[mask], split.labels[mask])
+
+    return ImageDataset(name=data.name, description=f"{data.description}, without classes {sorted(classes)}",
+                        height=data.height, width=data.width, levels=data.levels, class_names=data.class_names,
+                        train=keep(data.train), validation=keep(data.validation), test=keep(data.test))
+
+
 def load_image_dataset(name: str) -> ImageDataset:
     if name == "mnist5k":
         return load_mnist5k()

@@ -26,8 +26,10 @@ from torch import Tensor
 from models.image import ImageModel
 from models.registry import IMAGE_KINDS, build_image_model, image_classes
 from training import artifact
-from training.calibration import Calibration
-from training.image_data import DATASETS, ImageDataset, ImageSplit, load_image_dataset
+from training.anomaly import compute_scores, png_bits
+from training.calibration import CalibrationSet
+from training.image_data import DATASETS, ImageDataset, ImageSplit, load_image_dataset, without_classes
+from training.reference import fit_local_pixels, reference_files
 from training.runs import figure_png, pick_device, progress_bar, threads_for
 from training.text_pipeline import LOSS_CURVE, TRAINING_LOG
 
@@ -104,6 +106,7 @@ class ImageTrainConfig:
     grad_clip: float = 1.0
     architecture: dict[str, Any] | None = None  # overrides of the preset's architecture fields
     max_train_images: int | None = None  # a subset of the training split (smoke runs)
+    exclude_classes: list[int] | None = None  # leave these classes out of every split (anomaly detection)
     sample_every: int = 5  # epochs between sample grids written to STORE/.training/NAME/ (0: only at the end)
     grid_size: int = 8  # the sample grid is grid_size x grid_size images
     seed: int = 0
@@ -136,6 +139,9 @@ class ImageTrainConfig:
                 raise ValueError(f"{field} must be at least 1, got {getattr(cfg, field)}")
         if not cfg.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {cfg.learning_rate}")
+        if cfg.exclude_classes and cfg.conditional:
+            raise ValueError("exclude_classes is for unconditional models: a class-conditional model's prior "
+                             "would give the excluded classes probability 0")
         artifact.validate_name(cfg.name)
         return cfg
 
@@ -192,6 +198,8 @@ def train_image(cfg: ImageTrainConfig, store: Path, progress: bool = True) -> Pa
 def _train_image(cfg: ImageTrainConfig, store: Path, device: torch.device, progress: bool) -> Path:
     started = time.perf_counter()
     data = load_image_dataset(cfg.dataset)
+    if cfg.exclude_classes:
+        data = without_classes(data, cfg.exclude_classes)
     train = data.train
     if cfg.max_train_images is not None:
         train = ImageSplit(train.images[: cfg.max_train_images], train.labels[: cfg.max_train_images])
@@ -216,7 +224,12 @@ def _train_image(cfg: ImageTrainConfig, store: Path, device: torch.device, progr
         given = split_log_probs(model, data.test, device, given_labels=True)
         metrics.update(nll_metrics(given, model.n_pixels, "test_given_label"))
     metrics["evaluation_seconds"] = round(time.perf_counter() - evaluation_started, 2)
-    calibration = Calibration.fit(-val_lp, score="nll_nats")
+    reference = fit_local_pixels(train.images, data.levels)
+    images = data.validation.images
+    calibration = CalibrationSet.fit(compute_scores(
+        "image", val_lp, model.n_pixels, reference_log_prob=reference.log_prob(torch.from_numpy(images)).numpy(),
+        complexity_bits=png_bits(images, data.levels)))
+    metrics["anomaly_thresholds"] = {k: c.threshold for k, c in calibration.scores.items()}
 
     model = model.cpu().float()
     grid = sample_grid(model, cfg, torch.Generator().manual_seed(cfg.seed))
@@ -224,6 +237,7 @@ def _train_image(cfg: ImageTrainConfig, store: Path, device: torch.device, progr
     files = {
         artifact.WEIGHTS: artifact.module_weights(model),
         artifact.CALIBRATION: json.dumps(calibration.to_dict()).encode(),
+        **reference_files(reference),
         artifact.SAMPLES_PNG: grid,
         LOSS_CURVE: loss_curve_png(history, cfg),
         TRAINING_LOG: json.dumps(history, indent=1).encode(),

@@ -49,7 +49,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +60,11 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
+from models.lm import score_token_lists
 from training import artifact
+from training.anomaly import compute_scores, paragraphs, text_lines
+from training.calibration import LINE, CalibrationSet
+from training.reference import fit_bigram, reference_files
 from training.runs import figure_png, pick_device, progress_bar, threads_for
 from training.text_data import VALIDATION_PLAYS, encode_documents, load_shakespeare, random_windows, split_by_play
 from training.tokenizer import KINDS as TOKENIZER_KINDS
@@ -200,9 +204,9 @@ class TextTrainConfig:
         positive = ["n_layer", "n_embd", "context_length", "max_iters", "batch_size", "lr_decay_iters",
                     "eval_interval", "eval_iters", "checkpoint_interval"]
         positive += ["n_head"] if self.model == "gpt" else ["hidden_size"]
-        for field in positive:
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.model == "gpt" and self.n_embd % self.n_head:
             raise ValueError(f"n_embd {self.n_embd} is not divisible by n_head {self.n_head}")
         if self.model == "gpt" and self.context_length < 2:
@@ -243,6 +247,7 @@ class TextData:
     description: dict[str, Any]
     validation_characters: int
     sha256: str  # of the texts, so a resumed run can tell that its data changed
+    validation_documents: dict[str, str] = field(default_factory=dict)  # calibrates the anomaly scores
 
 
 def read_corpus(cfg: TextTrainConfig) -> tuple[dict[str, str], dict[str, str], dict[str, Any]]:
@@ -305,7 +310,7 @@ def prepare_data(cfg: TextTrainConfig, tokenizer: TextTokenizer | None = None) -
         "train_tokens": int(train.numel()), "validation_tokens": int(validation.numel()),
         "stream": "EOS doc1 EOS doc2 EOS ... (EOS is the tokenizer's special token, also BOS)",
     })
-    return TextData(tokenizer, train, validation, description, n_chars["validation"], digest.hexdigest())
+    return TextData(tokenizer, train, validation, description, n_chars["validation"], digest.hexdigest(), val_docs)
 
 
 # ---- optimisation ---------------------------------------------------------------------------------------------
@@ -605,10 +610,17 @@ def _train_text(cfg: TextTrainConfig, store: Path, device: torch.device, progres
     }
     if cfg.model == "ngram":
         metrics["ngrams_per_order"] = module.n_ngrams()
+    reference = fit_bigram(data.train, vocab)
+    calibration, calibration_items = calibrate_text(module, reference, data.tokenizer, data.validation_documents,
+                                                    cfg.context_length if cfg.model == "gpt" else None)
+    metrics["anomaly_calibration_items"] = calibration_items
+    metrics["anomaly_thresholds"] = {k: c.threshold for k, c in calibration.scores.items()}
 
     files = {
         artifact.WEIGHTS: artifact.module_weights(module),
         artifact.TOKENIZER: data.tokenizer.to_json().encode(),
+        artifact.CALIBRATION: json.dumps(calibration.to_dict()).encode(),
+        **reference_files(reference),
         LOSS_CURVE: loss_curve_png(history, cfg),
         TRAINING_LOG: json.dumps(history, indent=1).encode(),
     }
@@ -635,6 +647,54 @@ def _train_text(cfg: TextTrainConfig, store: Path, device: torch.device, progres
         metrics=metrics,
         files=files,
     )
+
+
+CALIBRATION_ITEMS = 2000  # most held-out paragraphs, and lines, scored to calibrate a text model
+CALIBRATION_MAX_TOKENS = 1024  # models without a context of their own: longest calibration item
+
+
+def calibrate_text(module: nn.Module, reference: nn.Module, tokenizer: TextTokenizer, documents: dict[str, str],
+                   context: int | None) -> tuple[CalibrationSet, dict[str, int]]:
+    """Calibrate every text score type on held-out text, each item scored from BOS like a request: per whole
+    text on its paragraphs (blocks between blank lines; one longer than the context is cut at line ends into
+    pieces that fit), per line on its non-blank lines. At most CALIBRATION_ITEMS of each, evenly spread."""
+    limit = (context or CALIBRATION_MAX_TOKENS + 1) - 1
+    units = {"text": [piece for d in documents.values() for p in paragraphs(d)
+                      for piece in _fit_to_context(p, tokenizer, limit)],
+             "line": [line for d in documents.values() for _, line in text_lines(d)]}
+    scores, counts = {}, {}
+    for unit, items in units.items():
+        if len(items) > CALIBRATION_ITEMS:
+            items = [items[i] for i in np.linspace(0, len(items) - 1, CALIBRATION_ITEMS).round().astype(int)]
+        encoded = [(text, ids) for text, ids in zip(items, tokenizer.encode_batch(items), strict=True)
+                   if 0 < len(ids) <= limit]
+        counts[unit] = len(encoded)
+        if len(encoded) < 2:
+            continue  # nothing to calibrate on: that unit answers not_calibrated
+        token_lists = [[tokenizer.bos_token_id, *ids] for _, ids in encoded]
+        with torch.inference_mode():
+            log_prob = np.array([sum(t) for t in score_token_lists(module, token_lists)])
+            ref = np.array([sum(t) for t in score_token_lists(reference, token_lists)])
+        chars = np.array([len(text) for text, _ in encoded])
+        prefix = "" if unit == "text" else LINE
+        scores.update({prefix + k: v for k, v in compute_scores("text", log_prob, chars, ref).items()})
+    if not scores:
+        raise ValueError(f"no held-out text fits the model's context of {context} tokens to calibrate on")
+    return CalibrationSet.fit(scores), counts
+
+
+def _fit_to_context(paragraph: str, tokenizer: TextTokenizer, limit: int) -> list[str]:
+    """The paragraph, or when it is longer than `limit` tokens, runs of its lines that fit."""
+    if len(tokenizer.encode(paragraph)) <= limit:
+        return [paragraph]
+    pieces, current = [], ""
+    for line in paragraph.split("\n"):
+        candidate = f"{current}\n{line}" if current else line
+        if current and len(tokenizer.encode(candidate)) > limit:
+            pieces.append(current)
+            candidate = line
+        current = candidate
+    return [*pieces, current] if current.strip() else pieces
 
 
 def _parameters(module: nn.Module, kind: str) -> int:

@@ -26,16 +26,19 @@ from models.fvsbn import FVSBN, FVSBNConfig
 from models.gpt import GPT, GPTConfig
 from models.ngram import NGramConfig, NGramLM
 from training import artifact as art
-from training.calibration import Calibration
+from training.anomaly import compute_scores, png_bits
+from training.calibration import CalibrationSet
 from training.gmm_pipeline import GMMTrainConfig, train_gmm
 from training.onnx_export import export_gpt_onnx, export_image_onnx
+from training.reference import fit_bigram, fit_local_pixels, reference_files
+from training.text_pipeline import calibrate_text
 from training.tokenizer import train_char_tokenizer
 
 REPLICATED = "bc"  # breast_cancer, full covariances, ONNX Runtime, 2 replicas
 SINGLE = "wine"  # wine, diagonal covariances, torch, 1 replica
 TEXT = "bard"  # a character GPT fitted to TEXT_CORPUS for a moment, torch, 1 replica
 TEXT_CORPUS = "to be or not to be, that is the question.\nwhether tis nobler in the mind to suffer\n" * 4
-TEXT_ONNX = "bard-onnx"  # the same weights with prefill/decode graphs, served by ONNX Runtime
+TEXT_ONNX = "bard-onnx"  # the same weights with prefill/decode graphs, served by ONNX Runtime; not calibrated
 TEXT_NGRAM = "bard-ngram"  # a 4-gram counted on TEXT_CORPUS
 TEXT_CONTEXT = 64
 TEXT_SLOTS = 8
@@ -155,13 +158,22 @@ def write_text_models(store: Path) -> None:
                              bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     files = {art.WEIGHTS: art.module_weights(model.eval()), art.TOKENIZER: tokenizer.to_json().encode()}
     common = {"input_spec": spec, "training": {"source": "test"}, "metrics": {"train_loss": loss.item()}}
-    art.write_artifact(store, kind="gpt", name=TEXT, config=config.to_dict(), files=files, **common)
+    reference = fit_bigram(data, tokenizer.vocab_size)
+
+    def anomaly_files(module, context):  # calibrated on the corpus's lines as texts and as lines (text_pipeline
+        # calibrates on held-out paragraphs and lines)
+        lines = TEXT_CORPUS.replace("\n", "\n\n")
+        calibration, _ = calibrate_text(module, reference, tokenizer, {"corpus": lines}, context)
+        return {art.CALIBRATION: json.dumps(calibration.to_dict()).encode(), **reference_files(reference)}
+
+    art.write_artifact(store, kind="gpt", name=TEXT, config=config.to_dict(),
+                       files={**files, **anomaly_files(model, TEXT_CONTEXT)}, **common)
     prefill, decode = export_gpt_onnx(model)
     art.write_artifact(store, kind="gpt", name=TEXT_ONNX, config=config.to_dict(),
                        files={**files, art.ONNX_PREFILL: prefill, art.ONNX_DECODE: decode}, **common)
     ngram = NGramLM.fit(data, NGramConfig(vocab_size=tokenizer.vocab_size, order=4))
     art.write_artifact(store, kind="ngram", name=TEXT_NGRAM, config=ngram.config.to_dict(),
-                       files={**files, art.WEIGHTS: art.module_weights(ngram)},
+                       files={**files, art.WEIGHTS: art.module_weights(ngram), **anomaly_files(ngram, None)},
                        **{**common, "input_spec": spec.model_copy(update={"context_length": None})})
 
 
@@ -198,14 +210,20 @@ def fit_fvsbn(images: np.ndarray, labels: np.ndarray | None, levels: int, steps:
     return model.eval()
 
 
-def write_image_artifact(store: Path, name: str, model: FVSBN, heldout: np.ndarray, onnx: bool,
+def write_image_artifact(store: Path, name: str, model: FVSBN, train: np.ndarray, heldout: np.ndarray, onnx: bool,
                          class_names: list[str] | None = None) -> Path:
-    """An image artifact as training/image_pipeline.py writes one: weights, optionally model.onnx, and the
-    calibration of -log p(x) (the marginal) on held-out images."""
+    """An image artifact as training/image_pipeline.py writes one: weights, optionally model.onnx, the
+    reference model fitted on `train`, and every score type calibrated on held-out images (the marginal)."""
+    levels = model.config.levels
+    reference = fit_local_pixels(train, levels)
     with torch.no_grad():
-        scores = -model.log_prob(torch.as_tensor(heldout)).double().numpy()
-    files = {art.WEIGHTS: art.module_weights(model),
-             art.CALIBRATION: json.dumps(Calibration.fit(scores, score="nll_nats").to_dict()).encode()}
+        log_prob = model.log_prob(torch.as_tensor(heldout)).double().numpy()
+        ref = reference.log_prob(torch.as_tensor(heldout)).numpy()
+    calibration = CalibrationSet.fit(compute_scores("image", log_prob, model.n_pixels, reference_log_prob=ref,
+                                                    complexity_bits=png_bits(heldout, levels)))
+    scores = -log_prob
+    files = {art.WEIGHTS: art.module_weights(model), art.CALIBRATION: json.dumps(calibration.to_dict()).encode(),
+             **reference_files(reference)}
     if onnx:
         files[art.ONNX] = export_image_onnx(model)
     c = model.config
@@ -221,10 +239,10 @@ def write_image_models(store: Path) -> None:
     torch.set_num_threads(1)
     images, labels = digits()
     model = fit_fvsbn(images[:DIGITS_TRAIN], labels[:DIGITS_TRAIN], levels=17)
-    write_image_artifact(store, IMAGE_COND, model, images[DIGITS_TRAIN:], onnx=True,
+    write_image_artifact(store, IMAGE_COND, model, images[:DIGITS_TRAIN], images[DIGITS_TRAIN:], onnx=True,
                          class_names=[str(d) for d in range(10)])
     binary, _ = digits(binary=True)
-    write_image_artifact(store, IMAGE_BIN, fit_fvsbn(binary[:DIGITS_TRAIN], None, levels=2),
+    write_image_artifact(store, IMAGE_BIN, fit_fvsbn(binary[:DIGITS_TRAIN], None, levels=2), binary[:DIGITS_TRAIN],
                          binary[DIGITS_TRAIN:], onnx=False)
 
 

@@ -86,6 +86,8 @@ def test_models_describe_artifacts(server: Server, client: GenserveClient) -> No
     manifest = art.load_artifact(art.resolve(server.store, REPLICATED)).manifest
     assert bc.metrics["validation_nll_nats"] == manifest.metrics["validation_nll_nats"]
     assert bc.calibration.threshold == pytest.approx(manifest.metrics["anomaly_threshold_nll_nats"])
+    assert bc.calibration.score == "nll"
+    assert set(bc.calibration.thresholds) == {"nll", "bits_per_dim", "likelihood_ratio"}
     assert client.model(SINGLE).config["covariance_type"] == "diag"
 
 
@@ -107,20 +109,21 @@ def test_log_prob_matches_the_model_in_process(server: Server, client: GenserveC
 
 def test_anomaly_uses_the_calibration(server: Server, client: GenserveClient) -> None:
     loaded = local(server, REPLICATED)
+    nll = loaded.calibration.get("nll")
     normal = bc_records(5)
     odd = normal.copy()
     odd[:, 0] *= 8  # radii far outside anything seen
     res = client.anomaly(REPLICATED, np.vstack([normal, odd]))
-    assert res.threshold == pytest.approx(loaded.calibration.threshold) and res.false_positive_rate == 0.01
+    assert res.threshold == pytest.approx(nll.threshold) and res.false_positive_rate == 0.01
     scores = np.array([r.score for r in res.results])
     np.testing.assert_allclose(scores, -loaded.runtime.log_prob(np.vstack([normal, odd]))[0], rtol=1e-6)
     assert all(r.is_anomaly == (r.score > res.threshold) for r in res.results)
     assert all(r.is_anomaly and r.percentile == 100.0 for r in res.results[5:])
     np.testing.assert_allclose([r.percentile for r in res.results],
-                               loaded.calibration.percentile(scores), rtol=1e-9)
+                               nll.percentile(scores), rtol=1e-9)
 
     looser = client.anomaly(REPLICATED, normal, false_positive_rate=0.5)
-    assert looser.threshold == pytest.approx(loaded.calibration.threshold_for(0.5))
+    assert looser.threshold == pytest.approx(nll.threshold_for(0.5))
     assert looser.threshold < res.threshold
     fixed = client.anomaly(REPLICATED, normal, threshold=-1e9)
     assert fixed.threshold == -1e9 and fixed.false_positive_rate is None

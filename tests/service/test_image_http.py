@@ -168,8 +168,8 @@ def test_log_prob_matches_the_model_in_process(client: GenserveClient, local) ->
 def test_anomaly_flags_noise_not_digits(client: GenserveClient, local) -> None:
     normal, _ = heldout(20)
     noise = np.random.default_rng(0).integers(0, 17, (3, 8, 8))
-    res = client.anomaly_images(IMAGE_COND, np.concatenate([normal, noise]))
-    cal = local[IMAGE_COND].calibration
+    res = client.anomaly_images(IMAGE_COND, np.concatenate([normal, noise]), score="nll")
+    cal = local[IMAGE_COND].calibration.get("nll")
     assert res.threshold == pytest.approx(cal.threshold) and res.false_positive_rate == 0.01
     assert all(r.is_anomaly and r.percentile == 100.0 for r in res.results[20:])
     assert sum(r.is_anomaly for r in res.results[:20]) <= 2

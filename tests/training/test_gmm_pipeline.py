@@ -13,9 +13,10 @@ import torch
 
 from service.runtime import load_model
 from training import artifact as art
-from training.calibration import Calibration
+from training.calibration import Calibration, CalibrationSet
 from training.data import SKLEARN_DATASETS, load_tabular, split
 from training.gmm_pipeline import EM_HISTORY, GMMTrainConfig, train_gmm
+from training.reference import REFERENCE_CONFIG, REFERENCE_WEIGHTS
 
 FEATURES = ["alpha", "beta", "gamma"]
 
@@ -57,7 +58,8 @@ def test_artifact_contents(trained):
     loaded = art.load_artifact(path)
     manifest = loaded.manifest
     assert manifest.kind == "gmm"
-    assert set(manifest.files) == {art.WEIGHTS, art.CALIBRATION, art.ONNX, EM_HISTORY}
+    assert set(manifest.files) == {art.WEIGHTS, art.CALIBRATION, art.ONNX, EM_HISTORY, REFERENCE_WEIGHTS,
+                                   REFERENCE_CONFIG}
     assert manifest.config == {"n_features": 3, "n_components": 2, "covariance_type": "full"}
     assert manifest.input.n_features == 3
     assert manifest.input.feature_names == FEATURES
@@ -106,10 +108,12 @@ def test_metrics_are_consistent(trained):
     lp, _ = loaded.runtime.log_prob(x)
     assert metrics["validation_nll_nats"] == pytest.approx(-lp.mean(), rel=1e-12)
 
-    calibration = Calibration.from_dict(json.loads((path / art.CALIBRATION).read_text()))
+    calibrations = CalibrationSet.from_dict(json.loads((path / art.CALIBRATION).read_text()))
+    assert loaded.calibration == calibrations
+    assert sorted(calibrations.names()) == ["bits_per_dim", "likelihood_ratio", "nll"]
+    calibration = calibrations.get("nll")
     assert calibration.threshold == metrics["anomaly_threshold_nll_nats"]
     assert calibration.false_positive_rate == metrics["anomaly_false_positive_rate"]
-    assert loaded.calibration == calibration
     assert calibration.n == 60
     assert calibration.threshold == pytest.approx(np.quantile(-lp, 0.99), rel=1e-9)
     # the model's density is that of the raw records: a far-away record is much less likely

@@ -8,7 +8,7 @@ from PIL import Image
 
 from models.registry import build_image_model
 from training import artifact as art
-from training.calibration import Calibration
+from training.calibration import CalibrationSet
 from training.image_data import load_digits
 from training.image_pipeline import ImageTrainConfig, grid_png, train_image
 
@@ -46,8 +46,10 @@ def test_train_fvsbn_on_digits_writes_a_complete_artifact(tmp_path, conditional)
     with torch.no_grad():
         assert -fresh.log_prob(torch.from_numpy(test.images)).mean().item() > m.metrics["test_nll_nats"]
 
-    cal = Calibration.from_dict(loaded.json(art.CALIBRATION))
-    assert cal.score == "nll_nats" and cal.n == len(load_digits().validation.images)
+    cals = CalibrationSet.from_dict(loaded.json(art.CALIBRATION))
+    assert sorted(cals.names()) == ["bits_per_dim", "complexity", "likelihood_ratio", "nll"]
+    cal = cals.get("nll")
+    assert cal.score == "nll" and cal.n == len(load_digits().validation.images)
     grid = Image.open(io.BytesIO(loaded.contents[art.SAMPLES_PNG]))
     assert grid.mode == "L" and grid.size[0] > 16
     assert (tmp_path / ".training" / "d" / "samples-epoch-001.png").is_file()

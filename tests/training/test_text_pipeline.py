@@ -18,6 +18,7 @@ from models.lm import sequence_log_probs
 from service.cli import app
 from service.text_runtime import load_text_model
 from training import artifact as art
+from training.reference import REFERENCE_CONFIG, REFERENCE_WEIGHTS
 from training.text_pipeline import TextTrainConfig, train_text
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -64,7 +65,8 @@ def test_each_model_kind_trains_and_loads(corpus, trained, model):
     loaded = load_text_model(trained[model], runtime="torch", device="cpu")
     manifest = loaded.artifact.manifest
     assert manifest.kind == model
-    expected_files = {art.WEIGHTS, art.TOKENIZER, tp.LOSS_CURVE, tp.TRAINING_LOG}
+    expected_files = {art.WEIGHTS, art.TOKENIZER, tp.LOSS_CURVE, tp.TRAINING_LOG, art.CALIBRATION,
+                      REFERENCE_WEIGHTS, REFERENCE_CONFIG}
     if model == "gpt":
         expected_files |= {art.ONNX_PREFILL, art.ONNX_DECODE}
         assert manifest.metrics["onnx_max_abs_error"] < 1e-4

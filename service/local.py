@@ -1,0 +1,180 @@
+"""Scoring in-process, without a server: the same scores, calibration and checks as the REST API's anomaly
+endpoint, for `genserve score --local`, notebooks and the anomaly benchmark.
+
+    scorer = LocalScorer.from_store("model-store", "breast-cancer")
+    scorer.anomaly(records=x).results[0].is_anomaly      # calibrated, like POST /v1/models/NAME/anomaly
+    scorer.scores(records=x)["likelihood_ratio"]          # every raw score type, one value per item
+
+Request limits (items per request) do not apply here; everything else is checked as the server checks it and
+reported as service.errors.ApiError with the same status, type and message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.lm import score_token_lists
+from service.anomaly import TextItem, anomaly_response, gmm_extras, resolve_score, text_extras, text_items
+from service.errors import ApiError
+from service.image_codec import ImageInputError, decode_image
+from service.schemas import AnomalyResponse
+from training import artifact as art
+from training.anomaly import compute_scores, png_bits
+from training.calibration import CalibrationSet, read_calibration
+from training.tokenizer import UnknownCharactersError
+
+
+class LocalScorer:
+    """One model of any kind, loaded from its artifact for scoring on this process's device."""
+
+    def __init__(self, path: str | Path, runtime: str = "auto", device: str | None = None):
+        loaded = art.load_artifact(Path(path))
+        self.manifest = loaded.manifest
+        self.name = loaded.manifest.name
+        self.input_type = loaded.manifest.input.type
+        self.calibrations: CalibrationSet | None = read_calibration(loaded)
+        if self.input_type == "records":
+            from service.runtime import load_model
+
+            self._model: Any = load_model(str(path), runtime, device)
+        elif self.input_type == "image":
+            from service.image_runtime import load_image_model
+
+            self._model = load_image_model(path, runtime, device)
+        else:
+            from service.text_runtime import load_text_model
+
+            self._model = load_text_model(path, "torch", device)
+        self.reference = self._model.reference
+        self.tokenizer = getattr(self._model, "tokenizer", None)  # text models
+
+    @classmethod
+    def from_store(cls, store: str | Path | None, name: str, version: str = "latest", runtime: str = "auto",
+                   device: str | None = None) -> LocalScorer:
+        return cls(art.resolve(art.store_path(store), name, version), runtime, device)
+
+    # ---- public ----------------------------------------------------------------------------------
+
+    def anomaly(self, *, records: Any = None, images: Any = None, texts: Sequence[str] | None = None,
+                labels: Sequence[int] | None = None, score: str | None = None, per_line: bool = False,
+                threshold: float | None = None, false_positive_rate: float | None = None) -> AnomalyResponse:
+        """Calibrated anomaly results, as POST /v1/models/{name}/anomaly answers them."""
+        score, calibration = resolve_score(self.name, self.input_type, score, self.calibrations, per_line)
+        raw, extras = self._raw(records, images, texts, labels, per_line, score)
+        return anomaly_response(self.name, self.manifest.version, score, calibration, raw[score], raw["log_prob"],
+                                threshold, false_positive_rate, extras)
+
+    def scores(self, *, records: Any = None, images: Any = None, texts: Sequence[str] | None = None,
+               labels: Sequence[int] | None = None, per_line: bool = False) -> dict[str, np.ndarray]:
+        """Every score type this model can give (uncalibrated), and "log_prob", one value per item."""
+        raw, _ = self._raw(records, images, texts, labels, per_line, None)
+        return raw
+
+    def percentiles(self, score: str, values: np.ndarray, per_line: bool = False) -> np.ndarray:
+        """Percentiles of raw `values` of a score type among the held-out calibration items."""
+        _, calibration = resolve_score(self.name, self.input_type, score, self.calibrations, per_line)
+        return calibration.percentile(values)
+
+    # ---- per kind --------------------------------------------------------------------------------
+
+    def _raw(self, records, images, texts, labels, per_line: bool, score: str | None
+             ) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+        fields = {"records": records, "images": images, "texts": texts}
+        need = {"records": "records", "image": "images", "text": "texts"}[self.input_type]
+        wrong = [f for f, v in fields.items() if v is not None and f != need]
+        if wrong or fields[need] is None:
+            raise ApiError(400, "wrong_model_kind", f"model {self.name!r} takes {need}" +
+                           (f", not {wrong[0]}" if wrong else ""))
+        if labels is not None and self.input_type != "image":
+            raise ApiError(400, "wrong_model_kind", f"labels are for image models; {self.name!r} takes "
+                           f"{self.input_type}")
+        if per_line and self.input_type != "text":
+            raise ApiError(400, "wrong_model_kind", f"per_line is for text models; {self.name!r} takes "
+                           f"{self.input_type}")
+        if self.input_type == "records":
+            return self._records(records, score)
+        if self.input_type == "image":
+            return self._images(images, labels, score)
+        return self._texts(texts, per_line, score)
+
+    def _records(self, records: Any, score: str | None):
+        x = np.asarray(records, dtype=np.float64)
+        d = self.manifest.input.n_features
+        if x.ndim != 2 or x.shape[1] != d or len(x) == 0:
+            raise ApiError(400, "wrong_feature_count", f"records must be (N, {d}) for model {self.name!r}; got "
+                           f"shape {x.shape}")
+        if not np.isfinite(x).all():
+            raise ApiError(400, "invalid_request", "records hold NaN or infinite values")
+        log_prob, resp = self._model.runtime.log_prob(x)
+        ref = None
+        if score in (None, "likelihood_ratio") and self.reference is not None:
+            with torch.inference_mode():
+                ref = self.reference.log_prob(torch.from_numpy(x)).numpy()
+        raw = compute_scores("records", log_prob, d, reference_log_prob=ref)
+        return {**raw, "log_prob": np.asarray(log_prob, np.float64)}, gmm_extras(resp)
+
+    def _images(self, images: Any, labels: Sequence[int] | None, score: str | None):
+        spec = self.manifest.input
+        try:
+            x = np.stack([decode_image(image.tolist() if isinstance(image, np.ndarray) else image,
+                                       f"images[{i}]", spec.height, spec.width, spec.levels)
+                          for i, image in enumerate(images)])
+        except ImageInputError as e:
+            raise ApiError(400, e.type, f"{e.message} (model {self.name!r})") from None
+        y = None
+        if labels is not None:
+            y = np.asarray(labels, dtype=np.int64)
+            if not spec.n_classes or y.shape != (len(x),) or y.min() < 0 or y.max() >= spec.n_classes:
+                raise ApiError(400, "invalid_label", f"labels must be one per image in 0..{spec.n_classes - 1} "
+                               f"(model {self.name!r} has {spec.n_classes} classes)")
+        log_prob, _ = self._model.runtime.score(x, y)
+        ref = bits = None
+        if score in (None, "likelihood_ratio") and self.reference is not None:
+            with torch.inference_mode():
+                ref = self.reference.log_prob(torch.from_numpy(x)).numpy()
+        if score in (None, "complexity"):
+            bits = png_bits(x, spec.levels)
+        raw = compute_scores("image", log_prob, spec.height * spec.width, reference_log_prob=ref,
+                             complexity_bits=bits)
+        return {**raw, "log_prob": np.asarray(log_prob, np.float64)}, {}
+
+    def _texts(self, texts: Sequence[str], per_line: bool, score: str | None):
+        items = self._text_items(texts, per_line)
+        tokenizer = self._model.tokenizer
+        context = self._model.spec.context_length
+        token_lists = []
+        for it in items:
+            where = f"texts[{it.text_index}]" + ("" if it.line is None else f" line {it.line}")
+            try:
+                ids = [tokenizer.bos_token_id, *tokenizer.encode(it.text)]
+            except UnknownCharactersError as e:
+                raise ApiError(400, "unknown_characters", f"{where}: {e}") from None
+            if context is not None and len(ids) > context:
+                raise ApiError(400, "context_length_exceeded", f"{where} is {len(ids) - 1} tokens (+1 BOS); model "
+                               f"{self.name!r}'s context length is {context} tokens")
+            token_lists.append(ids)
+        with torch.inference_mode():
+            log_prob = np.array([sum(t) for t in score_token_lists(self._model.scorer, token_lists)])
+            ref = None
+            if score in (None, "likelihood_ratio") and self.reference is not None:
+                ref = np.array([sum(t) for t in score_token_lists(self.reference, token_lists)])
+        chars = np.array([len(it.text) for it in items])
+        raw = compute_scores("text", log_prob, chars, reference_log_prob=ref)
+        return {**raw, "log_prob": log_prob}, text_extras(items, per_line)
+
+    @staticmethod
+    def _text_items(texts: Sequence[str], per_line: bool) -> list[TextItem]:
+        if isinstance(texts, str):
+            raise ApiError(400, "invalid_request", "texts must be a list of strings, not one string")
+        for i, text in enumerate(texts):
+            if not isinstance(text, str) or not text.strip():
+                raise ApiError(400, "invalid_request", f"texts[{i}] is empty, blank or not a string")
+        items = text_items(texts, per_line)
+        if not items:
+            raise ApiError(400, "invalid_request", "the texts have no non-blank lines to score")
+        return items
