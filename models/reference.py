@@ -4,7 +4,7 @@ A likelihood ratio log p(x) - log p_ref(x) cancels what any model of the data fi
 backgrounds, frequent characters, the overall scale of the features) and keeps what only the full model
 learned. The reference has to be fitted on the same data and be clearly simpler. One per input type:
 
-- records: a single full-covariance Gaussian (a GaussianMixture with one component, models/gmm.py);
+- records: a single Gaussian with independent features (a one-component diagonal GaussianMixture, models/gmm.py);
 - images: `LocalPixelModel`, each pixel's grey level given only its causal neighbours (left, above-left,
   above and, where the table stays small, above-right) as a smoothed count table, i.e. what a local
   predictive image coder knows;

@@ -46,7 +46,7 @@ def train_gmm_command(
     components: Annotated[str, typer.Option(help="number of mixture components, or 'auto' to choose by BIC")] = "auto",
     max_components: Annotated[int, typer.Option(help="largest number tried with --components auto")] = 8,
     covariance: Annotated[str, typer.Option(help="full or diag")] = "full",
-    reg_covar: Annotated[float, typer.Option(help="covariance floor (MAP prior strength), standardised units")] = 1e-3,
+    reg_covar: Annotated[float, typer.Option(help="covariance floor (MAP prior strength), standardised units")] = 1e-2,
     max_iter: Annotated[int, typer.Option(help="EM iterations at most")] = 200,
     tol: Annotated[float, typer.Option(help="stop when the objective changes by less than this, relatively")] = 1e-6,
     restarts: Annotated[int, typer.Option(help="EM runs from different k-means++ starts; the best is kept")] = 3,

@@ -18,3 +18,26 @@ def test_image_results_writes_the_table_and_pictures(tmp_path):
     assert len(rows) == 5  # four families and the class-conditional PixelCNN
     assert (tmp_path / "images" / "digits-samples.png").stat().st_size > 100
     assert (tmp_path / "images" / "digits-completions.png").stat().st_size > 100
+
+
+def test_anomaly_quick_writes_a_row_per_task(tmp_path):
+    from bench import anomaly
+
+    out = tmp_path / "anomaly.md"
+    sections = anomaly.main(["--quick", "--threads", "1", "--out", str(out)])
+    text = out.read_text()
+    assert [s.key for s in sections] == [s[0] for s in anomaly.SECTIONS]
+    summary = text.split("## Summary", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| task")]
+    expected = [name for s in sections for name, *_ in anomaly.summary_rows(s)]
+    assert len(rows) == len(expected) == 9  # breast_cancer, wine 0, digits, MNIST 0, four trap kinds, text
+    assert all(row.startswith(f"| {name} |") for row, name in zip(rows, expected, strict=True))
+    values = [float(v.strip("* ")) for line in text.splitlines() if line.startswith("| genserve")
+              or line.startswith("| IsolationForest") for v in line.split("|")[2:-1]]
+    assert values and all(0.0 <= v <= 1.0 for v in values)
+    for section in sections:
+        for task in section.tasks:
+            assert all(0.0 <= auroc <= 1.0 and 0.0 <= auprc <= 1.0 for auroc, auprc in task.metrics().values())
+    breast = sections[0].tasks[0].metrics()
+    assert breast["genserve GMM nll (default)"][0] > 0.85
+    assert "## breast_cancer" in text and "## Runtime" in text

@@ -34,7 +34,7 @@ class GMMTrainConfig:
     components: int | None = None  # None: choose by BIC among 1..max_components
     max_components: int = 8
     covariance_type: CovarianceType = "full"
-    reg_covar: float = 1e-3
+    reg_covar: float = 1e-2
     max_iter: int = 200
     tol: float = 1e-6
     n_init: int = 3
