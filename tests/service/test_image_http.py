@@ -176,7 +176,7 @@ def test_anomaly_flags_noise_not_digits(client: GenserveClient, local) -> None:
     scores = np.array([r.score for r in res.results])
     np.testing.assert_allclose(scores, -local[IMAGE_COND].runtime.score(np.concatenate([normal, noise]), None)[0],
                                atol=1e-4)
-    fixed = client.anomaly_images(IMAGE_BIN, heldout(2, binary=True)[0], threshold=-1.0)
+    fixed = client.anomaly_images(IMAGE_BIN, heldout(2, binary=True)[0], threshold=-1.0, score="nll")
     assert fixed.threshold == -1.0 and all(r.is_anomaly for r in fixed.results)
 
 

@@ -148,7 +148,7 @@ def test_text_and_record_endpoints_refuse_the_other_kind(server: Server):
 def test_model_info_describes_the_text_model(client):
     info = client.model(TEXT)
     assert info.kind == "gpt" and info.input.type == "text" and info.input.context_length == TEXT_CONTEXT
-    assert info.input.tokenizer == "char" and info.calibration is None and info.runtime == "torch"
+    assert info.input.tokenizer == "char" and info.calibration.score == "bits_per_char" and info.runtime == "torch"
     assert info.limits.max_new_tokens == 40
 
 

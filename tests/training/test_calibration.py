@@ -22,7 +22,7 @@ def cal(normal_scores) -> Calibration:
 
 def test_fit_records_quantiles(cal, normal_scores):
     assert cal.n == normal_scores.size
-    assert cal.score == "nll_nats"
+    assert cal.score == "nll"
     assert len(cal.levels) == len(cal.values) == N_LEVELS
     assert cal.levels[0] == 0.0
     assert cal.levels[-1] == 1.0
