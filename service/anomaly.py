@@ -17,6 +17,7 @@ from service.errors import ApiError
 from service.schemas import AnomalyResponse, AnomalyResult
 from training.anomaly import NEEDS_REFERENCE, check_score, text_lines
 from training.calibration import Calibration, CalibrationSet
+from training.tokenizer import TextTokenizer, UnknownCharactersError
 
 KIND_PHRASE = {"records": "a model of records", "image": "an image model", "text": "a text model"}
 
@@ -52,10 +53,37 @@ class TextItem:
 
 
 def text_items(texts: Sequence[str], per_line: bool) -> list[TextItem]:
-    """What gets scored: each text whole, or each of its non-blank lines on its own."""
+    """What gets scored: each text whole, or each of its non-blank lines on its own. A text that is not a
+    string, or is blank, is an ApiError (there is nothing to score)."""
+    if isinstance(texts, str):
+        raise ApiError(400, "invalid_request", "texts must be a list of strings, not one string")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ApiError(400, "invalid_request", f"texts[{i}] is not a string")
+        if not text.strip():
+            raise ApiError(400, "invalid_request", f"texts[{i}] is empty or blank; there is nothing to score")
     if not per_line:
         return [TextItem(i, None, t) for i, t in enumerate(texts)]
     return [TextItem(i, n, line) for i, t in enumerate(texts) for n, line in text_lines(t)]
+
+
+def text_token_lists(name: str, tokenizer: TextTokenizer, items: list[TextItem], context: int | None
+                     ) -> list[list[int]]:
+    """Each item's tokens after BOS, as the model scores them; ApiError 400 for characters a character-level
+    model has never seen, or for an item longer than the context (None: no limit)."""
+    token_lists = []
+    for it in items:
+        where = f"texts[{it.text_index}]" + ("" if it.line is None else f" line {it.line}")
+        try:
+            ids = [tokenizer.bos_token_id, *tokenizer.encode(it.text)]
+        except UnknownCharactersError as e:
+            raise ApiError(400, "unknown_characters", f"{where}: {e}") from None
+        if context is not None and len(ids) > context:
+            hint = "" if it.line is not None else "; per_line scores lines on their own"
+            raise ApiError(400, "context_length_exceeded", f"{where} is {len(ids) - 1} tokens (+1 BOS); model "
+                           f"{name!r}'s context length is {context} tokens{hint}")
+        token_lists.append(ids)
+    return token_lists
 
 
 def needs_reference(score: str) -> bool:

@@ -21,10 +21,10 @@ from service.anomaly import (
     resolve_score,
     text_extras,
     text_items,
+    text_token_lists,
 )
 from service.errors import ERRORS, ApiError, model_kind_phrase
 from service.schemas import AnomalyRequest, AnomalyResponse
-from service.text_api import TextError
 from training import artifact as art
 from training.anomaly import compute_scores, png_bits
 from training.calibration import CalibrationSet
@@ -35,7 +35,7 @@ INPUT_FIELD = {"records": "records", "image": "images", "text": "texts"}
 
 class AnomalyRoutes:
     """Expects the Gateway's handles, manifests, calibrations, tokenizers, limits and its _records, _score,
-    _image_log_prob, _max_len and _encode helpers."""
+    _image_log_prob and _max_len helpers."""
 
     handles: dict
     manifests: dict[str, art.Manifest]
@@ -121,29 +121,9 @@ class AnomalyRoutes:
         return values, log_prob, text_extras(items, body.per_line), len(items)
 
     def _text_token_lists(self, name: str, body: AnomalyRequest) -> tuple[list[TextItem], list[list[int]]]:
-        tokenizer = self.tokenizers[name]
         limit = self.limits.max_texts_per_request
         if len(body.texts) > limit:
             raise ApiError(413, "limit_exceeded", f"{len(body.texts)} texts in one request; the limit is {limit} "
                            "(limits.max_texts_per_request)")
-        for i, text in enumerate(body.texts):
-            if not text.strip():
-                raise ApiError(400, "invalid_request", f"texts[{i}] is empty or blank; there is nothing to score")
         items = text_items(body.texts, body.per_line)
-        if not items:
-            raise ApiError(400, "invalid_request", "the texts have no non-blank lines to score")
-        context = self._max_len(name)
-        token_lists = []
-        for it in items:
-            where = f"texts[{it.text_index}]" + ("" if it.line is None else f" line {it.line}")
-            try:
-                ids = [tokenizer.bos_token_id, *self._encode(tokenizer, it.text, where)]
-            except TextError as e:
-                raise ApiError(e.status, e.type, e.message) from None
-            if len(ids) > context:
-                raise ApiError(400, "context_length_exceeded",
-                               f"{where} is {len(ids) - 1} tokens (+1 BOS); model {name!r}'s context length is "
-                               f"{context} tokens" + ("" if body.per_line else "; per_line scores lines on their "
-                                                      "own"))
-            token_lists.append(ids)
-        return items, token_lists
+        return items, text_token_lists(name, self.tokenizers[name], items, self._max_len(name))

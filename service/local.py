@@ -19,14 +19,13 @@ import numpy as np
 import torch
 
 from models.lm import score_token_lists
-from service.anomaly import TextItem, anomaly_response, gmm_extras, resolve_score, text_extras, text_items
+from service.anomaly import anomaly_response, gmm_extras, resolve_score, text_extras, text_items, text_token_lists
 from service.errors import ApiError
 from service.image_codec import ImageInputError, decode_image
 from service.schemas import AnomalyResponse
 from training import artifact as art
 from training.anomaly import compute_scores, png_bits
 from training.calibration import CalibrationSet, read_calibration
-from training.tokenizer import UnknownCharactersError
 
 
 class LocalScorer:
@@ -144,20 +143,8 @@ class LocalScorer:
         return {**raw, "log_prob": np.asarray(log_prob, np.float64)}, {}
 
     def _texts(self, texts: Sequence[str], per_line: bool, score: str | None):
-        items = self._text_items(texts, per_line)
-        tokenizer = self._model.tokenizer
-        context = self._model.spec.context_length
-        token_lists = []
-        for it in items:
-            where = f"texts[{it.text_index}]" + ("" if it.line is None else f" line {it.line}")
-            try:
-                ids = [tokenizer.bos_token_id, *tokenizer.encode(it.text)]
-            except UnknownCharactersError as e:
-                raise ApiError(400, "unknown_characters", f"{where}: {e}") from None
-            if context is not None and len(ids) > context:
-                raise ApiError(400, "context_length_exceeded", f"{where} is {len(ids) - 1} tokens (+1 BOS); model "
-                               f"{self.name!r}'s context length is {context} tokens")
-            token_lists.append(ids)
+        items = text_items(texts, per_line)
+        token_lists = text_token_lists(self.name, self.tokenizer, items, self._model.spec.context_length)
         with torch.inference_mode():
             log_prob = np.array([sum(t) for t in score_token_lists(self._model.scorer, token_lists)])
             ref = None
@@ -166,15 +153,3 @@ class LocalScorer:
         chars = np.array([len(it.text) for it in items])
         raw = compute_scores("text", log_prob, chars, reference_log_prob=ref)
         return {**raw, "log_prob": log_prob}, text_extras(items, per_line)
-
-    @staticmethod
-    def _text_items(texts: Sequence[str], per_line: bool) -> list[TextItem]:
-        if isinstance(texts, str):
-            raise ApiError(400, "invalid_request", "texts must be a list of strings, not one string")
-        for i, text in enumerate(texts):
-            if not isinstance(text, str) or not text.strip():
-                raise ApiError(400, "invalid_request", f"texts[{i}] is empty, blank or not a string")
-        items = text_items(texts, per_line)
-        if not items:
-            raise ApiError(400, "invalid_request", "the texts have no non-blank lines to score")
-        return items
