@@ -36,7 +36,7 @@ import torch
 from sklearn.datasets import load_breast_cancer, load_wine
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from bench.text_baselines import load_note, machine
+from bench.common import load_note, machine
 from service.local import LocalScorer
 from training import artifact as art
 from training.data import Tabular

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.text_baselines import load_note, machine
+from bench.common import load_note, machine
 from models.registry import build_image_model
 from training import artifact as art
 from training.image_data import load_image_dataset

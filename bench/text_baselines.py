@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
-
+from bench.common import load_note, machine
 from training import artifact as art
 from training.text_data import VALIDATION_PLAYS
 from training.text_pipeline import TextTrainConfig, train_text
@@ -45,31 +43,6 @@ def describe(manifest: art.Manifest) -> str:
         return (f"{c['n_layer']} layers x {c['hidden_size']}, embedding {c['n_embd']}; "
                 f"{s['max_iters']} iters x {s['batch_size']} x {s['context_length']}")
     return f"order {c['order']}, discount {c['discount']}; counts of the whole training stream"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return (f"{cores} CPU cores ({cpu}), {device}; torch {torch.__version__} with {torch.get_num_threads()} "
-            f"threads, Python {platform.python_version()}")
-
-
-def load_note(before: float, after: float) -> str:
-    """The 1-minute load average around a run, and what it means for the times measured."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    note = f"Load average (1 min) at the start {before:.2f}, at the end {after:.2f}"
-    if max(before, after) > cores:
-        return note + (f": above the {cores} cores, other processes shared them, and the times are longer than on "
-                       "an idle machine.")
-    return note + f", within the {cores} cores."
 
 
 def sample(path: Path, prompt: str = "ROMEO:\n", chars: int = 400, seed: int = 0) -> str:

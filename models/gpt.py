@@ -78,10 +78,47 @@ class KVCache:
         return 2 * n_layer * n_head * head_dim * self.k.element_size()
 
     def copy_slots(self, src: Tensor, dst: Tensor) -> None:
+        # Only the filled positions are copied: a beam-search step reorders its beams this way, and
+        # copying all max_len positions would cost as much as the whole cache every token.
+        moved = src != dst
+        if not bool(moved.any()):
+            return
+        src, dst = src[moved], dst[moved]
+        used = int(self.lengths[src].max())
         # Indexing with src makes a copy first, so overlapping src and dst (beam reorders) are safe.
-        self.k[:, dst] = self.k[:, src]
-        self.v[:, dst] = self.v[:, src]
+        self.k[:, dst, :, :used] = self.k[:, src, :, :used]
+        self.v[:, dst, :, :used] = self.v[:, src, :, :used]
         self.lengths[dst] = self.lengths[src]
+
+
+@dataclass
+class DecodeLayout:
+    """Where one decode step reads and writes the cache, worked out once per step for every layer.
+
+    The common cases take no copies: when the slots are a contiguous block (a single sequence, or
+    requests admitted together) the cached keys are read as a view instead of gathered, and when
+    every sequence is at the same position the new keys are written with a plain slice and no mask
+    is needed (every cached position up to it is visible)."""
+
+    slots: Tensor  # (B,)
+    positions: Tensor  # (B,) where each sequence's new token goes
+    span: int  # positions attended to: the longest live prefix
+    block: slice | None  # the slots as a slice when they are contiguous
+    position: int | None  # the one position when all sequences share it
+    visible: Tensor | None  # (B, 1, 1, span) bool mask, None when all of span is visible to all
+
+    @classmethod
+    def of(cls, slots: Tensor, positions: Tensor) -> DecodeLayout:
+        slot_list, pos_list = slots.tolist(), positions.tolist()
+        span = max(pos_list) + 1
+        first = slot_list[0]
+        contiguous = slot_list == list(range(first, first + len(slot_list)))
+        block = slice(first, first + len(slot_list)) if contiguous else None
+        position = pos_list[0] if min(pos_list) == max(pos_list) else None
+        visible = None
+        if position is None:
+            visible = (torch.arange(span, device=positions.device) <= positions[:, None])[:, None, None, :]
+        return cls(slots, positions, span, block, position, visible)
 
 
 class CausalSelfAttention(nn.Module):
@@ -118,17 +155,25 @@ class CausalSelfAttention(nn.Module):
         cache_v[slots, :, :T] = v
         return self._out(F.scaled_dot_product_attention(q, k, v, is_causal=True))
 
-    def decode(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, slots: Tensor, positions: Tensor,
-               visible: Tensor) -> Tensor:
-        """One token per slot at `positions`; attends over the slot's cache up to and including it.
-        visible: (B, 1, 1, span) bool, True where a cached position may be attended to."""
-        q, k, v = self._heads(x)  # (B, H, 1, hd)
-        cache_k[slots, :, positions] = k[:, :, 0]
-        cache_v[slots, :, positions] = v[:, :, 0]
-        span = visible.shape[-1]
-        keys = cache_k[slots, :, :span]  # (B, H, span, hd)
-        values = cache_v[slots, :, :span]
-        return self._out(F.scaled_dot_product_attention(q, keys, values, attn_mask=visible))
+    def decode(self, x: Tensor, cache_k: Tensor, cache_v: Tensor, at: DecodeLayout) -> Tensor:
+        """One token per slot at `at.positions`; attends over the slot's cache up to and including it.
+        Written for few operations per token (it runs once per layer per generated token): q, k and
+        v are read off one (B, 3, H, hd) view, and dropout, inactive at inference, is skipped."""
+        B, _, C = x.shape
+        qkv = self.c_attn(x).view(B, 3, self.n_head, self.head_dim)
+        k, v = qkv[:, 1], qkv[:, 2]  # (B, H, hd)
+        if at.block is not None and at.position is not None:
+            cache_k[at.block, :, at.position] = k
+            cache_v[at.block, :, at.position] = v
+        else:
+            cache_k[at.slots, :, at.positions] = k
+            cache_v[at.slots, :, at.positions] = v
+        if at.block is not None:
+            keys, values = cache_k[at.block, :, : at.span], cache_v[at.block, :, : at.span]  # views
+        else:
+            keys, values = cache_k[at.slots, :, : at.span], cache_v[at.slots, :, : at.span]  # gathers
+        y = F.scaled_dot_product_attention(qkv[:, 0, :, None], keys, values, attn_mask=at.visible)  # (B, H, 1, hd)
+        return self.c_proj(y.reshape(B, 1, C))  # one query per sequence: (H, 1, hd) is already (1, C) in order
 
 
 class MLP(nn.Module):
@@ -140,7 +185,11 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate)))
+        return self.dropout(self.decode(x))
+
+    def decode(self, x: Tensor) -> Tensor:
+        """forward without dropout, for inference (one module call fewer per layer and token)."""
+        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
 
 
 class Block(nn.Module):
@@ -169,6 +218,8 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied input and output embeddings
+        self._output_t: Tensor | None = None  # see _next_token_logits
+        self._output_key: tuple[int, int] | None = None
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled down by the depth, so the residual stream's variance
         # does not grow with the number of layers.
@@ -225,21 +276,37 @@ class GPT(nn.Module):
             x = x + block.mlp(block.ln_2(x))
         last = x[torch.arange(B, device=x.device), lengths - 1]  # only the last real token's logits
         state.lengths[slots] = lengths
-        return self.lm_head(self.ln_f(last))
+        return self._next_token_logits(self.ln_f(last))
 
     def decode(self, state: KVCache, slots: Tensor, tokens: Tensor) -> Tensor:
         positions = state.lengths[slots]
         # Attend over the longest live prefix only; shorter rows mask the rest out.
-        span = int(positions.max()) + 1
-        if span > state.max_len:
+        at = DecodeLayout.of(slots, positions)
+        if at.span > state.max_len:
             raise ValueError(f"a sequence reached the cache's {state.max_len} positions")
-        visible = (torch.arange(span, device=tokens.device) <= positions[:, None])[:, None, None, :]
         x = (self.wte(tokens) + self.wpe(positions))[:, None, :]  # (B, 1, C)
         for i, block in enumerate(self.h):
-            x = x + block.attn.decode(block.ln_1(x), state.k[i], state.v[i], slots, positions, visible)
-            x = x + block.mlp(block.ln_2(x))
+            x = x + block.attn.decode(block.ln_1(x), state.k[i], state.v[i], at)
+            x = x + block.mlp.decode(block.ln_2(x))
         state.lengths[slots] = positions + 1
-        return self.lm_head(self.ln_f(x[:, 0]))
+        return self._next_token_logits(self.ln_f(x[:, 0]))
+
+    def _next_token_logits(self, h: Tensor) -> Tensor:
+        """(B, C) -> (B, vocab) for decoding. On the CPU, BLAS multiplies a few rows by the
+        (C, vocab) transpose of the tied embedding markedly faster than by the (vocab, C) weight
+        itself (the output projection is the largest matrix of a small model), so a contiguous
+        transpose is kept, rebuilt whenever the weight changes. On CUDA either layout is as fast."""
+        weight = self.lm_head.weight
+        if weight.device.type != "cpu":
+            return self.lm_head(h)
+        try:
+            key = (weight.data_ptr(), weight._version)
+        except RuntimeError:  # an inference tensor has no version counter, and never changes in place
+            key = (weight.data_ptr(), -1)
+        if self._output_key != key:
+            self._output_t = weight.detach().t().contiguous()
+            self._output_key = key
+        return h @ self._output_t
 
     def copy_slots(self, state: KVCache, src: Tensor, dst: Tensor) -> None:
         state.copy_slots(src, dst)

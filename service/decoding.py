@@ -273,6 +273,8 @@ class _BeamSearch:
 
 # ---- the engine -----------------------------------------------------------------------------
 
+_Rows = tuple[Request, "list[_Sequence] | None", int]  # see Engine._advance
+
 
 class Engine:
     def __init__(self, model: LanguageModel, tokenizer: TextTokenizer, slots: int = 16, max_len: int | None = None):
@@ -394,55 +396,72 @@ class Engine:
             self.model.copy_slots(self.state, torch.tensor(src, device=self.device),
                                   torch.tensor(dst, device=self.device))
         now = time.perf_counter()
-        for i, r in enumerate(requests):
+        rows: list[_Rows] = []
+        for r in requests:
             r.first_token_at = now
             p = r.params
             if p.num_beams > 1:
                 r.beams = _BeamSearch(p, self.eos, len(r.prompt_ids))
-                rows = logits[i : i + 1].expand(p.num_beams, -1)
-                self._beam_step(r, rows, updates)
+                rows.append((r, None, p.num_beams))
             else:
                 if not p.greedy:
                     r.generator = torch.Generator()
                     r.generator.manual_seed(p.seed) if p.seed is not None else r.generator.seed()
                 r.sequences = [_Sequence(j, slot, self.tokenizer, p.top_logprobs > 0) for j, slot in enumerate(r.slots)]
-                self._sample_step(r, logits[i : i + 1].expand(p.n, -1), r.sequences, updates)
+                rows.append((r, r.sequences, p.n))
+        # Every sequence of a request starts from its prompt's logits: one row per sequence.
+        index = torch.tensor([i for i, (_, _, n) in enumerate(rows) for _ in range(n)], device=logits.device)
+        self._advance(logits[index], rows, updates)
 
     def _decode(self, requests: list[Request], updates: list[Update]) -> None:
-        slots, tokens, owners = [], [], []
+        slots, tokens, rows = [], [], []
         for r in requests:
             if r.beams is not None:
                 slots += r.slots
                 tokens += r.beams.pending.tolist()
-                owners.append((r, len(r.slots)))
+                rows.append((r, None, len(r.slots)))
             else:
                 live = [s for s in r.sequences if not s.done]
                 slots += [s.slot for s in live]
                 tokens += [s.pending for s in live]
-                owners.append((r, live))
+                rows.append((r, live, len(live)))
         logits = self.model.decode(self.state, torch.tensor(slots, device=self.device),
                                    torch.tensor(tokens, device=self.device))
-        row = 0
-        for r, what in owners:
-            if r.beams is not None:
-                self._beam_step(r, logits[row : row + what], updates)
-                row += what
-            else:
-                self._sample_step(r, logits[row : row + len(what)], what, updates)
-                row += len(what)
+        self._advance(logits, rows, updates)
 
-    def _sample_step(self, r: Request, logits: Tensor, seqs: list[_Sequence], updates: list[Update]) -> None:
-        p = r.params
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        chosen = choose_tokens(logits.float(), p, r.generator)
+    def _advance(self, logits: Tensor, rows: list[_Rows], updates: list[Update]) -> None:
+        """Choose the next token of every row, in order: (request, its live sequences or None for
+        beam search, number of rows). The softmax, the greedy argmax and the chosen tokens'
+        log-probabilities are computed once for the whole batch, not once per request: with many
+        small requests, per-request tensor operations would cost more than the model step."""
+        logits = logits.float()
+        log_probs = torch.log_softmax(logits, dim=-1)
+        chosen = logits.argmax(dim=-1)
+        at = 0
+        for r, seqs, n in rows:
+            if seqs is not None and not r.params.greedy:
+                chosen[at : at + n] = choose_tokens(logits[at : at + n], r.params, r.generator)
+            at += n
+        chosen_ids = chosen.tolist()
         chosen_lp = log_probs.gather(-1, chosen[:, None])[:, 0].tolist()
+        at = 0
+        for r, seqs, n in rows:
+            if seqs is None:
+                self._beam_step(r, log_probs[at : at + n], updates)
+            else:
+                self._sample_step(r, seqs, chosen_ids[at : at + n], chosen_lp[at : at + n],
+                                  log_probs[at : at + n], updates)
+            at += n
+
+    def _sample_step(self, r: Request, seqs: list[_Sequence], tokens: list[int], logprobs: list[float],
+                     log_probs: Tensor, updates: list[Update]) -> None:
+        p = r.params
         top = None
         if p.top_logprobs:
             values, ids = torch.topk(log_probs, min(p.top_logprobs, log_probs.shape[-1]), dim=-1)
             top = [list(zip(i.tolist(), v.tolist(), strict=True)) for i, v in zip(ids, values, strict=True)]
-        deltas = []
-        for j, (seq, token) in enumerate(zip(seqs, chosen.tolist(), strict=True)):
-            deltas.append(self._append(r, seq, token, chosen_lp[j], top[j] if top else None))
+        deltas = [self._append(r, seq, token, logprobs[j], top[j] if top else None)
+                  for j, (seq, token) in enumerate(zip(seqs, tokens, strict=True))]
         finished = all(s.done for s in r.sequences)
         if finished:
             r.finished_at = time.perf_counter()
@@ -485,11 +504,10 @@ class Engine:
             at, stop = min(found)
             out.text, out.stop_string, out.finish_reason = out.text[:at], stop, "stop"
 
-    def _beam_step(self, r: Request, logits: Tensor, updates: list[Update]) -> None:
+    def _beam_step(self, r: Request, log_probs: Tensor, updates: list[Update]) -> None:
         beams = r.beams
         assert beams is not None
         p = r.params
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
         parents = beams.step(log_probs, lambda toks: self._text_hits_stop(toks, p.stop) is not None)
         slots = torch.tensor(r.slots, device=self.device)
         self.model.copy_slots(self.state, slots[parents.to(self.device)], slots)

@@ -55,6 +55,7 @@ class TextModel:
         self.name = self.loaded.artifact.name
         self.engine = self._new_engine()
         self.queues: dict[int, asyncio.Queue] = {}
+        self.final_only: set[int] = set()  # requests that want only their final update
         self.loop_task: asyncio.Task | None = None
         self.wakeup = asyncio.Event()
         self.metrics = MetricsClient()
@@ -89,15 +90,19 @@ class TextModel:
 
     # ---- generation ------------------------------------------------------------------------
 
-    async def generate(self, prompt_ids: list[int], params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def generate(self, prompt_ids: list[int], params: dict[str, Any],
+                       stream: bool = True) -> AsyncIterator[dict[str, Any]]:
         """Yields {"accepted": True}, then one dict per engine update for this request:
-        {"deltas": [...], "finished": bool, "outputs": [...] (when finished)}."""
+        {"deltas": [...], "finished": bool, "outputs": [...] (when finished)}; with stream=False only
+        the final one (each item is an object sent between processes: one per token costs)."""
         gen_params = GenerationParams(**params)
         if self.engine.num_waiting >= self.options.max_waiting:
             raise Overloaded(f"model {self.name!r} has {self.engine.num_waiting} requests waiting; retry shortly")
         queue: asyncio.Queue = asyncio.Queue()
         request = self.engine.submit(prompt_ids, gen_params)  # ValueError: a request that can never run
         self.queues[request.id] = queue
+        if not stream:
+            self.final_only.add(request.id)
         self._ensure_loop()
         try:
             yield {"accepted": True, "prompt_tokens": len(prompt_ids)}
@@ -110,6 +115,7 @@ class TextModel:
                     return
         finally:
             self.queues.pop(request.id, None)
+            self.final_only.discard(request.id)
             if not request.finished:
                 self.engine.cancel(request)
                 self.wakeup.set()
@@ -143,6 +149,8 @@ class TextModel:
 
     def _deliver(self, update: Update) -> None:
         request = update.request
+        if not update.finished and request.id in self.final_only:
+            return
         item: dict[str, Any] = {"deltas": [d.__dict__ for d in update.deltas], "finished": update.finished}
         if update.finished:
             item["outputs"] = [_output_dict(o) for o in request.outputs]

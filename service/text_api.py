@@ -120,11 +120,12 @@ class TextRoutes:
         self._limit(body.num_beams, limits.max_num_beams, "max_num_beams", "num_beams")
         self._limit(n, limits.max_n, "max_n", "n")
 
-    async def _start(self, name: str, prompt_ids: list[int], params: GenerationParams):
-        """Submit to the model's replica; returns the update stream once the request is accepted."""
-        stream = self.handles[name].options(stream=True).generate.remote(prompt_ids, params.__dict__)
+    async def _start(self, name: str, prompt_ids: list[int], params: GenerationParams, stream: bool):
+        """Submit to the model's replica; returns the update stream once the request is accepted. Unless
+        `stream`, the replica sends only the final update (not one object per generated token)."""
+        updates = self.handles[name].options(stream=True).generate.remote(prompt_ids, params.__dict__, stream)
         try:
-            await stream.__anext__()
+            await updates.__anext__()
         except ValueError as e:  # the engine refused it (a limit the Gateway cannot see, e.g. slots)
             raise TextError(400, "invalid_request", _cause(e)) from None
         except Overloaded as e:
@@ -132,7 +133,7 @@ class TextRoutes:
         except Exception as e:
             raise TextError(503, "model_unavailable", f"model {name!r} could not take this request: "
                             f"{type(e).__name__}; retry shortly") from None
-        return stream
+        return updates
 
     # ---- generate --------------------------------------------------------------------------
 
@@ -156,7 +157,7 @@ class TextRoutes:
             prompt_ids = self._prompt_ids(name, tokenizer, body.prompt, body.max_new_tokens, "prompt")
             params = _params(body, body.max_new_tokens, body.n, tuple(body.stop or ()), returned,
                              body.top_logprobs if body.logprobs else 0)
-            stream = await self._start(name, prompt_ids, params)
+            stream = await self._start(name, prompt_ids, params, body.stream)
         except TextError as e:
             return _plain_error(e)
         want_tokens = body.logprobs
@@ -269,7 +270,7 @@ class TextRoutes:
             where = ["prompt"] if isinstance(body.prompt, str) else [f"prompt[{i}]" for i in range(len(prompts))]
             prompt_ids = [self._prompt_ids(body.model, tokenizer, p, body.max_tokens, w)
                           for p, w in zip(prompts, where, strict=True)]
-            streams = [await self._start(body.model, ids, params) for ids in prompt_ids]
+            streams = [await self._start(body.model, ids, params, body.stream) for ids in prompt_ids]
         except TextError as e:
             return text_error_response(e)
         if body.stream:

@@ -59,6 +59,32 @@ def test_subsets_of_slots_decode_independently(model):
 
 
 @torch.no_grad()
+def test_a_contiguous_block_at_different_positions_decodes_exactly(model):
+    """Slots 1 and 2 (a block, read as a view of the cache) hold prompts of different lengths (so a
+    mask is needed); slot 0 and 3 hold others that must not leak in."""
+    cache = model.allocate(slots=4, max_len=20)
+    prompts = {0: [9, 9, 9, 9, 9, 9, 9], 1: [1, 2, 3], 2: [4, 5, 6, 7, 8], 3: [2]}
+    for s, p in prompts.items():
+        model.prefill(cache, torch.tensor([s]), torch.tensor([p]), torch.tensor([len(p)]))
+    out = model.decode(cache, torch.tensor([1, 2]), torch.tensor([10, 11]))
+    for row, (s, t) in enumerate(((1, 10), (2, 11))):
+        expected = model.logits(torch.tensor([[*prompts[s], t]]))[0, -1]
+        torch.testing.assert_close(out[row], expected, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_decoding_follows_changed_weights():
+    """The output projection's transposed copy (kept for speed on the CPU) is rebuilt when the weight changes."""
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(vocab_size=V, context_length=16, n_layer=1, n_head=2, n_embd=8)).eval()
+    prompt = torch.tensor([[1, 2, 3]])
+    for _ in range(2):
+        got = m.prefill(m.allocate(1, 8), torch.tensor([0]), prompt, torch.tensor([3]))
+        torch.testing.assert_close(got[0], m.logits(prompt)[0, -1], atol=1e-5, rtol=0)
+        m.wte.weight.mul_(1.5)  # in place, as an optimizer step would
+
+
+@torch.no_grad()
 def test_copy_slots_forks_and_reorders(model):
     cache = model.allocate(slots=4, max_len=20)
     model.prefill(cache, torch.tensor([0]), torch.tensor([[3, 1, 4, 1, 5]]), torch.tensor([5]))
