@@ -69,11 +69,13 @@ def median_seconds(fn: Callable[[], object], repeats: int = 7, min_time: float =
 
 
 def interleaved_seconds(fns: dict[str, Callable[[], object]], repeats: int = 5,
-                        min_time: float = 0.0) -> dict[str, float]:
+                        min_time: float = 0.0, warmup: bool = True) -> dict[str, float]:
     """Median seconds per call of each function, timed in turns (a, b, a, b, ...) so that a change
-    in the machine's load during the run affects all of them alike. One warm-up call each."""
-    for fn in fns.values():
-        fn()
+    in the machine's load during the run affects all of them alike. One warm-up call each unless
+    `warmup` is False (the caller warmed them up already); each repeat loops until min_time has passed."""
+    if warmup:
+        for fn in fns.values():
+            fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():

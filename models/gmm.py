@@ -169,10 +169,15 @@ def m_step(
     nk = resp.sum(0) + 10 * torch.finfo(z.dtype).eps
     means = (resp.T @ z) / nk.unsqueeze(-1)
     if covariance_type == "full":
-        diff = z.unsqueeze(0) - means.unsqueeze(1)  # (K, N, D)
-        cov = torch.einsum("kn,knd,kne->kde", resp.T, diff, diff) / nk.view(-1, 1, 1)
+        # One component at a time, as scikit-learn does: each (N, D) difference stays in cache, where one
+        # (K, N, D) tensor would not, and the sums are the same.
+        scatter = []
+        for mu, r in zip(means, resp.T, strict=True):
+            diff = z - mu
+            scatter.append((diff * r.unsqueeze(-1)).T @ diff)
+        cov = torch.stack(scatter)
         eye = torch.eye(z.shape[1], dtype=z.dtype)
-        cov = cov + (reg_covar / nk).view(-1, 1, 1) * eye
+        cov = cov / nk.view(-1, 1, 1) + (reg_covar / nk).view(-1, 1, 1) * eye
     else:
         sq = resp.T @ (z * z) / nk.unsqueeze(-1)
         cov = (sq - means * means).clamp_min(0) + (reg_covar / nk).unsqueeze(-1)

@@ -46,6 +46,7 @@ from service.schemas import (
     ModelList,
     OpenAIModel,
     Readiness,
+    RuntimeChoiceInfo,
     SampleRequest,
     SampleResponse,
 )
@@ -361,13 +362,14 @@ class Gateway(TextRoutes, ImageRoutes, AnomalyRoutes, V2Routes):
             raise ApiError(503, "model_unavailable", f"model {name!r} could not score this request: "
                            f"{type(e).__name__}; retry shortly") from e
 
-    def _info(self, name: str, runtime: str) -> ModelInfo:
+    def _info(self, name: str, runtime: str, choice: dict[str, Any] | None = None) -> ModelInfo:
         m = self._manifest(name)
         cals = self.calibrations.get(name)
         default = DEFAULT_SCORE[m.input.type]
         cal = None if cals is None else (cals.get(default) or next(iter(cals.scores.values())))
         return ModelInfo(
             name=m.name, version=m.version, kind=m.kind, created=m.created, runtime=runtime,
+            runtime_choice=None if choice is None else RuntimeChoiceInfo.model_validate(choice),
             input=InputInfo.model_validate(m.input.model_dump(exclude={"dtype", "bos_token_id", "eos_token_id"})),
             config=m.config, metrics=m.metrics, training=m.training,
             calibration=None if cal is None else CalibrationInfo(
@@ -377,11 +379,14 @@ class Gateway(TextRoutes, ImageRoutes, AnomalyRoutes, V2Routes):
         )
 
     async def _runtime(self, name: str) -> str:
+        return (await self._replica_info(name))["runtime"]
+
+    async def _replica_info(self, name: str) -> dict[str, Any]:
+        """A replica's info(): its runtime, device and (density, image models) how the runtime was chosen."""
         try:
-            info = await asyncio.wait_for(self.handles[name].info.remote(), timeout=5)
-            return info["runtime"]
+            return await asyncio.wait_for(self.handles[name].info.remote(), timeout=5)
         except Exception:
-            return "unavailable"
+            return {"runtime": "unavailable"}
 
     # ---- routes --------------------------------------------------------------------------------
 
@@ -414,8 +419,8 @@ class Gateway(TextRoutes, ImageRoutes, AnomalyRoutes, V2Routes):
     @api.get("/v1/models", name="list_models", response_model=ModelList, tags=["models"])
     async def list_models(self) -> ModelList:
         names = sorted(self.manifests)
-        runtimes = await asyncio.gather(*(self._runtime(n) for n in names))
-        infos = [self._info(n, r) for n, r in zip(names, runtimes, strict=True)]
+        replicas = await asyncio.gather(*(self._replica_info(n) for n in names))
+        infos = [self._info(n, r["runtime"], r.get("runtime_choice")) for n, r in zip(names, replicas, strict=True)]
         data = [OpenAIModel(id=info.name, created=_timestamp(info.created)) for info in infos]
         return ModelList(models=infos, data=data)
 
@@ -423,7 +428,8 @@ class Gateway(TextRoutes, ImageRoutes, AnomalyRoutes, V2Routes):
              responses=ERRORS)
     async def get_model(self, name: str) -> ModelInfo:
         self._manifest(name)
-        return self._info(name, await self._runtime(name))
+        replica = await self._replica_info(name)
+        return self._info(name, replica["runtime"], replica.get("runtime_choice"))
 
     @api.post("/v1/models/{name}/log_prob", name="log_prob", response_model=LogProbResponse,
               tags=["density"], responses=ERRORS)

@@ -16,8 +16,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from service.metrics import MetricsClient
-from service.runtime import RuntimeName, load_model, resolve_runtime
-from training.artifact import ONNX
+from service.runtime import RuntimeName, load_model, needs_reload
 
 log = logging.getLogger("ray.serve")
 
@@ -27,7 +26,8 @@ class ModelOptions(BaseModel):
     changing them on a running application takes effect without restarting replicas."""
 
     runtime: RuntimeName = Field(
-        "auto", description="torch, onnx, or auto: ONNX Runtime when the artifact has a graph"
+        "auto", description="torch, onnx, or auto: the faster of the two for this model, timed at load "
+        "(torch when the artifact has no graph)"
     )
     max_batch_size: int = Field(32, ge=1, description="most requests stacked into one forward pass")
     batch_wait_timeout_s: float = Field(0.002, ge=0, description="how long a batch waits to fill")
@@ -54,15 +54,15 @@ class DensityModel:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         options = ModelOptions.model_validate(user_config or {})
         # Serve calls this right after __init__: reload only when the runtime really changes.
-        wanted = resolve_runtime(options.runtime, ONNX in self.loaded.artifact.contents)
-        if wanted != self.loaded.runtime.name:
+        if needs_reload(options.runtime, self.loaded.choice):
             self.loaded = load_model(self.artifact_path, options.runtime)
         self._score_batch.set_max_batch_size(options.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
         self.options = options
 
     def info(self) -> dict[str, Any]:
-        return {"runtime": self.loaded.runtime.name, "device": self.loaded.runtime.device}
+        return {"runtime": self.loaded.runtime.name, "device": self.loaded.runtime.device,
+                "runtime_choice": None if self.loaded.choice is None else self.loaded.choice.as_dict()}
 
     def ready(self) -> bool:
         return True

@@ -24,8 +24,7 @@ from ray import serve
 from models.image import ImageModel
 from service.image_runtime import ImageScore, LoadedImageModel, load_image_model
 from service.metrics import MetricsClient
-from service.runtime import RuntimeName, resolve_runtime
-from training.artifact import ONNX
+from service.runtime import RuntimeName, needs_reload
 
 log = logging.getLogger("ray.serve")
 
@@ -34,8 +33,9 @@ class ImageOptions(BaseModel):
     """Per-model settings, the deployment's `user_config` in the Serve config file; changes take effect
     without restarting replicas."""
 
-    runtime: RuntimeName = Field("auto", description="scoring runtime: torch, onnx, or auto (ONNX Runtime when "
-                                 "the artifact has model.onnx); sampling always runs in torch")
+    runtime: RuntimeName = Field("auto", description="scoring runtime: torch, onnx, or auto (the faster of the "
+                                 "two for this model, timed at load; torch when the artifact has no model.onnx); "
+                                 "sampling always runs in torch")
     max_batch_size: int = Field(32, ge=1, description="most scoring requests stacked into one pass")
     batch_wait_timeout_s: float = Field(0.002, ge=0, description="how long a scoring batch waits to fill")
 
@@ -99,14 +99,15 @@ class ImageModelReplica:
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         options = ImageOptions.model_validate(user_config or {})
         # Serve calls this right after __init__: reload only when the runtime really changes.
-        if resolve_runtime(options.runtime, ONNX in self.loaded.artifact.contents) != self.loaded.runtime.name:
+        if needs_reload(options.runtime, self.loaded.choice):
             self.loaded = load_image_model(self.artifact_path, options.runtime)
         self._score_batch.set_max_batch_size(options.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
         self.options = options
 
     def info(self) -> dict[str, Any]:
-        return {"runtime": self.loaded.runtime.name, "device": self.loaded.device}
+        return {"runtime": self.loaded.runtime.name, "device": self.loaded.device,
+                "runtime_choice": None if self.loaded.choice is None else self.loaded.choice.as_dict()}
 
     def ready(self) -> bool:
         return True

@@ -5,11 +5,13 @@ Both runtimes answer `score(images, labels)` with log p(x [| y]) (N,) and each p
 (N, H, W), float64 numpy. A class-conditional model given no labels answers for the exact marginal over
 classes: torch through `ImageModel.score`, ONNX Runtime by running the graph (which computes log p(x | y)) once
 per class and combining the runs with `marginalise_labels` and the model's class prior. Sampling and
-completion always run in torch, on `LoadedImageModel.module`.
+completion always run in torch, on `LoadedImageModel.module`. 'auto' times both runtimes at load and keeps
+the faster (service.runtime.load_runtime), on images with labels when the model is class-conditional.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -19,7 +21,7 @@ import torch
 
 from models.image import ImageModel, marginalise_labels
 from models.registry import IMAGE_KINDS, build_image_model
-from service.runtime import RuntimeName, pick_device, resolve_runtime
+from service.runtime import PROBE_BATCHES, RuntimeChoice, RuntimeName, load_runtime, pick_device
 from training import artifact as art
 from training.calibration import CalibrationSet, read_calibration
 from training.reference import load_reference
@@ -64,6 +66,9 @@ class OnnxImageRuntime:
             providers.insert(0, "CUDAExecutionProvider")
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # As many threads as torch has (one per core unless this process was given fewer): the two runtimes
+        # share a replica's CPU budget alike, and 'auto' compares them on equal terms.
+        options.intra_op_num_threads = torch.get_num_threads()
         self.session = ort.InferenceSession(onnx_bytes, sess_options=options, providers=providers)
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.height, self.width, self.n_classes = height, width, n_classes
@@ -105,6 +110,7 @@ class LoadedImageModel:
     calibration: CalibrationSet | None  # None when the artifact has no calibration.json
     device: str
     reference: torch.nn.Module | None = None  # likelihood-ratio reference model, on the CPU
+    choice: RuntimeChoice | None = None  # how the runtime was chosen (timings, for 'auto')
 
     @property
     def spec(self) -> art.ImageInputSpec:
@@ -136,19 +142,26 @@ def build_image_module(loaded: art.Artifact) -> ImageModel:
 
 def load_image_model(path: str | Path, runtime: RuntimeName = "auto", device: str | None = None) -> LoadedImageModel:
     """Verify an image artifact and load it: the torch module on `device` (default CUDA when available, else
-    the CPU) and the scoring runtime; 'auto' is ONNX Runtime when the artifact has model.onnx, else torch."""
+    the CPU) and the scoring runtime; 'auto' is the faster of torch and ONNX Runtime on this machine, measured
+    at load, when the artifact has model.onnx, else torch."""
     loaded = art.load_artifact(Path(path))
     device = device or pick_device()
     module = build_image_module(loaded).to(device)
-    chosen = resolve_runtime(runtime, art.ONNX in loaded.contents)
-    if chosen == "onnx":
-        if art.ONNX not in loaded.contents:
-            raise art.ArtifactError(f"{loaded.path}: runtime 'onnx' asked for, but the artifact has no {art.ONNX}")
-        rt: ImageRuntime = OnnxImageRuntime(loaded.contents[art.ONNX], device, module.height, module.width,
-                                            module.n_classes, module.class_log_prior)
-    elif chosen == "torch":
-        rt = TorchImageRuntime(module)
-    else:
-        raise ValueError(f"unknown runtime {runtime!r}; use 'torch', 'onnx' or 'auto'")
+    build: dict[str, Callable[[], ImageRuntime]] = {
+        "torch": lambda: TorchImageRuntime(module),
+        "onnx": lambda: OnnxImageRuntime(loaded.contents[art.ONNX], device, module.height, module.width,
+                                         module.n_classes, module.class_log_prior),
+    }
+    rt, choice = load_runtime(runtime, art.ONNX in loaded.contents, build, image_probe(module), loaded.path)
     return LoadedImageModel(artifact=loaded, module=module, runtime=rt, calibration=read_calibration(loaded),
-                            device=device, reference=load_reference(loaded))
+                            device=device, reference=load_reference(loaded), choice=choice)
+
+
+def image_probe(module: ImageModel) -> Callable[[ImageRuntime, int], ImageScore]:
+    """Scores `batch` random images (with labels for a conditional model: what most requests carry, and one
+    pass rather than one per class)."""
+    rng = np.random.default_rng(0)
+    n = max(PROBE_BATCHES)
+    images = rng.integers(0, module.levels, (n, module.height, module.width))
+    labels = rng.integers(0, module.n_classes, n) if module.n_classes else None
+    return lambda rt, batch: rt.score(images[:batch], None if labels is None else labels[:batch])

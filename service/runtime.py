@@ -2,14 +2,22 @@
 
 The device is chosen at load time: CUDA when this process was given a GPU and the runtime can use
 it, the CPU otherwise. One code path for both.
+
+The runtime is 'torch', 'onnx' or 'auto'. 'auto' is torch when the artifact has no graph; when it has
+one, both runtimes are loaded and timed on the same dummy batches (`choose_faster`), and the one with
+the lower total time serves: which is faster depends on the model and the machine (ONNX Runtime wins
+on per-call overhead, torch can win on large convolutions), so it is measured rather than assumed.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -37,11 +45,98 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_runtime(runtime: RuntimeName, has_onnx: bool) -> str:
-    """'auto' means ONNX Runtime when the artifact has a graph, torch otherwise."""
-    if runtime == "auto":
-        return "onnx" if has_onnx else "torch"
-    return runtime
+def check_runtime_name(runtime: str) -> None:
+    if runtime not in ("torch", "onnx", "auto"):
+        raise ValueError(f"unknown runtime {runtime!r}; use 'torch', 'onnx' or 'auto'")
+
+
+# ---- 'auto': time both runtimes at load and keep the faster --------------------------------------------------
+
+PROBE_BATCHES = (1, 32)  # a lone request and a full default micro-batch (max_batch_size 32)
+PROBE_REPEATS = 3  # timed calls per runtime and batch size, after one warm-up call; the median counts
+PROBE_BUDGET_S = 0.25  # fewer timed calls (at least one) once a runtime has spent this long at a batch size
+
+
+@dataclass
+class RuntimeChoice:
+    """How the serving runtime was chosen: asked for, served, and for 'auto' the measured times."""
+
+    requested: str  # torch | onnx | auto
+    runtime: str  # torch | onnx: the one serving
+    # 'auto' with both runtimes: median seconds per call, per runtime and batch size (str keys: JSON-ready)
+    seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+    rule: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"requested": self.requested, "runtime": self.runtime, "seconds": self.seconds, "rule": self.rule}
+
+
+R = TypeVar("R")
+
+
+def choose_faster(runtimes: dict[str, R], call: Callable[[R, int], Sequence[np.ndarray]],
+                  batches: Sequence[int] = PROBE_BATCHES, repeats: int = PROBE_REPEATS,
+                  budget_s: float = PROBE_BUDGET_S, atol: float = 1e-4) -> RuntimeChoice:
+    """Time `call(runtime, batch)` (the runtime scoring `batch` dummy inputs) for every runtime, in turns so
+    that a change in load affects all alike, and choose the lowest total over the batch sizes of the median
+    seconds per call. The runtimes must agree on every output (to atol, relative to the values past 1):
+    the chosen one then answers as any other would."""
+    seconds: dict[str, dict[str, float]] = {name: {} for name in runtimes}
+    for batch in batches:
+        outputs = {name: call(rt, batch) for name, rt in runtimes.items()}  # warm-up, and the agreement check
+        _check_agreement(outputs, batch, atol)
+        times: dict[str, list[float]] = {name: [] for name in runtimes}
+        for i in range(repeats):
+            for name, rt in runtimes.items():
+                if i and sum(times[name]) >= budget_s:
+                    continue
+                started = time.perf_counter()
+                call(rt, batch)
+                times[name].append(time.perf_counter() - started)
+        for name, ts in times.items():
+            seconds[name][str(batch)] = statistics.median(ts)
+    chosen = min(runtimes, key=lambda name: sum(seconds[name].values()))
+    rule = (f"lower total of the median seconds per call at batch sizes {', '.join(map(str, batches))}, "
+            "measured at load")
+    return RuntimeChoice(requested="auto", runtime=chosen, seconds=seconds, rule=rule)
+
+
+def _check_agreement(outputs: dict[str, Sequence[np.ndarray]], batch: int, atol: float) -> None:
+    (first, want), *others = outputs.items()
+    for name, got in others:
+        for w, g in zip(want, got, strict=True):
+            w, g = np.asarray(w, np.float64), np.asarray(g, np.float64)
+            worst = float(np.max(np.abs(w - g) / np.maximum(1.0, np.abs(w)))) if w.size else 0.0
+            if not worst <= atol:
+                raise RuntimeError(f"runtimes {first} and {name} disagree by {worst:.3g} (> {atol}) on a batch "
+                                   f"of {batch}: the artifact's graph does not compute what its weights do")
+
+
+def load_runtime(requested: str, has_onnx: bool, build: dict[str, Callable[[], R]],
+                 call: Callable[[R, int], Sequence[np.ndarray]], where: Path) -> tuple[R, RuntimeChoice]:
+    """The runtime to serve with, and how it was chosen; one rule for every kind of model.
+
+    `build` makes each runtime ('torch', 'onnx'), `call(runtime, batch)` scores a batch of dummy inputs."""
+    check_runtime_name(requested)
+    if requested == "onnx" and not has_onnx:
+        raise art.ArtifactError(f"{where}: runtime 'onnx' asked for, but the artifact has no {art.ONNX}")
+    if requested != "auto" or not has_onnx:
+        name = requested if requested != "auto" else "torch"
+        rule = "asked for" if requested != "auto" else f"the artifact has no {art.ONNX}"
+        return build[name](), RuntimeChoice(requested=requested, runtime=name, rule=rule)
+    runtimes = {name: make() for name, make in build.items()}
+    choice = choose_faster(runtimes, call)
+    return runtimes[choice.runtime], choice
+
+
+def needs_reload(requested: str, choice: RuntimeChoice | None) -> bool:
+    """Whether a reconfigured runtime differs from the loaded one: 'auto' keeps an automatic choice."""
+    check_runtime_name(requested)
+    if choice is None:
+        return True
+    if requested == "auto":
+        return choice.requested != "auto"
+    return requested != choice.runtime
 
 
 def build_gmm(loaded: art.Artifact) -> GaussianMixture:
@@ -84,6 +179,9 @@ class OnnxDensityRuntime:
             providers.insert(0, "CUDAExecutionProvider")
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # As many threads as torch has (one per core unless this process was given fewer): the two runtimes
+        # share a replica's CPU budget alike, and 'auto' compares them on equal terms.
+        options.intra_op_num_threads = torch.get_num_threads()
         self.session = ort.InferenceSession(onnx_bytes, sess_options=options, providers=providers)
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.input_name = self.session.get_inputs()[0].name
@@ -100,6 +198,7 @@ class LoadedModel:
     runtime: DensityRuntime
     calibration: CalibrationSet | None
     reference: torch.nn.Module | None = None  # likelihood-ratio reference model (one Gaussian)
+    choice: RuntimeChoice | None = None  # how the runtime was chosen (timings, for 'auto')
 
     @property
     def n_features(self) -> int:
@@ -111,14 +210,16 @@ def load_model(path: str, runtime: RuntimeName = "auto", device: str | None = No
     loaded = art.load_artifact(Path(path))
     device = device or pick_device()
     module = build_gmm(loaded)
-    runtime = resolve_runtime(runtime, art.ONNX in loaded.contents)
-    if runtime == "onnx":
-        if art.ONNX not in loaded.contents:
-            raise art.ArtifactError(f"{loaded.path}: runtime 'onnx' asked for, but the artifact has no {art.ONNX}")
-        rt: DensityRuntime = OnnxDensityRuntime(loaded.contents[art.ONNX], device)
-    elif runtime == "torch":
-        rt = TorchDensityRuntime(module, device)
-    else:
-        raise ValueError(f"unknown runtime {runtime!r}; use 'torch' or 'onnx'")
+    build: dict[str, Callable[[], DensityRuntime]] = {
+        "torch": lambda: TorchDensityRuntime(module, device),
+        "onnx": lambda: OnnxDensityRuntime(loaded.contents[art.ONNX], device),
+    }
+    rt, choice = load_runtime(runtime, art.ONNX in loaded.contents, build, density_probe(module), loaded.path)
     return LoadedModel(artifact=loaded, module=module, runtime=rt, calibration=read_calibration(loaded),
-                       reference=load_reference(loaded))
+                       reference=load_reference(loaded), choice=choice)
+
+
+def density_probe(module: GaussianMixture) -> Callable[[DensityRuntime, int], tuple[np.ndarray, np.ndarray]]:
+    """Scores `batch` records drawn from the model itself: valid inputs of the right shape and scale."""
+    records = module.sample(max(PROBE_BATCHES), torch.Generator().manual_seed(0)).numpy()
+    return lambda rt, batch: rt.log_prob(np.resize(records, (batch, records.shape[1])))

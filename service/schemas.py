@@ -98,12 +98,24 @@ class CalibrationInfo(BaseModel):
     )
 
 
+class RuntimeChoiceInfo(BaseModel):
+    requested: str = Field(description="the runtime asked for: torch, onnx, or auto (the faster, timed at load)")
+    seconds: dict[str, dict[str, float]] = Field(
+        {}, description="auto, when the artifact has a graph: median seconds per call of each runtime (torch, "
+        "onnx) at each probe batch size, measured when the replica loaded the model"
+    )
+    rule: str = Field("", description="why this runtime serves")
+
+
 class ModelInfo(BaseModel):
     name: str
     version: str
     kind: str
     created: str
     runtime: str = Field(description="torch or onnx")
+    runtime_choice: RuntimeChoiceInfo | None = Field(
+        None, description="how the runtime was chosen (density and image models; a replica's, when replicated)"
+    )
     input: InputInfo
     config: dict[str, Any]
     metrics: dict[str, Any]

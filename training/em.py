@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.gmm import CovarianceType, GaussianMixture, GMMConfig, e_step, elbo, log_prior, m_step
+from models.gmm import LOG_2PI, CovarianceType, EStep, GaussianMixture, GMMConfig, elbo, log_prior, m_step
 
 
 @dataclass
@@ -90,6 +90,23 @@ def initial_model(
     return model
 
 
+def fitting_e_step(model: GaussianMixture, z: torch.Tensor) -> EStep:
+    """models.gmm.e_step, faster on the standardised training data for diagonal covariances.
+
+    sum_d (z_d - mu_kd)^2 p_kd^2 expanded into three matrix products, as scikit-learn does, instead of an
+    (N, K, D) tensor: several times faster. The expansion loses digits when |z| is far larger than |mu|,
+    which standardised training data never is; scoring arbitrary records keeps the model's direct form."""
+    if model.config.covariance_type != "diag":
+        joint = model.component_log_prob(z)
+    else:
+        p2, means = model.precision_chol.square(), model.means
+        maha = (z * z) @ p2.T - 2.0 * (z @ (means * p2).T) + (means * means * p2).sum(-1)
+        log_det = torch.log(model.precision_chol).sum(-1)
+        joint = model.log_weights + log_det - 0.5 * (z.shape[1] * LOG_2PI + maha)
+    log_prob = torch.logsumexp(joint, dim=-1)
+    return EStep(log_prob=log_prob, log_resp=joint - log_prob.unsqueeze(-1), joint=joint)
+
+
 @torch.no_grad()
 def run_em(
     model: GaussianMixture, z: torch.Tensor, settings: EMSettings, seed: int = 0
@@ -104,7 +121,7 @@ def run_em(
     converged = False
     previous_log_resp: torch.Tensor | None = None
     for t in range(settings.max_iter + 1):
-        step = e_step(model, z)
+        step = fitting_e_step(model, z)
         ll = step.log_prob.sum().item() / n
         bound = elbo(step.joint, step.log_resp).item() / n
         # The bound with last iteration's q at the new parameters: what the M-step raised.
