@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.linear import linear, uses_onednn
 from models.lm import next_token_loss
 
 
@@ -50,6 +51,11 @@ class GPTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def dense(layer: nn.Linear, x: Tensor) -> Tensor:
+    """layer(x) on the faster matrix library where no gradient is wanted (models/linear.py)."""
+    return linear(x, layer.weight, layer.bias)
 
 
 class KVCache:
@@ -132,12 +138,12 @@ class CausalSelfAttention(nn.Module):
 
     def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = dense(self.c_attn, x).split(C, dim=2)
         return tuple(t.view(B, T, self.n_head, self.head_dim).transpose(1, 2) for t in (q, k, v))
 
     def _out(self, y: Tensor) -> Tensor:
         B, _, T, _ = y.shape
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, -1)))
+        return self.resid_dropout(dense(self.c_proj, y.transpose(1, 2).reshape(B, T, -1)))
 
     def forward(self, x: Tensor) -> Tensor:
         """Causal attention over the sequence itself (training, scoring)."""
@@ -160,7 +166,7 @@ class CausalSelfAttention(nn.Module):
         Written for few operations per token (it runs once per layer per generated token): q, k and
         v are read off one (B, 3, H, hd) view, and dropout, inactive at inference, is skipped."""
         B, _, C = x.shape
-        qkv = self.c_attn(x).view(B, 3, self.n_head, self.head_dim)
+        qkv = dense(self.c_attn, x).view(B, 3, self.n_head, self.head_dim)
         k, v = qkv[:, 1], qkv[:, 2]  # (B, H, hd)
         if at.block is not None and at.position is not None:
             cache_k[at.block, :, at.position] = k
@@ -173,7 +179,7 @@ class CausalSelfAttention(nn.Module):
         else:
             keys, values = cache_k[at.slots, :, : at.span], cache_v[at.slots, :, : at.span]  # gathers
         y = F.scaled_dot_product_attention(qkv[:, 0, :, None], keys, values, attn_mask=at.visible)  # (B, H, 1, hd)
-        return self.c_proj(y.reshape(B, 1, C))  # one query per sequence: (H, 1, hd) is already (1, C) in order
+        return dense(self.c_proj, y.reshape(B, 1, C))  # one query per sequence: (H, 1, hd) is already (1, C) in order
 
 
 class MLP(nn.Module):
@@ -189,7 +195,7 @@ class MLP(nn.Module):
 
     def decode(self, x: Tensor) -> Tensor:
         """forward without dropout, for inference (one module call fewer per layer and token)."""
-        return self.c_proj(F.gelu(self.c_fc(x), approximate=self.approximate))
+        return dense(self.c_proj, F.gelu(dense(self.c_fc, x), approximate=self.approximate))
 
 
 class Block(nn.Module):
@@ -292,13 +298,15 @@ class GPT(nn.Module):
         return self._next_token_logits(self.ln_f(x[:, 0]))
 
     def _next_token_logits(self, h: Tensor) -> Tensor:
-        """(B, C) -> (B, vocab) for decoding. On the CPU, BLAS multiplies a few rows by the
-        (C, vocab) transpose of the tied embedding markedly faster than by the (vocab, C) weight
-        itself (the output projection is the largest matrix of a small model), so a contiguous
-        transpose is kept, rebuilt whenever the weight changes. On CUDA either layout is as fast."""
+        """(B, C) -> (B, vocab) for decoding: the output projection, the largest matrix of a small
+        model. On the CPU, where the product is large enough for oneDNN (models/linear.py), that
+        reads the (vocab, C) weight fastest; smaller ones go to MKL, which multiplies a few rows by
+        the (C, vocab) transpose of the tied embedding markedly faster than by the weight itself, so
+        a contiguous transpose is kept, rebuilt whenever the weight changes. On CUDA either layout
+        is as fast."""
         weight = self.lm_head.weight
-        if weight.device.type != "cpu":
-            return self.lm_head(h)
+        if weight.device.type != "cpu" or uses_onednn(h, weight):
+            return linear(h, weight)
         try:
             key = (weight.data_ptr(), weight._version)
         except RuntimeError:  # an inference tensor has no version counter, and never changes in place
