@@ -69,16 +69,22 @@ def median_seconds(fn: Callable[[], object], repeats: int = 7, min_time: float =
 
 
 def interleaved_seconds(fns: dict[str, Callable[[], object]], repeats: int = 5,
-                        min_time: float = 0.0, warmup: bool = True) -> dict[str, float]:
+                        min_time: float = 0.0, warmup: bool = True, settle_s: float = 0.0) -> dict[str, float]:
     """Median seconds per call of each function, timed in turns (a, b, a, b, ...) so that a change
     in the machine's load during the run affects all of them alike. One warm-up call each unless
-    `warmup` is False (the caller warmed them up already); each repeat loops until min_time has passed."""
+    `warmup` is False (the caller warmed them up already); each repeat loops until min_time has passed.
+
+    settle_s: an untimed pause before each turn, for functions on different thread pools (numpy's
+    OpenBLAS against torch's OpenMP): a pool's threads spin for a while after their last task (OpenBLAS
+    for about 0.1 s), and would otherwise take the cores from the next turn's pool."""
     if warmup:
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if settle_s:
+                time.sleep(settle_s)
             calls, started = 0, time.perf_counter()
             while True:
                 fn()

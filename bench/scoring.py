@@ -39,6 +39,8 @@ from training.image_data import load_image_dataset
 from training.image_pipeline import PRESETS
 from training.onnx_export import export_image_onnx, export_onnx
 
+SETTLE_S = 0.3  # pause between EM turns: numpy's OpenBLAS threads spin ~0.1 s after a call (common.interleaved_seconds)
+
 
 @dataclass
 class Scorer:
@@ -188,7 +190,7 @@ def em_section(quick: bool) -> tuple[list[str], list[Goal]]:
         x = standardised(data)
         for cov in ("full", "diag"):
             ours, theirs = em_pair(x, k, cov, iterations, reg)
-            t = interleaved_seconds({"ours": ours, "theirs": theirs}, repeats=3 if quick else 5)
+            t = interleaved_seconds({"ours": ours, "theirs": theirs}, repeats=3 if quick else 5, settle_s=SETTLE_S)
             ratios.append((t["theirs"] / t["ours"], f"{name} {cov}"))
             rows.append([f"{name} ({x.shape[0]}x{x.shape[1]}), K={k} {cov}", iterations, f"{t['ours'] * 1e3:,.1f}",
                          f"{t['theirs'] * 1e3:,.1f}", ratio(t["theirs"], t["ours"])])

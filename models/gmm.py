@@ -138,25 +138,46 @@ class EStep:
     log_prob: torch.Tensor  # log p(z_i | theta), (N,)
     log_resp: torch.Tensor  # log gamma_ik = log p(k | z_i, theta), (N, K)
     joint: torch.Tensor  # log pi_k N(z_i | mu_k, Sigma_k), (N, K)
+    resp: torch.Tensor  # gamma_ik = exp(log_resp), (N, K)
+
+    @classmethod
+    def of(cls, joint: torch.Tensor) -> EStep:
+        """Normalise the joint over components: a log-sum-exp shifted by each row's largest term, whose
+        exponentials also give the responsibilities (one exp for both; EM's iterations are small enough
+        that the number of passes over (N, K) is what they cost)."""
+        peak = torch.nan_to_num(joint.amax(-1, keepdim=True), neginf=0.0)  # a row of -inf stays -inf
+        shifted = joint - peak
+        scaled = shifted.exp()
+        total = scaled.sum(-1, keepdim=True)
+        log_total = total.log()
+        return cls(log_prob=(peak + log_total).squeeze(-1), log_resp=shifted - log_total, joint=joint,
+                   resp=scaled / total)
 
 
 def e_step(model: GaussianMixture, z: torch.Tensor) -> EStep:
     """Responsibilities gamma_ik = pi_k N(z_i|k) / sum_j pi_j N(z_i|j), in log space."""
-    joint = model.component_log_prob(z)
-    log_prob = torch.logsumexp(joint, dim=-1)
-    return EStep(log_prob=log_prob, log_resp=joint - log_prob.unsqueeze(-1), joint=joint)
+    return EStep.of(model.component_log_prob(z))
 
 
-def elbo(joint: torch.Tensor, log_resp: torch.Tensor) -> torch.Tensor:
-    """L(q, theta) = sum_i sum_k q_ik (log p(z_i, k | theta) - log q_ik), for q = exp(log_resp)."""
-    q = log_resp.exp()
-    # 0 * log 0 = 0: components with no responsibility contribute nothing.
-    entropy_terms = torch.where(q > 0, q * log_resp, torch.zeros_like(q))
-    return (q * joint).sum() - entropy_terms.sum()
+def elbo(joint: torch.Tensor, log_resp: torch.Tensor, q: torch.Tensor | None = None,
+         q_log_q: torch.Tensor | None = None) -> torch.Tensor:
+    """L(q, theta) = sum_i sum_k q_ik (log p(z_i, k | theta) - log q_ik), for q = exp(log_resp).
+
+    q and sum q log q (`posterior_q_log_q`) may be passed in when the caller has them already (EM reuses
+    both from one iteration to the next)."""
+    q = log_resp.exp() if q is None else q
+    return (q * joint).sum() - (posterior_q_log_q(q, log_resp) if q_log_q is None else q_log_q)
+
+
+def posterior_q_log_q(q: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """sum_ik q_ik log q_ik, with 0 log 0 = 0: components with no responsibility contribute nothing (where
+    log q is -inf the product is NaN, which nansum drops; where q underflowed to 0 it is 0 already)."""
+    return (q * log_q).nansum()
 
 
 def m_step(
-    z: torch.Tensor, resp: torch.Tensor, covariance_type: CovarianceType, reg_covar: float
+    z: torch.Tensor, resp: torch.Tensor, covariance_type: CovarianceType, reg_covar: float,
+    z_and_squares: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """MAP M-step: pi_k = N_k / n, mu_k = sum_i gamma_ik z_i / N_k, Sigma_k = S_k + (reg / N_k) I.
 
@@ -164,9 +185,16 @@ def m_step(
     the prior log p(Sigma_k) = -reg/2 tr(Sigma_k^-1) (an inverse-Wishart-style covariance floor),
     so EM still never decreases the penalised objective log p(z|theta) + log p(theta), and a
     component that shrinks onto a few points keeps a floor of order reg on its variances.
+    `z_and_squares`: [z, z * z] side by side (N, 2D), for diagonal covariances, when the caller keeps it
+    across iterations: the means and second moments then come from one matrix product.
     """
     n = z.shape[0]
     nk = resp.sum(0) + 10 * torch.finfo(z.dtype).eps
+    if covariance_type == "diag":
+        stacked = torch.cat([z, z * z], dim=1) if z_and_squares is None else z_and_squares
+        means, sq = (resp.T @ stacked / nk.unsqueeze(-1)).split(z.shape[1], dim=1)
+        cov = (sq - means * means).clamp_min(0) + (reg_covar / nk).unsqueeze(-1)
+        return nk / n, means, cov
     means = (resp.T @ z) / nk.unsqueeze(-1)
     if covariance_type == "full":
         # One component at a time, as scikit-learn does: each (N, D) difference stays in cache, where one
@@ -178,9 +206,6 @@ def m_step(
         cov = torch.stack(scatter)
         eye = torch.eye(z.shape[1], dtype=z.dtype)
         cov = cov / nk.view(-1, 1, 1) + (reg_covar / nk).view(-1, 1, 1) * eye
-    else:
-        sq = resp.T @ (z * z) / nk.unsqueeze(-1)
-        cov = (sq - means * means).clamp_min(0) + (reg_covar / nk).unsqueeze(-1)
     return nk / n, means, cov
 
 
