@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from bench.common import Goal, Report, load_average, load_note, ratio, table
+from service.metrics import FLUSH_INTERVAL_S
 
 # The names deploy/serve/genserve.yaml configures, so the shipped per-deployment options apply.
 RECORDS, TEXT, IMAGES = "breast-cancer", "shakespeare", "digits"
@@ -229,7 +230,9 @@ def ray_started() -> Iterator[None]:
 
     if ray.is_initialized():
         raise RuntimeError("bench.served starts its own Ray; this process already has one")
-    os.environ.setdefault("RAY_SERVE_LOG_TO_STDERR", "0")
+    from service.cli import apply_serve_env
+
+    apply_serve_env()  # the Ray Serve settings `genserve serve` runs with
     # Workers inherit the driver's environment: one torch thread per replica, as in the in-process baseline.
     os.environ["OMP_NUM_THREADS"] = THREADS
     # A small object store leaves the shared machine's memory alone (requests here are kilobytes).
@@ -346,7 +349,7 @@ def measure_loads(url: str, eps: list[Endpoint], plan: Plan) -> Results:
                 before = batch_histogram(url, model)
                 load = asyncio.run(closed_loop(url + endpoint.path(batching), endpoint.body, endpoint.count_tokens,
                                                clients, plan))
-                time.sleep(0.05)  # replicas send their metrics fire-and-forget: let the last ones land
+                time.sleep(3 * FLUSH_INTERVAL_S)  # replicas send their metrics every interval: let the last land
                 after = batch_histogram(url, model)
                 load.batches, load.batched = after[0] - before[0], after[1] - before[1]
                 key = (endpoint.key, batching, clients)

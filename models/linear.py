@@ -38,7 +38,7 @@ ONEDNN = _onednn_linear_available()
 def uses_onednn(x: Tensor, weight: Tensor) -> bool:
     """Whether `linear(x, weight)` runs on oneDNN here. Cheapest tests first: this runs for every layer
     of every decoding step, and a small model's step takes well under a millisecond."""
-    if not ONEDNN:
+    if not ONEDNN or torch.compiler.is_compiling():  # export and compile trace F.linear: no branch on shapes
         return False
     macs = x.numel() * weight.shape[0]
     if macs < ONEDNN_MIN_MACS or (macs < ONEDNN_MIN_MACS_NARROW and min(weight.shape) < ONEDNN_MIN_WIDTH):

@@ -30,7 +30,8 @@ class ModelOptions(BaseModel):
         "(torch when the artifact has no graph)"
     )
     max_batch_size: int = Field(32, ge=1, description="most requests stacked into one forward pass")
-    batch_wait_timeout_s: float = Field(0.002, ge=0, description="how long a batch waits to fill")
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="how long a batch waits to fill; 0: a batch "
+                                         "is what queued while the last one ran, and a lone request never waits")
 
 
 ScoreResult = tuple[np.ndarray, np.ndarray]  # log p(x) (N,), responsibilities (N, K)
@@ -71,7 +72,7 @@ class DensityModel:
         """log p(x) and responsibilities for (N, D) records; batched with concurrent callers."""
         return await self._score_batch(records)
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _score_batch(self, requests: list[np.ndarray]) -> list[ScoreResult]:
         sizes = [len(r) for r in requests]
         log_prob, resp = self.loaded.runtime.log_prob(np.concatenate(requests))

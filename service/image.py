@@ -37,7 +37,8 @@ class ImageOptions(BaseModel):
                                  "two for this model, timed at load; torch when the artifact has no model.onnx); "
                                  "sampling always runs in torch")
     max_batch_size: int = Field(32, ge=1, description="most scoring requests stacked into one pass")
-    batch_wait_timeout_s: float = Field(0.002, ge=0, description="how long a scoring batch waits to fill")
+    batch_wait_timeout_s: float = Field(0.0, ge=0, description="how long a scoring batch waits to fill; 0: a "
+                                         "batch is what queued while the last one ran, and a lone request never waits")
 
 
 def make_generator(device: torch.device | str, seed: int | None) -> torch.Generator:
@@ -120,7 +121,7 @@ class ImageModelReplica:
         log_prob, pixels = await self._score_batch((images, labels))
         return log_prob, pixels if per_pixel else None
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.002)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
     async def _score_batch(self, requests: list[tuple[np.ndarray, np.ndarray | None]]) -> list[ImageScore]:
         loaded = self.loaded
         results = await asyncio.to_thread(score_requests, loaded, requests)

@@ -71,3 +71,21 @@ def test_gpt_decoding_on_onednn_matches_recomputation_on_mkl(everything_on_onedn
         expected = model.logits(torch.cat([tokens, nxt], dim=1))
     for t, logits in enumerate(steps):
         torch.testing.assert_close(logits, expected[:, 5 + t], rtol=0, atol=1e-4)
+
+
+def test_export_traces_f_linear_whatever_the_batch():
+    """torch.export (the ONNX graphs) sees no branch on the dynamic batch size: inside it, linear is F.linear."""
+
+    class Dense(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(768, 1024)
+
+        def forward(self, x):
+            return ml.linear(x, self.layer.weight, self.layer.bias)
+
+    module = Dense().eval()
+    with torch.no_grad():
+        program = torch.export.export(module, (torch.randn(4, 768),), dynamic_shapes=({0: torch.export.Dim("batch")},))
+        x = torch.randn(700, 768)  # past both thresholds, where eager runs on oneDNN
+        torch.testing.assert_close(program.module()(x), module(x), rtol=1e-5, atol=1e-4)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -244,6 +245,33 @@ def write_image_models(store: Path) -> None:
     binary, _ = digits(binary=True)
     write_image_artifact(store, IMAGE_BIN, fit_fvsbn(binary[:DIGITS_TRAIN], None, levels=2), binary[:DIGITS_TRAIN],
                          binary[DIGITS_TRAIN:], onnx=False)
+
+
+# ---- metrics ---------------------------------------------------------------------------------------
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """Value of one sample in Prometheus text (0 when absent)."""
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(m.group(3))
+    return 0.0
+
+
+def wait_for_metric(client, name: str, labels: dict[str, str], target: float) -> str:
+    """Metrics arrive asynchronously from every replica; poll briefly until they have."""
+    deadline = time.monotonic() + 10
+    while True:
+        text = client.metrics()
+        if metric(text, name, **labels) >= target or time.monotonic() > deadline:
+            return text
+        time.sleep(0.1)
 
 
 def pytest_collection_modifyitems(config, items):

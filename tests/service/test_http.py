@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import time
 
 import httpx
@@ -23,7 +22,9 @@ from tests.service.conftest import (
     TEXT_NGRAM,
     TEXT_ONNX,
     Server,
+    metric,
     stop,
+    wait_for_metric,
 )
 from training import artifact as art
 
@@ -44,20 +45,6 @@ def bc_records(n: int = 20) -> np.ndarray:
 
 def local(server: Server, name: str):
     return load_model(str(art.resolve(server.store, name)), runtime="torch")
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """Value of one sample in Prometheus text (0 when absent)."""
-    for line in text.splitlines():
-        if line.startswith("#") or not line.startswith(name):
-            continue
-        m = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$", line)
-        if not m or m.group(1) != name:
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
-        if all(found.get(k) == v for k, v in labels.items()):
-            return float(m.group(3))
-    return 0.0
 
 
 # ---- health, discovery, docs -------------------------------------------------------------------
@@ -161,16 +148,6 @@ def test_concurrent_requests_are_batched_and_unchanged(server: Server, client: G
     batches = (metric(after, "genserve_batch_size_requests_count", model=REPLICATED)
                - metric(before, "genserve_batch_size_requests_count", model=REPLICATED))
     assert 1 <= batches < 32, "32 concurrent requests should share forward passes"
-
-
-def wait_for_metric(client: GenserveClient, name: str, labels: dict[str, str], target: float) -> str:
-    """Metrics arrive asynchronously from every replica; poll briefly until they have."""
-    deadline = time.monotonic() + 10
-    while True:
-        text = client.metrics()
-        if metric(text, name, **labels) >= target or time.monotonic() > deadline:
-            return text
-        time.sleep(0.1)
 
 
 def test_metrics_add_up_across_replicas(client: GenserveClient) -> None:

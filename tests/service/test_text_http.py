@@ -18,7 +18,7 @@ from models.lm import sequence_log_probs
 from service.client import GenserveClient, GenserveError
 from service.decoding import GenerationParams, generate
 from service.text_runtime import load_text_model
-from tests.service.conftest import TEXT, TEXT_CONTEXT, TEXT_NGRAM, TEXT_ONNX, Server
+from tests.service.conftest import TEXT, TEXT_CONTEXT, TEXT_NGRAM, TEXT_ONNX, Server, metric, wait_for_metric
 
 pytestmark = pytest.mark.integration
 H = {"Content-Type": "application/json"}
@@ -162,8 +162,8 @@ def test_concurrent_requests_share_the_decoding_batch(server: Server, client, lo
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         results = list(pool.map(lambda p: client.generate(TEXT, p, max_new_tokens=20, temperature=0), prompts))
     assert {p: r.completions[0].text for p, r in zip(prompts, results, strict=True)} == expected
-    batches = re.findall(r'genserve_time_to_first_token_seconds_count\{model="bard"\} (\S+)', client.metrics())
-    assert batches and float(batches[0]) >= len(prompts)
+    text = wait_for_metric(client, "genserve_time_to_first_token_seconds_count", {"model": TEXT}, len(prompts))
+    assert metric(text, "genserve_time_to_first_token_seconds_count", model=TEXT) >= len(prompts)
 
 
 def test_a_client_leaving_mid_stream_frees_its_slots(server: Server, client):
@@ -183,14 +183,14 @@ def test_a_client_leaving_mid_stream_frees_its_slots(server: Server, client):
 
 
 def test_text_metrics_are_exported(client):
+    before = metric(client.metrics(), "genserve_generated_tokens_total", model=TEXT)
     client.generate(TEXT, "to be", max_new_tokens=10, temperature=0)
-    text = client.metrics()
+    text = wait_for_metric(client, "genserve_generated_tokens_total", {"model": TEXT}, before + 10)
     for name in ("genserve_prompt_tokens_total", "genserve_generated_tokens_total",
                  "genserve_time_to_first_token_seconds_bucket", "genserve_time_per_output_token_seconds_bucket",
                  "genserve_requests_running", "genserve_requests_waiting"):
         assert re.search(rf'^{name}\{{.*model="bard"', text, re.M), name
-    generated = float(re.search(r'^genserve_generated_tokens_total\{model="bard"\} (\S+)', text, re.M).group(1))
-    assert generated >= 10
+    assert metric(text, "genserve_generated_tokens_total", model=TEXT) >= before + 10
 
 
 def test_onnx_runtime_serves_the_same_greedy_tokens_as_torch(client):
