@@ -197,13 +197,10 @@ def m_step(
         return nk / n, means, cov
     means = (resp.T @ z) / nk.unsqueeze(-1)
     if covariance_type == "full":
-        # One component at a time, as scikit-learn does: each (N, D) difference stays in cache, where one
-        # (K, N, D) tensor would not, and the sums are the same.
-        scatter = []
-        for mu, r in zip(means, resp.T, strict=True):
-            diff = z - mu
-            scatter.append((diff * r.unsqueeze(-1)).T @ diff)
-        cov = torch.stack(scatter)
+        # All components in one batched product of the centred records with their weighted copies (measured
+        # faster than an einsum over the same (K, N, D) tensor, and than one product per component).
+        diff = z.unsqueeze(0) - means.unsqueeze(1)  # (K, N, D)
+        cov = torch.bmm((diff * resp.T.unsqueeze(-1)).transpose(1, 2), diff)
         eye = torch.eye(z.shape[1], dtype=z.dtype)
         cov = cov / nk.view(-1, 1, 1) + (reg_covar / nk).view(-1, 1, 1) * eye
     return nk / n, means, cov
