@@ -3,10 +3,11 @@
     .venv/bin/python -m bench --out docs/benchmarks.md
 
 Runs, in turn, text decoding against `transformers` (bench/decoding.py), density scoring, EM and
-image sampling (bench/scoring.py) and the served path over HTTP (bench/served.py), then writes
-one Markdown file: machine facts, the goals with what was measured, each area's tables, and the
-profiling record (bench/fixes.md: what was slow, what changed, before and after). `--quick` is
-a smoke run with few repeats (its numbers mean little); `--only` runs some areas.
+image sampling (bench/scoring.py), the served path over HTTP (bench/served.py) and the code before
+the performance work against today's (bench/before_after.py), then writes one Markdown file:
+machine facts, the goals with what was measured, each area's tables, and the profiling record
+(bench/fixes.md: what was slow and what changed) followed by the before/after tables that measure
+it. `--quick` is a smoke run with few repeats (its numbers mean little); `--only` runs some areas.
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ FIXES = Path(__file__).with_name("fixes.md")
 
 
 def areas() -> dict[str, Callable[[bool], Report]]:
-    from bench import decoding, scoring, served
+    from bench import before_after, decoding, scoring, served
 
-    return {"decoding": decoding.run, "scoring": scoring.run, "served": served.run}
+    return {"decoding": decoding.run, "scoring": scoring.run, "served": served.run, "before_after": before_after.run}
 
 
 def goals_table(goals: list[Goal]) -> list[str]:
@@ -60,10 +61,13 @@ def document(reports: dict[str, Report], minutes: float, load: tuple[float, floa
         *goals_table(goals),
         "",
     ]
-    for report in reports.values():
-        lines += [*report.markdown, ""]
+    for name, report in reports.items():
+        if name != "before_after":
+            lines += [*report.markdown, ""]
     if FIXES.exists():
         lines += [FIXES.read_text().rstrip(), ""]
+    if "before_after" in reports:
+        lines += [*reports["before_after"].markdown, ""]
     return "\n".join(lines)
 
 
