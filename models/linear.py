@@ -26,9 +26,18 @@ ONEDNN_MIN_MACS_NARROW = 1 << 22  # and from which it is faster for narrower wei
 
 
 def _onednn_linear_available() -> bool:
+    """Whether this build has oneDNN's linear and it computes what F.linear does (checked once, on a tiny product:
+    a build or CPU where it is missing or wrong keeps everything on F.linear)."""
     try:
-        return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-    except (AttributeError, RuntimeError):
+        if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+            return False
+        with torch.inference_mode():
+            x = torch.arange(6, dtype=torch.float32).view(2, 3)
+            weight = torch.arange(12, dtype=torch.float32).view(4, 3) / 7
+            bias = torch.ones(4)
+            got = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+            return bool(torch.allclose(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-5))
+    except (AttributeError, RuntimeError, NotImplementedError):
         return False
 
 
