@@ -346,8 +346,8 @@ def read_serve_config(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]
 # variable already set wins. All but the first are Ray Serve's own throughput settings (a subset of what its
 # RAY_SERVE_THROUGHPUT_OPTIMIZED sets, without direct ingress, which moves the HTTP port): the proxy writes its
 # access log in blocks of 1000 lines (at once on an error), each replica runs its handlers and its router on its
-# main event loop instead of two more threads, and replicas talk gRPC to one another. On 2 cores the last three
-# served 15-20% more density requests and 50-75% more generate requests per second (bench/served.py). A cluster
+# main event loop instead of two more threads, and replicas talk gRPC to one another. On 2 cores they served 4-30%
+# more log_prob and 50-85% more generate requests per second than Ray Serve's defaults (bench/fixes.md). A cluster
 # that `--address` joins keeps its own processes' environment: set these in its pods.
 SERVE_ENV = {
     "RAY_SERVE_LOG_TO_STDERR": "0",
