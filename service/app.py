@@ -362,13 +362,15 @@ class Gateway(TextRoutes, ImageRoutes, AnomalyRoutes, V2Routes):
             raise ApiError(503, "model_unavailable", f"model {name!r} could not score this request: "
                            f"{type(e).__name__}; retry shortly") from e
 
-    def _info(self, name: str, runtime: str, choice: dict[str, Any] | None = None) -> ModelInfo:
+    def _info(self, name: str, replica: dict[str, Any]) -> ModelInfo:
+        """The model's manifest and calibration with what its replica reports (`_replica_info`)."""
         m = self._manifest(name)
+        choice = replica.get("runtime_choice")
         cals = self.calibrations.get(name)
         default = DEFAULT_SCORE[m.input.type]
         cal = None if cals is None else (cals.get(default) or next(iter(cals.scores.values())))
         return ModelInfo(
-            name=m.name, version=m.version, kind=m.kind, created=m.created, runtime=runtime,
+            name=m.name, version=m.version, kind=m.kind, created=m.created, runtime=replica["runtime"],
             runtime_choice=None if choice is None else RuntimeChoiceInfo.model_validate(choice),
             input=InputInfo.model_validate(m.input.model_dump(exclude={"dtype", "bos_token_id", "eos_token_id"})),
             config=m.config, metrics=m.metrics, training=m.training,
@@ -420,7 +422,7 @@ class Gateway(TextRoutes, ImageRoutes, AnomalyRoutes, V2Routes):
     async def list_models(self) -> ModelList:
         names = sorted(self.manifests)
         replicas = await asyncio.gather(*(self._replica_info(n) for n in names))
-        infos = [self._info(n, r["runtime"], r.get("runtime_choice")) for n, r in zip(names, replicas, strict=True)]
+        infos = [self._info(n, r) for n, r in zip(names, replicas, strict=True)]
         data = [OpenAIModel(id=info.name, created=_timestamp(info.created)) for info in infos]
         return ModelList(models=infos, data=data)
 
@@ -428,8 +430,7 @@ class Gateway(TextRoutes, ImageRoutes, AnomalyRoutes, V2Routes):
              responses=ERRORS)
     async def get_model(self, name: str) -> ModelInfo:
         self._manifest(name)
-        replica = await self._replica_info(name)
-        return self._info(name, replica["runtime"], replica.get("runtime_choice"))
+        return self._info(name, await self._replica_info(name))
 
     @api.post("/v1/models/{name}/log_prob", name="log_prob", response_model=LogProbResponse,
               tags=["density"], responses=ERRORS)
