@@ -58,6 +58,7 @@ from service.v2_api import router as v2_router
 from training import artifact as art
 from training.anomaly import DEFAULT_SCORE
 from training.calibration import CalibrationSet
+from training.store import open_store
 from training.tokenizer import TextTokenizer
 
 LN2 = math.log(2.0)
@@ -74,7 +75,8 @@ class LimitsConfig(TextLimits):
 class AppArgs(BaseModel):
     """The `args` of the application in the Serve config file."""
 
-    store: str | None = Field(None, description="model store directory; default $GENSERVE_STORE or ./model-store")
+    store: str | None = Field(None, description="model store: a directory, file:///path or s3://bucket/prefix; "
+                                                "default $GENSERVE_STORE or ./model-store")
     models: list[str] | None = Field(
         None, description="models to serve, as NAME or NAME@VERSION; default every model in the store (latest)"
     )
@@ -495,15 +497,17 @@ def build(args: AppArgs, overrides: dict[str, dict[str, Any]] | None = None):
     """The application for `args`; `overrides` are the config file's per-deployment options, which
     Serve applies by itself when it reads the config file (serve run/deploy, KubeRay)."""
     overrides = overrides or {}
-    store = art.store_path(args.store)
-    refs = args.models if args.models is not None else list(art.list_models(store))
+    store = open_store(args.store)
+    refs = args.models if args.models is not None else list(store.list_models())
     if not refs:
         raise ValueError(f"the model store {store} has no models; train one with `genserve train`")
     handles, manifests, calibrations, tokenizers = {}, {}, {}, {}
     for ref in refs:
         name, version = parse_model_ref(ref)
-        path = art.resolve(store, name, version)
-        loaded = art.load_artifact(path)  # verify here, so a bad artifact fails the deploy loudly
+        # A path, or a URI each replica fetches on its own node: a store on a volume every node mounts, or in S3.
+        location = store.location(name, version)
+        loaded = art.load_artifact(location)  # verify here, so a bad artifact fails the deploy loudly
+        path = loaded.path
         manifests[name] = loaded.manifest.model_dump()
         if art.CALIBRATION in loaded.contents:  # optional: without it, anomaly answers 400 not_calibrated
             calibrations[name] = loaded.json(art.CALIBRATION)
@@ -517,7 +521,7 @@ def build(args: AppArgs, overrides: dict[str, dict[str, Any]] | None = None):
             deployment = ImageModelDeployment.options(name=name, **overrides.get(name, {}))
         else:
             deployment = DensityModel.options(name=name, **overrides.get(name, {}))
-        handles[name] = deployment.bind(str(path.resolve()))
+        handles[name] = deployment.bind(location)
     gateway = Gateway.options(**overrides.get("Gateway", {}))
     return gateway.bind(handles, manifests, calibrations, args.limits.model_dump(), tokenizers)
 

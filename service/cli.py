@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -13,6 +15,7 @@ import typer
 import yaml
 
 from training import artifact as art
+from training.store import LocalStore, open_store
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="genserve: exact-likelihood generative models, trained and served on Ray Serve.")
@@ -22,8 +25,9 @@ import_app = typer.Typer(no_args_is_help=True, help="Import a pretrained model a
 app.add_typer(import_app, name="import")
 
 StoreOption = Annotated[
-    Path | None,
-    typer.Option("--store", help="model store directory [default: $GENSERVE_STORE or ./model-store]"),
+    str | None,
+    typer.Option("--store", help="model store: a directory, file:///path or s3://bucket/prefix [default: "
+                                 "$GENSERVE_STORE or ./model-store]"),
 ]
 
 # What `genserve serve` trains on first run, each one that is missing from the store: minutes at
@@ -71,11 +75,32 @@ def train_gmm_command(
         label_column=label_column, exclude_classes=exclude_class or None, export_onnx=onnx,
     )
     try:
-        path = train_gmm(cfg, art.store_path(store))
+        with writable_store(store) as root:
+            path = train_gmm(cfg, root)
     except (ValueError, FileNotFoundError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2) from None
     _print_summary(path)
+
+
+@contextlib.contextmanager
+def writable_store(store: str | None) -> Iterator[Path]:
+    """The local directory a training command writes its artifact into: the store itself, or for an object store
+    a local mirror whose new versions are uploaded when the command's block ends (training/store.py)."""
+    opened = open_store(store)
+    try:
+        root = opened.begin_writing()
+    except OSError as e:
+        typer.secho(f"error: store {opened}: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    yield root  # what the block raises propagates, and nothing is uploaded
+    try:
+        uploaded = opened.finish_writing()
+    except (OSError, art.ArtifactError) as e:
+        typer.secho(f"error: uploading to {opened}: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    for uri in uploaded:
+        typer.echo(f"uploaded to {uri}")
 
 
 def _print_summary(path: Path) -> None:
@@ -114,6 +139,9 @@ def train_text_command(
     threads: Annotated[int | None, typer.Option(help="CPU threads [default: one per core; tiny preset: 1]")] = None,
     resume: Annotated[bool, typer.Option(help="continue from the checkpoint of a run with the same settings")] = False,
     onnx: Annotated[bool, typer.Option(help="gpt: also export the prefill and decode graphs")] = True,
+    workers: Annotated[int, typer.Option(min=0, help="gpt, lstm: train data-parallel on this many Ray Train "
+                                                     "workers (of $RAY_ADDRESS's cluster, else a local Ray); "
+                                                     "checkpoints go to STORE/.checkpoints/ray/NAME/")] = 0,
 ) -> None:
     """A language model on text: GPT, char LSTM or n-gram, with an exact validation NLL in bits per character."""
     from training.text_pipeline import MODEL_KINDS, PRESETS, TextTrainConfig, train_text
@@ -126,11 +154,14 @@ def train_text_command(
         name=name, dataset=dataset, tokenizer=tokenizer, bpe_vocab_size=bpe_vocab_size, model=model, preset=preset,
         n_layer=n_layer, n_head=n_head, n_embd=n_embd, hidden_size=hidden_size, context_length=context_length,
         order=order, max_iters=max_iters, batch_size=batch_size, learning_rate=lr, lr_decay_iters=lr_decay_iters,
-        seed=seed, device=device, threads=threads, resume=resume, export_onnx=onnx,
+        seed=seed, device=device, threads=threads, resume=resume, export_onnx=onnx, workers=workers,
     )
     try:
-        path = train_text(cfg, art.store_path(store))
-    except (ValueError, FileNotFoundError, art.ArtifactError) as e:
+        # Ray Train's checkpoints go to the store itself (every worker must reach them), not to a local mirror.
+        checkpoints = open_store(store).subpath(".checkpoints", "ray")
+        with writable_store(store) as root:
+            path = train_text(cfg, root, checkpoints=checkpoints)
+    except (ValueError, FileNotFoundError, RuntimeError, art.ArtifactError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2) from None
     except KeyboardInterrupt as e:
@@ -148,7 +179,7 @@ def _train_image(
     name: str,
     conditional: bool,
     preset: str,
-    store: Path | None,
+    store: str | None,
     epochs: int | None,
     batch_size: int | None,
     lr: float | None,
@@ -159,6 +190,9 @@ def _train_image(
     threads: int | None,
     onnx: bool,
     exclude_class: list[int] | None = None,
+    schedule_epochs: int | None = None,
+    resume: bool = False,
+    workers: int = 0,
 ) -> None:
     from training.image_pipeline import ImageTrainConfig, train_image
 
@@ -174,9 +208,12 @@ def _train_image(
     cfg = ImageTrainConfig(model=kind, dataset=dataset, name=name, conditional=conditional, preset=preset,
                            epochs=epochs, batch_size=batch_size, learning_rate=lr, architecture=overrides or None,
                            sample_every=sample_every, seed=seed, device=device, threads=threads, export_onnx=onnx,
-                           exclude_classes=exclude_class or None)
+                           exclude_classes=exclude_class or None, schedule_epochs=schedule_epochs,
+                           resume=resume, workers=workers)
     try:
-        path = train_image(cfg, art.store_path(store))
+        checkpoints = open_store(store).subpath(".checkpoints", "ray")  # Ray Train's: where every worker reaches
+        with writable_store(store) as root:
+            path = train_image(cfg, root, checkpoints=checkpoints)
     except (ValueError, FileNotFoundError, RuntimeError, art.ArtifactError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2) from None
@@ -207,9 +244,17 @@ def _image_command(kind: str, summary: str) -> None:
         onnx: Annotated[bool, typer.Option(help="also export log_prob to ONNX (checked to 1e-4)")] = True,
         exclude_class: Annotated[list[int] | None, typer.Option(help="leave this class out of every split, "
                                                                      "repeatable (anomaly detection)")] = None,
+        schedule_epochs: Annotated[int | None, typer.Option(help="epochs the learning-rate decay spans "
+                                                                 "[default: --epochs]; to stop early and --resume "
+                                                                 "later")] = None,
+        resume: Annotated[bool, typer.Option(help="continue from the checkpoint of a run with the same "
+                                                  "settings")] = False,
+        workers: Annotated[int, typer.Option(min=0, help="train data-parallel on this many Ray Train workers (of "
+                                                         "$RAY_ADDRESS's cluster, else a local Ray); checkpoints "
+                                                         "go to STORE/.checkpoints/ray/NAME/")] = 0,
     ) -> None:
         _train_image(kind, dataset, name, conditional, preset, store, epochs, batch_size, lr, arch, sample_every,
-                     seed, device, threads, onnx, exclude_class)
+                     seed, device, threads, onnx, exclude_class, schedule_epochs, resume, workers)
 
     command.__doc__ = summary
     train_app.command(kind)(command)
@@ -234,7 +279,8 @@ def import_hf_command(
     from training.hf_import import import_hf_gpt2
 
     try:
-        path = import_hf_gpt2(directory, name, art.store_path(store), export_onnx=onnx)
+        with writable_store(store) as root:
+            path = import_hf_gpt2(directory, name, root, export_onnx=onnx)
     except (ValueError, FileNotFoundError) as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2) from None
@@ -248,8 +294,12 @@ def import_hf_command(
 @app.command("models")
 def list_models_command(store: StoreOption = None) -> None:
     """List the models and versions in the store."""
-    root = art.store_path(store)
-    models = art.list_models(root)
+    root = open_store(store)
+    try:
+        models = root.list_models()
+    except (ValueError, art.ArtifactError) as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
     if not models:
         typer.echo(f"no models in {root}")
     for name, versions in models.items():
@@ -298,10 +348,16 @@ def score_command(
     typer.echo(summary.report())
 
 
-def train_defaults(store: Path) -> None:
+def train_defaults(store: str | None) -> None:
     """Train each default model the store does not have yet."""
-    missing = {n: spec for n, spec in DEFAULT_MODELS.items() if not art.versions(store, n)}
-    for name, spec in missing.items():
+    missing = {n: spec for n, spec in DEFAULT_MODELS.items() if not open_store(store).versions(n)}
+    if missing:
+        with writable_store(store) as root:
+            _train_models(missing, root)
+
+
+def _train_models(models: dict[str, dict[str, Any]], store: Path) -> None:
+    for name, spec in models.items():
         settings = {k: v for k, v in spec.items() if k != "kind"}
         typer.echo(f"training default model {name!r} ({settings['dataset']}) into {store}")
         if spec["kind"] == "gmm":
@@ -386,11 +442,16 @@ def serve_command(
     http, args, overrides = read_serve_config(config)
     if store is not None:
         args["store"] = str(store)
-    root = art.store_path(args.get("store"))
-    args["store"] = str(root.resolve())
+    try:
+        root = open_store(args.get("store"))
+    except ValueError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
+    # Replicas on every node open the same store: a local one by its absolute path.
+    args["store"] = str(root.root.resolve()) if isinstance(root, LocalStore) else root.uri
     if train_defaults_:
-        train_defaults(root)
-    if not art.list_models(root):
+        train_defaults(args["store"])
+    if not root.list_models():
         typer.secho(f"error: no models in {root}; train one with `genserve train`", fg="red", err=True)
         raise typer.Exit(2)
 

@@ -144,7 +144,7 @@ def load_image_model(path: str | Path, runtime: RuntimeName = "auto", device: st
     """Verify an image artifact and load it: the torch module on `device` (default CUDA when available, else
     the CPU) and the scoring runtime; 'auto' is the faster of torch and ONNX Runtime on this machine, measured
     at load, when the artifact has model.onnx, else torch."""
-    loaded = art.load_artifact(Path(path))
+    loaded = art.load_artifact(str(path))
     device = device or pick_device()
     module = build_image_module(loaded).to(device)
     build: dict[str, Callable[[], ImageRuntime]] = {

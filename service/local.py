@@ -32,7 +32,7 @@ class LocalScorer:
     """One model of any kind, loaded from its artifact for scoring on this process's device."""
 
     def __init__(self, path: str | Path, runtime: str = "auto", device: str | None = None):
-        loaded = art.load_artifact(Path(path))
+        loaded = art.load_artifact(str(path))
         self.manifest = loaded.manifest
         self.name = loaded.manifest.name
         self.input_type = loaded.manifest.input.type
@@ -55,7 +55,9 @@ class LocalScorer:
     @classmethod
     def from_store(cls, store: str | Path | None, name: str, version: str = "latest", runtime: str = "auto",
                    device: str | None = None) -> LocalScorer:
-        return cls(art.resolve(art.store_path(store), name, version), runtime, device)
+        from training.store import open_store
+
+        return cls(open_store(store).location(name, version), runtime, device)
 
     # ---- public ----------------------------------------------------------------------------------
 

@@ -207,7 +207,7 @@ class LoadedModel:
 
 def load_model(path: str, runtime: RuntimeName = "auto", device: str | None = None) -> LoadedModel:
     """Verify and load an artifact directory into the requested runtime."""
-    loaded = art.load_artifact(Path(path))
+    loaded = art.load_artifact(str(path))
     device = device or pick_device()
     module = build_gmm(loaded)
     build: dict[str, Callable[[], DensityRuntime]] = {

@@ -82,7 +82,7 @@ def resolve_text_runtime(runtime: RuntimeName) -> str:
 
 
 def load_text_model(path: str | Path, runtime: RuntimeName = "auto", device: str | None = None) -> LoadedTextModel:
-    loaded = art.load_artifact(Path(path))
+    loaded = art.load_artifact(str(path))
     tokenizer = load_tokenizer(loaded)
     device = device or pick_device()
     module = build_text_module(loaded).to(device)

@@ -237,8 +237,13 @@ def write_artifact(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_artifact(path: Path) -> Artifact:
-    """Read and verify an artifact directory; raise ArtifactError naming the file and the problem."""
+def load_artifact(path: Path | str) -> Artifact:
+    """Read and verify an artifact directory; raise ArtifactError naming the file and the problem. `path` may also
+    be a file:// or s3:// URI of a version directory, fetched into the local cache first (training/store.py)."""
+    if isinstance(path, str):
+        from training.store import fetch_artifact
+
+        path = fetch_artifact(path)
     manifest_path = path / MANIFEST
     try:
         raw = json.loads(manifest_path.read_bytes())

@@ -21,19 +21,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor, nn
 
 from models.image import ImageModel
 from models.registry import IMAGE_KINDS, build_image_model, image_classes
 from training import artifact
 from training.anomaly import compute_scores, png_bits
 from training.calibration import CalibrationSet
+from training.checkpoints import LocalRun, read_checkpoint, restore_checkpoint, write_checkpoint
 from training.image_data import DATASETS, ImageDataset, ImageSplit, load_image_dataset, without_classes
 from training.reference import fit_local_pixels, reference_files
 from training.runs import figure_png, pick_device, progress_bar, threads_for
 from training.text_pipeline import LOSS_CURVE, TRAINING_LOG
 
 TRAINING_DIR = ".training"  # STORE/.training/NAME/: sample grids written during training
+CHECKPOINTS = ".checkpoints"  # STORE/.checkpoints/NAME/: the last epoch's checkpoint (training/checkpoints.py)
+BEST = "best.safetensors"  # in a checkpoint: the weights of the best epoch so far
+# Fields that may differ between a checkpoint and the run resuming it: none of them changes what is trained.
+RESUME_MAY_DIFFER = frozenset({"epochs", "device", "threads", "resume", "export_onnx", "workers", "sample_every",
+                               "grid_size"})
 EVAL_BATCH = 250
 
 # Presets: per dataset and model kind, the architecture (fields of the model's config) and the optimisation.
@@ -100,6 +108,8 @@ class ImageTrainConfig:
     conditional: bool = False
     preset: str = "default"
     epochs: int | None = None
+    schedule_epochs: int | None = None  # the cosine decay's length in epochs; None: `epochs` (set it to stop early
+    # and --resume later on the same schedule)
     batch_size: int | None = None
     learning_rate: float | None = None
     weight_decay: float = 0.0
@@ -113,6 +123,9 @@ class ImageTrainConfig:
     device: str | None = None
     threads: int | None = None
     export_onnx: bool = True
+    resume: bool = False  # continue from the checkpoint of an interrupted run with the same settings
+    # 0: train in this process; N: data-parallel on N Ray Train workers (training/distributed.py)
+    workers: int = 0
 
     def resolved(self) -> ImageTrainConfig:
         if self.model not in IMAGE_KINDS:
@@ -134,7 +147,9 @@ class ImageTrainConfig:
             batch_size=self.batch_size if self.batch_size is not None else preset["batch_size"],
             learning_rate=self.learning_rate if self.learning_rate is not None else preset["learning_rate"],
         )
-        for field in ("epochs", "batch_size"):
+        if cfg.schedule_epochs is None:
+            cfg.schedule_epochs = cfg.epochs
+        for field in ("epochs", "schedule_epochs", "batch_size"):
             if getattr(cfg, field) < 1:
                 raise ValueError(f"{field} must be at least 1, got {getattr(cfg, field)}")
         if not cfg.learning_rate > 0:
@@ -142,6 +157,12 @@ class ImageTrainConfig:
         if cfg.exclude_classes and cfg.conditional:
             raise ValueError("exclude_classes is for unconditional models: a class-conditional model's prior "
                              "would give the excluded classes probability 0")
+        if cfg.workers < 0:
+            raise ValueError(f"workers must be 0 (this process) or a positive number of Ray Train workers, "
+                             f"got {cfg.workers}")
+        if cfg.workers and cfg.batch_size % cfg.workers:
+            raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of workers {cfg.workers}: each "
+                             f"worker takes an equal share of every batch")
         artifact.validate_name(cfg.name)
         return cfg
 
@@ -153,15 +174,31 @@ class ImageTrainConfig:
 # ---- likelihoods --------------------------------------------------------------------------------------------------
 
 
+class ImageNLL(nn.Module):
+    """Mean -log p(x | y) over a batch, nats per image, as a module's forward: what DistributedDataParallel wraps
+    (it synchronises gradients only for work done through forward)."""
+
+    def __init__(self, model: ImageModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: Tensor, labels: Tensor | None, mask: int | None) -> Tensor:
+        if mask is not None:
+            log_prob, _ = self.model.score_with_mask(x, labels, mask)
+        else:
+            log_prob, _ = self.model.score_given(x, labels)
+        return -log_prob.mean()
+
+
+def draw_mask(model: ImageModel, generator: torch.Generator) -> int | None:
+    """MADE: one of its orderings, drawn per batch (order-agnostic training); other models have one."""
+    n_masks = getattr(model, "n_masks", None)
+    return int(torch.randint(n_masks, (1,), generator=generator)) if n_masks else None
+
+
 def batch_nll(model: ImageModel, x: Tensor, labels: Tensor | None, generator: torch.Generator) -> Tensor:
     """Mean -log p(x | y) over the batch, nats per image; MADE on one of its orderings, drawn per batch."""
-    n_masks = getattr(model, "n_masks", None)
-    if n_masks:
-        mask = int(torch.randint(n_masks, (1,), generator=generator))
-        log_prob, _ = model.score_with_mask(x, labels, mask)
-    else:
-        log_prob, _ = model.score_given(x, labels)
-    return -log_prob.mean()
+    return ImageNLL(model)(x, labels, draw_mask(model, generator))
 
 
 @torch.no_grad()
@@ -187,15 +224,30 @@ def training_dir(store: Path, name: str) -> Path:
     return store / TRAINING_DIR / name
 
 
-def train_image(cfg: ImageTrainConfig, store: Path, progress: bool = True) -> Path:
-    """Train, evaluate, calibrate and export an image model; returns the new artifact's directory."""
+def train_image(cfg: ImageTrainConfig, store: Path, progress: bool = True, checkpoints: str | None = None) -> Path:
+    """Train, evaluate, calibrate and export an image model; returns the new artifact's directory. With
+    `cfg.workers`, Ray Train keeps its checkpoints under `checkpoints` (default STORE/.checkpoints/ray)."""
     cfg = cfg.resolved()
-    device = pick_device(cfg.device)
+    device = pick_device(None if cfg.workers else cfg.device)  # distributed: `device` is the workers'
+    checkpoints = checkpoints or str((store / CHECKPOINTS / "ray").resolve())
     with threads_for(device, cfg.threads):
-        return _train_image(cfg, store, device, progress)
+        return _train_image(cfg, store, device, progress, checkpoints)
 
 
-def _train_image(cfg: ImageTrainConfig, store: Path, device: torch.device, progress: bool) -> Path:
+def _comparable(cfg: ImageTrainConfig) -> dict[str, Any]:
+    return {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in RESUME_MAY_DIFFER}
+
+
+def image_module(cfg: ImageTrainConfig, data: ImageDataset, train: ImageSplit, device: torch.device) -> ImageModel:
+    """The untrained module of a run, initialised from the run's seed."""
+    torch.manual_seed(cfg.seed)
+    model = build_image_model(cfg.model, cfg.model_config(data)).to(device)
+    if cfg.conditional:
+        model.set_class_prior(torch.from_numpy(train.labels).to(device))
+    return model
+
+
+def _train_image(cfg: ImageTrainConfig, store: Path, device: torch.device, progress: bool, checkpoints: str) -> Path:
     started = time.perf_counter()
     data = load_image_dataset(cfg.dataset)
     if cfg.exclude_classes:
@@ -203,15 +255,33 @@ def _train_image(cfg: ImageTrainConfig, store: Path, device: torch.device, progr
     train = data.train
     if cfg.max_train_images is not None:
         train = ImageSplit(train.images[: cfg.max_train_images], train.labels[: cfg.max_train_images])
-    torch.manual_seed(cfg.seed)
-    model = build_image_model(cfg.model, cfg.model_config(data)).to(device)
-    if cfg.conditional:
-        model.set_class_prior(torch.from_numpy(train.labels).to(device))
+    saved = saved_files = None
+    if cfg.resume:
+        if cfg.workers:
+            from training.distributed import latest_checkpoint
+
+            saved, saved_files = latest_checkpoint(checkpoints, cfg.name)
+        else:
+            saved, saved_files = read_checkpoint(store / CHECKPOINTS / cfg.name)
+        differ = [f"{k} (checkpoint {saved['config'].get(k)!r}, now {v!r})"
+                  for k, v in _comparable(cfg).items() if saved["config"].get(k) != v]
+        if differ:
+            raise ValueError(f"cannot resume {cfg.name!r}: the configuration differs from the checkpoint's in "
+                             f"{'; '.join(differ)}. Run with the checkpoint's settings, or without --resume")
+    model = image_module(cfg, data, train, device)
     n_parameters = sum(p.numel() for p in model.parameters())
     out_dir = training_dir(store, cfg.name)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    model, history, train_seconds = _fit(cfg, model, data, train, device, out_dir, progress)
+    if cfg.workers:
+        from training.distributed import train_image_data_parallel
+
+        model, history, train_seconds = train_image_data_parallel(cfg, data, train, device, checkpoints,
+                                                                  resume=saved is not None)
+    else:
+        run = LocalRun(store / CHECKPOINTS / cfg.name)
+        model, history, train_seconds = _fit(cfg, model, data, train, device, out_dir, progress, run, saved,
+                                             saved_files)
 
     model.eval()
     evaluation_started = time.perf_counter()
@@ -269,50 +339,88 @@ def _train_image(cfg: ImageTrainConfig, store: Path, device: torch.device, progr
 
 
 def _fit(cfg: ImageTrainConfig, model: ImageModel, data: ImageDataset, train: ImageSplit, device: torch.device,
-         out_dir: Path, progress: bool) -> tuple[ImageModel, dict[str, Any], float]:
+         out_dir: Path | None, progress: bool, run: LocalRun, saved: dict[str, Any] | None = None,
+         saved_files: dict[str, bytes] | None = None) -> tuple[ImageModel, dict[str, Any], float]:
+    """Adam over the epochs, validation after each, a checkpoint after each; the best epoch's weights are kept.
+    Distributed (`run` a Ray Train worker's), every process draws the same permutation and takes its share of each
+    batch; a last batch is cut to a multiple of the number of processes."""
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(train.images) / cfg.batch_size)
-    total_steps = cfg.epochs * steps_per_epoch
+    total_steps = cfg.schedule_epochs * steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
     images = torch.from_numpy(train.images).to(device)
     labels = torch.from_numpy(train.labels).to(device) if cfg.conditional else None
-    history: dict[str, Any] = {"n_pixels": model.n_pixels, "train": [], "epochs": [], "best_epoch": 0}
-    best_state, best_val = None, math.inf
-    seconds = 0.0
+    history: dict[str, Any] = {"n_pixels": model.n_pixels, "train": [], "epochs": [], "best_epoch": 0,
+                               "training_seconds": 0.0}
+    best_state, best_val, start = None, math.inf, 0
+    generators = {"batches": generator}
+    if saved is not None:
+        restore_checkpoint(saved, saved_files, model, optimizer, generators, device)
+        scheduler.load_state_dict(saved["scheduler"])
+        start, history, best_val = saved["epoch"], saved["history"], saved["best_validation_nll"]
+        if BEST in saved_files:
+            best_state = {k: v.to(device) for k, v in load_safetensors(saved_files[BEST]).items()}
+        history.setdefault("resumed_at", []).append(start)
+    stepped = run.wrap(ImageNLL(model))
+    seconds = history["training_seconds"]
+    comparable = _comparable(cfg)
     shown = {"loss": ("bits/dim {}", ".4f"), "val": ("val {}", ".4f")}
-    with progress_bar(progress, f"{cfg.model} {cfg.name}", total_steps, shown) as bar:
-        for epoch in range(1, cfg.epochs + 1):
+    if start > cfg.epochs:
+        raise ValueError(f"cannot resume {cfg.name!r}: the checkpoint is at epoch {start}, past epochs {cfg.epochs}")
+    bar_ = progress_bar(progress, f"{cfg.model} {cfg.name}", cfg.epochs * steps_per_epoch, shown,
+                        start * steps_per_epoch)
+    with bar_ as bar:
+        for epoch in range(start + 1, cfg.epochs + 1):
             epoch_started = time.perf_counter()
             model.train()
             order = torch.randperm(len(images), generator=generator).to(device)
             losses = []
             for i in range(steps_per_epoch):
                 idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                loss = batch_nll(model, images[idx], None if labels is None else labels[idx], generator)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
+                idx = idx[: len(idx) - len(idx) % run.world]
+                mask = draw_mask(model, generator)
+                if len(idx):
+                    x, y = run.shard(images[idx], None if labels is None else labels[idx])
+                    loss = stepped(x, y, mask)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()  # distributed: the gradients are averaged over the processes here
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                    optimizer.step()
+                    losses.append(float(run.mean(loss.detach())))
+                    history["train"].append([(epoch - 1) * steps_per_epoch + i + 1, losses[-1]])
                 scheduler.step()
-                losses.append(loss.item())
-                history["train"].append([(epoch - 1) * steps_per_epoch + i + 1, losses[-1]])
                 bar((epoch - 1) * steps_per_epoch + i + 1, {"loss": losses[-1] / model.n_pixels / math.log(2)})
             seconds += time.perf_counter() - epoch_started
-            model.eval()
-            val = float(-split_log_probs(model, data.validation, device, given_labels=cfg.conditional).mean())
-            history["epochs"].append({"epoch": epoch, "step": epoch * steps_per_epoch,
-                                      "train_nll": float(np.mean(losses)), "validation_nll": val,
-                                      "seconds": round(seconds, 2)})
-            bar(epoch * steps_per_epoch, {"val": val / model.n_pixels / math.log(2)})
-            if val < best_val:
-                best_val, history["best_epoch"] = val, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            if cfg.sample_every and epoch % cfg.sample_every == 0 and epoch < cfg.epochs:
-                grid = sample_grid(model, cfg, torch.Generator(device=device).manual_seed(cfg.seed))
-                (out_dir / f"samples-epoch-{epoch:03d}.png").write_bytes(grid)
-    model.load_state_dict(best_state)
+            metrics: dict[str, Any] = {"epoch": epoch}
+            if run.chief:
+                model.eval()
+                val = float(-split_log_probs(model, data.validation, device, given_labels=cfg.conditional).mean())
+                history["epochs"].append({"epoch": epoch, "step": epoch * steps_per_epoch,
+                                          "train_nll": float(np.mean(losses)), "validation_nll": val,
+                                          "seconds": round(seconds, 2)})
+                bar(epoch * steps_per_epoch, {"val": val / model.n_pixels / math.log(2)})
+                if val < best_val:
+                    best_val, history["best_epoch"] = val, epoch
+                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+                if out_dir is not None and cfg.sample_every and epoch % cfg.sample_every == 0 and epoch < cfg.epochs:
+                    grid = sample_grid(model, cfg, torch.Generator(device=device).manual_seed(cfg.seed))
+                    (out_dir / f"samples-epoch-{epoch:03d}.png").write_bytes(grid)
+                metrics.update(train_nll=float(np.mean(losses)), validation_nll=val)
+            history["training_seconds"] = seconds
+
+            def write(directory: Path, epoch: int = epoch, best_state: dict | None = best_state,
+                      best_val: float = best_val) -> None:
+                best = {} if best_state is None else {
+                    BEST: save_safetensors({k: v.contiguous().cpu() for k, v in best_state.items()})}
+                write_checkpoint(directory, model, optimizer, generators, {
+                    "epoch": epoch, "config": comparable, "history": history, "best_validation_nll": best_val,
+                    "scheduler": scheduler.state_dict()}, best)
+
+            run.checkpoint(write, metrics)
+    if best_state is not None:  # only the process that evaluates has one
+        model.load_state_dict(best_state)
     return model, history, seconds
 
 

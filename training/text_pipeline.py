@@ -43,9 +43,7 @@ import hashlib
 import itertools
 import json
 import math
-import shutil
 import signal
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -56,14 +54,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from models.lm import score_token_lists
 from training import artifact
 from training.anomaly import compute_scores, paragraphs, text_lines
 from training.calibration import LINE, CalibrationSet
+from training.checkpoints import LocalRun, read_checkpoint, restore_checkpoint, write_checkpoint
 from training.reference import fit_bigram, reference_files
 from training.runs import figure_png, pick_device, progress_bar, threads_for
 from training.text_data import VALIDATION_PLAYS, encode_documents, load_shakespeare, random_windows, split_by_play
@@ -123,8 +120,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 # Fields that may differ between a checkpoint and the run resuming it: none of them changes the trajectory.
+# `workers` too: every worker count trains on the same global batches, from one generator the checkpoint holds.
 RESUME_MAY_DIFFER = frozenset({"max_iters", "eval_interval", "eval_iters", "checkpoint_interval", "device", "threads",
-                               "resume", "export_onnx"})
+                               "resume", "export_onnx", "workers"})
 
 
 @dataclass
@@ -167,6 +165,9 @@ class TextTrainConfig:
     threads: int | None = None  # CPU intra-op threads; None: one per core (tiny models run faster on one)
     resume: bool = False
     export_onnx: bool = True  # GPT: also write the prefill and decode graphs for ONNX Runtime
+    # 0: train in this process; N: data-parallel on N Ray Train workers (training/distributed.py), each computing
+    # the gradient of batch_size / N windows of the same global batch, checkpoints in the store
+    workers: int = 0
 
     def resolved(self) -> TextTrainConfig:
         """A copy with every preset field filled in and the derived ones computed; checks the values."""
@@ -193,6 +194,14 @@ class TextTrainConfig:
         if self.tokenizer == "bpe" and self.bpe_vocab_size < 257:
             raise ValueError(f"bpe_vocab_size must be at least 257 (256 bytes and the special token), "
                              f"got {self.bpe_vocab_size}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be 0 (this process) or a positive number of Ray Train workers, "
+                             f"got {self.workers}")
+        if self.workers and self.model == "ngram":
+            raise ValueError("an n-gram model is fitted by counting in one pass; --workers is for the gpt and lstm")
+        if self.workers and self.batch_size % self.workers:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of workers {self.workers}: each "
+                             f"worker takes an equal share of every batch")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be at least 1, got {self.threads}")
         if not 0 < self.validation_fraction < 1:
@@ -449,87 +458,6 @@ def _comparable(cfg: TextTrainConfig) -> dict[str, Any]:
     return {k: v for k, v in asdict(cfg).items() if k not in RESUME_MAY_DIFFER}
 
 
-def write_checkpoint(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
-                     generators: dict[str, torch.Generator], state: dict[str, Any], tokenizer: TextTokenizer) -> None:
-    """Atomically replace `directory` with a new checkpoint: written beside it, then renamed into place."""
-    opt = optimizer.state_dict()
-    tensors: dict[str, Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for index, entry in opt["state"].items():
-        for key, value in entry.items():
-            if isinstance(value, Tensor) and value.dim() > 0:
-                tensors[f"state.{index}.{key}"] = value.detach().contiguous().cpu()
-            elif isinstance(value, Tensor):
-                scalars.setdefault(str(index), {})[key] = {"value": value.item(), "dtype": str(value.dtype)[6:],
-                                                           "device": str(value.device)}
-            else:
-                scalars.setdefault(str(index), {})[key] = {"value": value}
-    rng = {f"generator.{name}": g.get_state() for name, g in generators.items()}
-    rng["torch"] = torch.get_rng_state()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            rng[f"cuda.{i}"] = s
-    numpy_state = np.random.get_state()
-    full_state = {
-        **state,
-        "optimizer": {"param_groups": opt["param_groups"], "scalars": scalars},
-        "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *map(_plain, numpy_state[2:])],
-        "torch_version": torch.__version__,
-    }
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}-writing-", dir=directory.parent))
-    try:
-        (tmp / "model.safetensors").write_bytes(artifact.module_weights(model))
-        (tmp / "optimizer.safetensors").write_bytes(save_safetensors(tensors))
-        (tmp / "rng.safetensors").write_bytes(save_safetensors({k: v.contiguous() for k, v in rng.items()}))
-        (tmp / artifact.TOKENIZER).write_text(tokenizer.to_json())
-        (tmp / "state.json").write_text(json.dumps(full_state, indent=1) + "\n")
-        old = directory.parent / f".{directory.name}-old"
-        if old.exists():
-            shutil.rmtree(old)
-        if directory.exists():
-            directory.rename(old)  # a crash from here to the next rename leaves the previous checkpoint at `old`
-        tmp.rename(directory)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def read_checkpoint(directory: Path) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """(state.json, file bytes) of the checkpoint in `directory`, or of the one a crash left half-replaced."""
-    old = directory.parent / f".{directory.name}-old"
-    source = directory if (directory / "state.json").is_file() else old
-    if not (source / "state.json").is_file():
-        raise FileNotFoundError(f"no checkpoint to resume from in {directory}")
-    files = {f: (source / f).read_bytes() for f in ("model.safetensors", "optimizer.safetensors",
-                                                      "rng.safetensors", artifact.TOKENIZER)}
-    return json.loads((source / "state.json").read_text()), files
-
-
-def restore_optimizer(optimizer: torch.optim.Optimizer, saved: dict[str, Any], tensors: dict[str, Tensor],
-                      device: torch.device) -> None:
-    state: dict[int, dict[str, Any]] = {}
-    for key, tensor in tensors.items():
-        _, index, name = key.split(".", 2)
-        state.setdefault(int(index), {})[name] = tensor.to(device)
-    for index, entries in saved["scalars"].items():
-        for name, entry in entries.items():
-            if "dtype" in entry:
-                value: Any = torch.tensor(entry["value"], dtype=getattr(torch, entry["dtype"]))
-                if entry["device"] != "cpu":
-                    value = value.to(device)
-            else:
-                value = entry["value"]
-            state.setdefault(int(index), {})[name] = value
-    groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in saved["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-
-
 def check_resumable(saved: dict[str, Any], cfg: TextTrainConfig, data_sha256: str) -> None:
     before, now = saved["config"], _comparable(cfg)
     differ = [f"{k} (checkpoint {before.get(k)!r}, now {now.get(k)!r})" for k in sorted(set(before) | set(now))
@@ -544,22 +472,30 @@ def check_resumable(saved: dict[str, Any], cfg: TextTrainConfig, data_sha256: st
 # ---- the run --------------------------------------------------------------------------------------------------
 
 
-def train_text(cfg: TextTrainConfig, store: Path, progress: bool = True) -> Path:
+def train_text(cfg: TextTrainConfig, store: Path, progress: bool = True, checkpoints: str | None = None) -> Path:
     """Train (or fit) a text model, evaluate it on the whole validation stream, and write a new artifact version;
-    returns its directory."""
+    returns its directory. With `cfg.workers`, Ray Train keeps its checkpoints under `checkpoints` (a path or
+    URI every worker reaches; default STORE/.checkpoints/ray)."""
     cfg = cfg.resolved()
-    device = pick_device(cfg.device)
+    # Distributed, `device` names the workers' device; this process evaluates on whatever it has.
+    device = pick_device(None if cfg.workers else cfg.device)
+    checkpoints = checkpoints or str((store / CHECKPOINTS / "ray").resolve())
     with threads_for(device, cfg.threads):
-        return _train_text(cfg, store, device, progress)
+        return _train_text(cfg, store, device, progress, checkpoints)
 
 
-def _train_text(cfg: TextTrainConfig, store: Path, device: torch.device, progress: bool) -> Path:
+def _train_text(cfg: TextTrainConfig, store: Path, device: torch.device, progress: bool, checkpoints: str) -> Path:
     started = time.perf_counter()
     saved, saved_files, tokenizer = None, None, None
     if cfg.resume:
         if cfg.model == "ngram":
             raise ValueError("an n-gram model is fitted by counting in one pass; there is nothing to resume")
-        saved, saved_files = read_checkpoint(checkpoint_dir(store, cfg.name))
+        if cfg.workers:
+            from training.distributed import latest_checkpoint
+
+            saved, saved_files = latest_checkpoint(checkpoints, cfg.name)
+        else:
+            saved, saved_files = read_checkpoint(checkpoint_dir(store, cfg.name))
         tokenizer = TextTokenizer.from_json(saved_files[artifact.TOKENIZER], saved["config"]["tokenizer"],
                                             saved["bos_token_id"], saved["eos_token_id"])
     data = prepare_data(cfg, tokenizer)
@@ -578,7 +514,14 @@ def _train_text(cfg: TextTrainConfig, store: Path, device: torch.device, progres
             if stream.numel() <= cfg.context_length + 1:
                 raise ValueError(f"the {split} split has {stream.numel()} tokens, too few for windows of "
                                  f"context_length {cfg.context_length}; use a shorter context or more text")
-        module, history, train_seconds = _train_network(cfg, data, device, store, saved, saved_files, progress)
+        if cfg.workers:
+            from training.distributed import train_text_data_parallel
+
+            module, history, train_seconds = train_text_data_parallel(cfg, data, device, checkpoints,
+                                                                      resume=saved is not None)
+        else:
+            run = LocalRun(checkpoint_dir(store, cfg.name))
+            module, history, train_seconds = _train_network(cfg, data, device, run, saved, saved_files, progress)
         iterations = cfg.max_iters
         tokens_seen = iterations * cfg.batch_size * cfg.context_length
         train_loss = history["evaluations"][-1]["train_loss"]
@@ -727,13 +670,14 @@ def _fit_ngram(cfg: TextTrainConfig, data: TextData, device: torch.device,
     return model, history, by_order[-1]["train_loss"], seconds
 
 
-def _train_network(cfg: TextTrainConfig, data: TextData, device: torch.device, store: Path,
+def _train_network(cfg: TextTrainConfig, data: TextData, device: torch.device, run: LocalRun,
                    saved: dict[str, Any] | None, saved_files: dict[str, bytes] | None,
                    progress: bool) -> tuple[nn.Module, dict[str, Any], float]:
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     model = build_module(cfg, data.tokenizer.vocab_size).to(device)
     optimizer = make_optimizer(model, cfg, device)
+    stepped = run.wrap(model)  # forward and backward; `model` itself evaluates and is saved
     batches = torch.Generator().manual_seed(cfg.seed)  # training windows
     evals = torch.Generator().manual_seed(cfg.seed + 1)  # loss estimates, apart so they never change training
     generators = {"batches": batches, "evals": evals}
@@ -741,31 +685,21 @@ def _train_network(cfg: TextTrainConfig, data: TextData, device: torch.device, s
     history: dict[str, Any] = {"kind": cfg.model, "train": [], "evaluations": [], "training_seconds": 0.0}
     start = 0
     if saved is not None:
-        artifact.load_module_weights(model, saved_files["model.safetensors"], "checkpoint model.safetensors")
-        restore_optimizer(optimizer, saved["optimizer"], load_safetensors(saved_files["optimizer.safetensors"]),
-                          device)
-        rng = load_safetensors(saved_files["rng.safetensors"])
-        for name, g in generators.items():
-            g.set_state(rng[f"generator.{name}"])
-        torch.set_rng_state(rng["torch"])
-        if device.type == "cuda":
-            states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
-            if len(states) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(states)
-        kind, keys, pos, has_gauss, cached = saved["numpy_rng"]
-        np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        restore_checkpoint(saved, saved_files, model, optimizer, generators, device)
         start, history = saved["iteration"], saved["history"]
         history.setdefault("resumed_at", []).append(start)
 
-    ckpt = checkpoint_dir(store, cfg.name)
     comparable = _comparable(cfg)
+    # Decided before the loop from what every process loaded alike: all of them must checkpoint together.
+    final_evaluation = start >= cfg.max_iters and (
+        not history["evaluations"] or history["evaluations"][-1]["iter"] != cfg.max_iters)
 
-    def checkpoint(iteration: int) -> None:
+    def checkpoint(iteration: int) -> str:
         history["training_seconds"] = elapsed()
-        write_checkpoint(ckpt, model, optimizer, generators, {
+        return run.checkpoint(lambda directory: write_checkpoint(directory, model, optimizer, generators, {
             "iteration": iteration, "config": comparable, "data_sha256": data.sha256, "history": history,
             "bos_token_id": data.tokenizer.bos_token_id, "eos_token_id": data.tokenizer.eos_token_id,
-        }, data.tokenizer)
+        }, {artifact.TOKENIZER: data.tokenizer.to_json().encode()}), {"iteration": iteration, **(last_eval or {})})
 
     clock = time.perf_counter()
     offset = history["training_seconds"]
@@ -785,26 +719,27 @@ def _train_network(cfg: TextTrainConfig, data: TextData, device: torch.device, s
     bar_ = progress_bar(progress, f"{cfg.model} {cfg.name}", cfg.max_iters, TEXT_FIELDS, start)
     with bar_ as bar, _stop_on_sigint() as stop:
         window_start, window_iters = time.perf_counter(), 0
-        iteration = start
+        iteration, where = start, ""
         for iteration in range(start + 1, cfg.max_iters + 1):
             lr = learning_rate(cfg, iteration - 1)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = random_windows(train, cfg.batch_size, cfg.context_length, batches)
-            _, loss = model(x, y)
+            # Every process draws the same global batch (one generator, saved in the checkpoint) and takes its share.
+            x, y = run.shard(*random_windows(train, cfg.batch_size, cfg.context_length, batches))
+            _, loss = stepped(x, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # distributed: the gradients are averaged over the processes here
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            loss_value = float(loss.detach())
+            loss_value = float(run.mean(loss.detach()))
             history["train"].append([iteration, loss_value])
             window_iters += 1
-            if iteration % cfg.eval_interval == 0 or iteration == cfg.max_iters:
+            if run.chief and (iteration % cfg.eval_interval == 0 or iteration == cfg.max_iters):
                 last_eval = evaluate(iteration)
                 model.train()
             if iteration % cfg.checkpoint_interval == 0 or iteration == cfg.max_iters:
-                checkpoint(iteration)
+                where = checkpoint(iteration)
             now = time.perf_counter()
             if now - window_start > 2.0 or iteration == cfg.max_iters:
                 rate = window_iters * tokens_per_iter / (now - window_start)
@@ -815,11 +750,12 @@ def _train_network(cfg: TextTrainConfig, data: TextData, device: torch.device, s
                             "tok/s": rate})
             if stop.is_set():
                 if iteration % cfg.checkpoint_interval and iteration != cfg.max_iters:
-                    checkpoint(iteration)
-                raise KeyboardInterrupt(f"stopped at iteration {iteration}; checkpoint written to {ckpt}, "
+                    where = checkpoint(iteration)
+                raise KeyboardInterrupt(f"stopped at iteration {iteration}; checkpoint written to {where}, "
                                         "continue with --resume")
-        if not history["evaluations"] or history["evaluations"][-1]["iter"] != cfg.max_iters:
-            evaluate(cfg.max_iters)  # a resumed run that had already finished, or max_iters lowered
+        if final_evaluation:  # a resumed run that had already finished, or max_iters lowered
+            if run.chief:
+                last_eval = evaluate(cfg.max_iters)
             checkpoint(cfg.max_iters)
     history["training_seconds"] = elapsed()
     return model, history, history["training_seconds"]

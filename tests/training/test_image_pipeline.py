@@ -87,3 +87,25 @@ def test_every_preset_builds_every_model(preset):
             assert cfg.epochs == PRESETS[preset][dataset][kind]["epochs"]
             config = {"height": shape[0], "width": shape[1], "levels": shape[2], "n_classes": 10, **cfg.architecture}
             assert sum(p.numel() for p in build_image_model(kind, config).parameters()) > 0
+
+
+def test_an_image_run_stopped_and_resumed_ends_with_the_weights_of_one_straight_run(tmp_path):
+    from safetensors.torch import load as load_safetensors
+
+    settings = dict(model="made", dataset="digits", name="m", preset="tiny", max_train_images=320, threads=1,
+                    export_onnx=False, sample_every=0)
+    straight = train_image(ImageTrainConfig(**settings, epochs=2), tmp_path / "a", progress=False)
+    # Stopped after the first of two epochs (the schedule says two), then resumed from the epoch's checkpoint.
+    train_image(ImageTrainConfig(**settings, epochs=1, schedule_epochs=2), tmp_path / "b", progress=False)
+    checkpoint = tmp_path / "b" / ".checkpoints" / "m"
+    assert json.loads((checkpoint / "state.json").read_text())["epoch"] == 1
+    resumed = train_image(ImageTrainConfig(**settings, epochs=2, resume=True), tmp_path / "b", progress=False)
+    a, b = (load_safetensors((p / "weights.safetensors").read_bytes()) for p in (straight, resumed))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log = json.loads((resumed / "training_log.json").read_text())
+    assert log["resumed_at"] == [1] and [e["epoch"] for e in log["epochs"]] == [1, 2]
+    with pytest.raises(ValueError, match=r"learning_rate \(checkpoint 0.003, now 0.01\)"):
+        train_image(ImageTrainConfig(**settings, epochs=2, learning_rate=1e-2, resume=True), tmp_path / "b",
+                    progress=False)
