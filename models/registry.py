@@ -1,4 +1,5 @@
-"""Image model kinds by name: the artifact's `kind` and config rebuild the module from these."""
+"""Model kinds by name (image models, density models of records): the artifact's `kind` and config rebuild the
+module from these."""
 
 from __future__ import annotations
 
@@ -35,3 +36,28 @@ def build_image_model(kind: str, config: dict[str, Any]) -> ImageModel:
         raise ValueError(f"{kind} config has unknown fields {unknown}; known: {sorted(known)}")
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
     return model_cls(config_cls(**values))
+
+
+# Density models of records (continuous tabular data): kind -> (module, config class, model class). Each takes
+# raw float64 records, stores its standardisation, and returns (log p(x), responsibilities) from forward, the
+# responsibilities (N, K) for a mixture and (N, 0) otherwise.
+RECORDS_MODELS: dict[str, tuple[str, str, str]] = {
+    "gmm": ("models.gmm", "GMMConfig", "GaussianMixture"),
+    "realnvp": ("models.flow", "RealNVPConfig", "RealNVP"),
+    "made-mog": ("models.made_mog", "MADEMoGConfig", "MADEMoG"),
+}
+RECORDS_KINDS = frozenset(RECORDS_MODELS)
+
+
+def build_records_model(kind: str, config: dict[str, Any]) -> Any:
+    """A fresh records model of `kind` from its config's fields."""
+    if kind not in RECORDS_MODELS:
+        raise ValueError(f"unknown records model kind {kind!r}; known: {', '.join(sorted(RECORDS_MODELS))}")
+    module_name, config_name, model_name = RECORDS_MODELS[kind]
+    module = importlib.import_module(module_name)
+    config_cls, model_cls = getattr(module, config_name), getattr(module, model_name)
+    known = {f.name for f in fields(config_cls)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"{kind} config has unknown fields {unknown}; known: {sorted(known)}")
+    return model_cls(config_cls(**config))

@@ -117,6 +117,8 @@ def anomaly_response(
 def gmm_extras(responsibilities: np.ndarray) -> dict[str, list]:
     """Each record's most likely mixture component and its responsibility (posterior probability)."""
     resp = np.asarray(responsibilities)
+    if resp.ndim != 2 or resp.shape[1] == 0:  # not a mixture: no components
+        return {}
     return {"component": resp.argmax(1).tolist(), "responsibility": resp.max(1).tolist()}
 
 

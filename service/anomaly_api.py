@@ -62,6 +62,7 @@ class AnomalyRoutes:
             values, log_prob, extras, n = await self._texts_anomaly(name, body, score)
         response = anomaly_response(name, manifest.version, score, calibration, values, log_prob,
                                     body.threshold, body.false_positive_rate, extras)
+        response.density = manifest.density
         flagged = sum(r.is_anomaly for r in response.results)
         request.state.metric_events = [
             ("genserve_records_scored_total", {"model": name, "endpoint": "anomaly"}, n),

@@ -373,6 +373,7 @@ class Gateway(TextRoutes, ImageRoutes, AnomalyRoutes, V2Routes):
         cal = None if cals is None else (cals.get(default) or next(iter(cals.scores.values())))
         return ModelInfo(
             name=m.name, version=m.version, kind=m.kind, created=m.created, runtime=replica["runtime"],
+            density=m.density,
             runtime_choice=None if choice is None else RuntimeChoiceInfo.model_validate(choice),
             input=InputInfo.model_validate(m.input.model_dump(exclude={"dtype", "bos_token_id", "eos_token_id"})),
             config=m.config, metrics=m.metrics, training=m.training,
@@ -447,8 +448,12 @@ class Gateway(TextRoutes, ImageRoutes, AnomalyRoutes, V2Routes):
             n_pixels = images.shape[1] * images.shape[2]
             return LogProbResponse(model=name, version=self._manifest(name).version, log_prob=log_prob.tolist(),
                                    bits_per_dim=(-log_prob / (n_pixels * LN2)).tolist(),
+                                   density=self._manifest(name).density,
                                    per_pixel=pixels.tolist() if body.per_pixel else None)
         x = self._records(name, body)
+        if body.responsibilities and self._manifest(name).kind != "gmm":
+            raise ApiError(400, "wrong_model_kind", f"responsibilities is for Gaussian mixtures; "
+                           f"{model_kind_phrase(name, self._manifest(name))}")
         log_prob, resp = await self._score(name, x)
         request.state.metric_events = [("genserve_records_scored_total", {"model": name, "endpoint": "log_prob"},
                                         len(x))]
@@ -456,7 +461,7 @@ class Gateway(TextRoutes, ImageRoutes, AnomalyRoutes, V2Routes):
         return LogProbResponse(
             model=name, version=m.version, log_prob=log_prob.tolist(),
             bits_per_dim=(-log_prob / (x.shape[1] * LN2)).tolist(),
-            responsibilities=resp.tolist() if body.responsibilities else None,
+            responsibilities=resp.tolist() if body.responsibilities else None, density=m.density,
         )
 
     @api.post("/v1/models/{name}/sample", name="sample", response_model=SampleResponse | ImageSampleResponse,

@@ -196,15 +196,7 @@ def _train_image(
 ) -> None:
     from training.image_pipeline import ImageTrainConfig, train_image
 
-    overrides: dict[str, Any] = {}
-    for item in arch or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--arch")
-        try:
-            overrides[key] = yaml.safe_load(value)  # numbers, and lists such as [512,512]
-        except yaml.YAMLError:
-            raise typer.BadParameter(f"cannot read the value of {item!r}", param_hint="--arch") from None
+    overrides = _arch_overrides(arch)
     cfg = ImageTrainConfig(model=kind, dataset=dataset, name=name, conditional=conditional, preset=preset,
                            epochs=epochs, batch_size=batch_size, learning_rate=lr, architecture=overrides or None,
                            sample_every=sample_every, seed=seed, device=device, threads=threads, export_onnx=onnx,
@@ -220,6 +212,20 @@ def _train_image(
     m = art.load_artifact(path).manifest.metrics
     typer.echo(f"wrote {path}: {kind}, {m['parameters']:,} parameters, test NLL {m['test_nll_nats']:.2f} nats "
                f"({m['test_bits_per_dim']:.4f} bits/dim), {m['training_seconds']:.0f} s training")
+
+
+def _arch_overrides(arch: list[str] | None) -> dict[str, Any]:
+    """--arch KEY=VALUE options as a dict, the values read as YAML (numbers, and lists such as [512,512])."""
+    overrides: dict[str, Any] = {}
+    for item in arch or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--arch")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise typer.BadParameter(f"cannot read the value of {item!r}", param_hint="--arch") from None
+    return overrides
 
 
 def _image_command(kind: str, summary: str) -> None:
@@ -265,6 +271,57 @@ _image_command("pixelcnn", "Gated PixelCNN (vertical and horizontal stacks, no b
 _image_command("made", "MADE, trained order-agnostically over a few orderings and scored as their ensemble.")
 _image_command("nade", "NADE: shared hidden weights, all conditionals in one pass.")
 _image_command("fvsbn", "Fully visible sigmoid belief network: a logistic regression per pixel (baseline).")
+
+
+def _records_command(kind: str, summary: str) -> None:
+    def command(
+        dataset: Annotated[str, typer.Option(help="sklearn:NAME (breast_cancer, wine, iris, digits, ...) or FILE.csv")],
+        name: Annotated[str, typer.Option(help="model name: lowercase letters, digits, '.', '_', '-'")],
+        store: StoreOption = None,
+        epochs: Annotated[int | None, typer.Option(help="passes over the training split at most")] = None,
+        batch_size: Annotated[int | None, typer.Option(help="records per batch")] = None,
+        lr: Annotated[float | None, typer.Option(help="peak learning rate (Adam, cosine decay to a tenth)")] = None,
+        patience: Annotated[int, typer.Option(min=0, help="stop after this many epochs without a better "
+                                                          "validation NLL (0: never)")] = 50,
+        arch: Annotated[list[str] | None, typer.Option(help="architecture field as KEY=VALUE, repeatable, e.g. "
+                                                            "n_layers=12 or hidden=[256,256]")] = None,
+        validation_fraction: Annotated[float, typer.Option(help="share held out for metrics and calibration")] = 0.2,
+        label_column: Annotated[str | None, typer.Option(help="CSV column to drop (a label, an id)")] = None,
+        exclude_class: Annotated[list[int] | None, typer.Option(
+            help="scikit-learn datasets: leave out this class, repeatable (anomaly detection)")] = None,
+        seed: Annotated[int, typer.Option(help="seed for the split, initialisation and batches")] = 0,
+        onnx: Annotated[bool, typer.Option(help="also export log_prob to ONNX (checked against torch)")] = True,
+    ) -> None:
+        from training.image_data import DATASETS as IMAGE_DATASETS
+        from training.records_pipeline import RecordsTrainConfig, train_records
+
+        if dataset in IMAGE_DATASETS:
+            typer.secho(f"error: {kind} trains on records here (sklearn:NAME or a CSV file); for images use "
+                        "pixelcnn, made, nade or fvsbn", fg="red", err=True)
+            raise typer.Exit(2)
+        cfg = RecordsTrainConfig(model=kind, dataset=dataset, name=name, epochs=epochs, batch_size=batch_size,
+                                 learning_rate=lr, patience=patience, architecture=_arch_overrides(arch) or None,
+                                 validation_fraction=validation_fraction, label_column=label_column,
+                                 exclude_classes=exclude_class or None, seed=seed, export_onnx=onnx)
+        try:
+            with writable_store(store) as root:
+                path = train_records(cfg, root)
+        except (ValueError, FileNotFoundError, RuntimeError) as e:
+            typer.secho(f"error: {e}", fg="red", err=True)
+            raise typer.Exit(2) from None
+        m = art.load_artifact(path).manifest.metrics
+        typer.echo(f"wrote {path}: {kind}, {m['parameters']:,} parameters, validation NLL "
+                   f"{m['validation_nll_nats']:.3f} nats ({m['validation_bits_per_dim']:.4f} bits/dim), best epoch "
+                   f"{m['best_epoch']}, {m['training_seconds']:.0f} s training")
+
+    command.__doc__ = summary
+    train_app.command(kind)(command)
+
+
+_records_command("realnvp", "RealNVP normalizing flow on continuous records: affine couplings over alternating "
+                            "halves, exact log-likelihood.")
+_records_command("made-mog", "MADE whose conditionals are mixtures of Gaussians (RNADE-style), for continuous "
+                             "records; exact log-likelihood.")
 
 
 @import_app.command("hf")

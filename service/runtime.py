@@ -24,12 +24,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from models.gmm import GaussianMixture, GMMConfig
+from models.registry import RECORDS_KINDS
+from models.registry import build_records_model as build_records_model_of_kind
 from training import artifact as art
 from training.calibration import CalibrationSet, read_calibration
 from training.reference import load_reference
 
 RuntimeName = Literal["torch", "onnx", "auto"]
+RecordsModel = Any  # models.gmm.GaussianMixture, models.flow.RealNVP, models.made_mog.MADEMoG
 
 
 class DensityRuntime(Protocol):
@@ -139,12 +141,14 @@ def needs_reload(requested: str, choice: RuntimeChoice | None) -> bool:
     return requested != choice.runtime
 
 
-def build_gmm(loaded: art.Artifact) -> GaussianMixture:
-    if loaded.manifest.kind != "gmm":
-        raise art.ArtifactError(f"{loaded.path}: kind {loaded.manifest.kind!r} is not a GMM")
+def build_records_model(loaded: art.Artifact) -> RecordsModel:
+    """The artifact's density model of records (a GMM, RealNVP or MADE-MoG), weights loaded, in eval mode."""
+    kind = loaded.manifest.kind
+    if kind not in RECORDS_KINDS:
+        raise art.ArtifactError(f"{loaded.path}: kind {kind!r} is not a density model of records "
+                                f"({', '.join(sorted(RECORDS_KINDS))})")
     try:
-        config = GMMConfig(**loaded.manifest.config)
-        model = GaussianMixture(config)
+        model = build_records_model_of_kind(kind, loaded.manifest.config)
         model.load_state_dict(load_safetensors(loaded.contents[art.WEIGHTS]))
     except (TypeError, RuntimeError, ValueError, SafetensorError) as e:
         raise art.ArtifactError(f"{loaded.path / art.WEIGHTS}: does not fit the manifest's config ({e})") from None
@@ -154,11 +158,11 @@ def build_gmm(loaded: art.Artifact) -> GaussianMixture:
 class TorchDensityRuntime:
     name = "torch"
 
-    def __init__(self, model: GaussianMixture, device: str):
+    def __init__(self, model: RecordsModel, device: str):
         self.device = device
         # A copy: the caller's module stays on the CPU, where seeded sampling is reproducible.
         self.model = copy.deepcopy(model).to(device)
-        self.dtype = model.means.dtype
+        self.dtype = model.feature_mean.dtype
 
     @torch.inference_mode()
     def log_prob(self, records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -187,14 +191,17 @@ class OnnxDensityRuntime:
         self.input_name = self.session.get_inputs()[0].name
 
     def log_prob(self, records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        log_prob, resp = self.session.run(None, {self.input_name: np.ascontiguousarray(records, np.float64)})
+        outputs = self.session.run(None, {self.input_name: np.ascontiguousarray(records, np.float64)})
+        log_prob = outputs[0]
+        # A mixture's graph also gives responsibilities; others have none, (N, 0) as in torch.
+        resp = outputs[1] if len(outputs) > 1 else np.zeros((len(log_prob), 0))
         return log_prob, resp
 
 
 @dataclass
 class LoadedModel:
     artifact: art.Artifact
-    module: GaussianMixture  # always loaded: sampling runs in torch
+    module: RecordsModel  # always loaded: sampling runs in torch
     runtime: DensityRuntime
     calibration: CalibrationSet | None
     reference: torch.nn.Module | None = None  # likelihood-ratio reference model (one Gaussian)
@@ -209,7 +216,7 @@ def load_model(path: str, runtime: RuntimeName = "auto", device: str | None = No
     """Verify and load an artifact directory into the requested runtime."""
     loaded = art.load_artifact(str(path))
     device = device or pick_device()
-    module = build_gmm(loaded)
+    module = build_records_model(loaded)
     build: dict[str, Callable[[], DensityRuntime]] = {
         "torch": lambda: TorchDensityRuntime(module, device),
         "onnx": lambda: OnnxDensityRuntime(loaded.contents[art.ONNX], device),
@@ -219,7 +226,7 @@ def load_model(path: str, runtime: RuntimeName = "auto", device: str | None = No
                        reference=load_reference(loaded), choice=choice)
 
 
-def density_probe(module: GaussianMixture) -> Callable[[DensityRuntime, int], tuple[np.ndarray, np.ndarray]]:
+def density_probe(module: RecordsModel) -> Callable[[DensityRuntime, int], tuple[np.ndarray, np.ndarray]]:
     """Scores `batch` records drawn from the model itself: valid inputs of the right shape and scale."""
     records = module.sample(max(PROBE_BATCHES), torch.Generator().manual_seed(0)).numpy()
     return lambda rt, batch: rt.log_prob(np.resize(records, (batch, records.shape[1])))

@@ -9,6 +9,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, StrictInt, WithJsonSchema, model_validator
 
+from training.artifact import DensityCapability
+
 # JSON numbers only: strict mode refuses strings and booleans, allow_inf_nan=False refuses the
 # NaN/Infinity literals that Python's JSON parser would otherwise accept.
 FiniteNumber = Annotated[float, Field(strict=True, allow_inf_nan=False)]
@@ -113,6 +115,8 @@ class ModelInfo(BaseModel):
     kind: str
     created: str
     runtime: str = Field(description="torch or onnx")
+    density: DensityCapability = Field(description="what log_prob and anomaly give: exact (autoregressive models, "
+                                       "mixtures, flows), bound (a lower bound on log p(x)) or none (sampling only)")
     runtime_choice: RuntimeChoiceInfo | None = Field(
         None, description="how the runtime was chosen (density and image models; a replica's, when replicated)"
     )
@@ -171,6 +175,8 @@ class LogProbResponse(BaseModel):
     bits_per_dim: list[float] = Field(description="-log2 p(x) / number of features (records) or of pixels, "
                                       "height * width (images)")
     responsibilities: list[list[float]] | None = None
+    density: DensityCapability = Field("exact", description="exact: log_prob is log p(x) itself; bound: a lower "
+                                       "bound on it")
     per_pixel: list[list[list[float]]] | None = Field(
         None, description="images, with per_pixel: log p(x_i | x_<i [, y]) in nats, per image, row and column"
     )
@@ -230,6 +236,8 @@ class AnomalyResponse(BaseModel):
         description="held-out false-positive rate of the threshold (null when the request set the threshold)"
     )
     results: list[AnomalyResult]
+    density: DensityCapability = Field("exact", description="what the scores' log_prob is: exact, or a lower "
+                                       "bound on log p(x)")
 
 
 class SampleRequest(BaseModel):

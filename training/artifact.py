@@ -38,6 +38,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 FORMAT_VERSION = 1
+DensityCapability = Literal["exact", "bound", "none"]
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 ONNX = "model.onnx"
@@ -108,6 +109,9 @@ class Manifest(BaseModel):
     metrics: dict[str, Any]
     libraries: dict[str, str]
     files: dict[str, FileEntry]
+    # What log p(x) the model can give: `exact` (autoregressive models, mixtures, flows), `bound` (a lower bound,
+    # as a VAE's ELBO) or `none` (a model that can only sample). Artifacts written before it existed are exact.
+    density: DensityCapability = "exact"
 
 
 @dataclass
@@ -196,6 +200,7 @@ def write_artifact(
     training: dict[str, Any],
     metrics: dict[str, Any],
     files: dict[str, bytes],
+    density: DensityCapability = "exact",
 ) -> Path:
     """Write a new version of `name` atomically: files go to a temporary directory that is renamed
     into place only when complete, so a reader never sees half an artifact."""
@@ -224,6 +229,7 @@ def write_artifact(
                 metrics=metrics,
                 libraries=library_versions(),
                 files={f: FileEntry(sha256=sha256(d), bytes=len(d)) for f, d in files.items()},
+                density=density,
             )
             (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
             try:

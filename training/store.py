@@ -54,7 +54,10 @@ def local_path(uri: str | os.PathLike) -> Path:
     uri = str(uri)
     kind = scheme(uri)
     if kind == "file":
-        return Path(urlparse(uri).path)
+        parsed = urlparse(uri)
+        if parsed.netloc not in ("", "localhost"):  # file://model-store would silently mean "/"
+            raise ValueError(f"store {uri!r}: a file URI names an absolute path, file:///path/to/store")
+        return Path(parsed.path)
     if kind:
         raise ValueError(f"store {uri!r}: unsupported scheme {kind!r}; use a path, file:///path or "
                          f"{', '.join(s + '://bucket/prefix' for s in REMOTE_SCHEMES)}")

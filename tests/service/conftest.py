@@ -31,6 +31,7 @@ from training.anomaly import compute_scores, png_bits
 from training.calibration import CalibrationSet
 from training.gmm_pipeline import GMMTrainConfig, train_gmm
 from training.onnx_export import export_gpt_onnx, export_image_onnx
+from training.records_pipeline import RecordsTrainConfig, train_records
 from training.reference import fit_bigram, fit_local_pixels, reference_files
 from training.text_pipeline import calibrate_text
 from training.tokenizer import train_char_tokenizer
@@ -45,6 +46,7 @@ TEXT_CONTEXT = 64
 TEXT_SLOTS = 8
 IMAGE_COND = "digits-cond"  # class-conditional FVSBN on sklearn digits (8x8, 17 levels), ONNX Runtime
 IMAGE_BIN = "tiny-bin"  # unconditional binary FVSBN on thresholded 6x6 digit crops, torch
+FLOW = "wine-flow"  # a small RealNVP on wine, runtime auto (torch or ONNX Runtime, timed at load)
 DIGITS_TRAIN = 1500  # digits 0..1499 train the image models; the rest are held out (calibration, tests)
 MAX_IMAGES = 64  # limits.max_images_per_request of the test server
 STARTUP_TIMEOUT_S = 180
@@ -92,6 +94,8 @@ def write_config(path: Path, port: int) -> None:
                  "user_config": {"runtime": "onnx", "max_batch_size": 16, "batch_wait_timeout_s": 0.01}},
                 {"name": IMAGE_BIN, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
                  "user_config": {"runtime": "torch"}},
+                {"name": FLOW, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
+                 "user_config": {"runtime": "auto"}},
             ],
         }],
     }
@@ -106,6 +110,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
               store, progress=False)
     train_gmm(GMMTrainConfig(dataset="sklearn:wine", name=SINGLE, components=2, covariance_type="diag",
                              n_init=1, export_onnx=False), store, progress=False)
+    train_records(RecordsTrainConfig(model="realnvp", dataset="sklearn:wine", name=FLOW, epochs=20,
+                                     architecture={"n_layers": 4, "hidden": 32}), store, progress=False)
     write_text_models(store)
     write_image_models(store)
     port = free_port()

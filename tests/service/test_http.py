@@ -14,6 +14,7 @@ from sklearn.datasets import load_breast_cancer, load_wine
 from service.client import AsyncGenserveClient, GenserveClient, GenserveError
 from service.runtime import load_model
 from tests.service.conftest import (
+    FLOW,
     IMAGE_BIN,
     IMAGE_COND,
     REPLICATED,
@@ -54,7 +55,7 @@ def test_health_ready_and_docs(server: Server, client: GenserveClient) -> None:
     assert client.healthy()
     ready = client.ready()
     assert ready.ready and ready.models == {REPLICATED: True, SINGLE: True, TEXT: True, TEXT_ONNX: True,
-                                            TEXT_NGRAM: True, IMAGE_COND: True, IMAGE_BIN: True}
+                                            TEXT_NGRAM: True, IMAGE_COND: True, IMAGE_BIN: True, FLOW: True}
     assert httpx.get(f"{server.url}/docs").status_code == 200
     paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
     for path in ("/v1/models", "/v1/models/{name}/log_prob", "/v1/models/{name}/anomaly",
@@ -65,7 +66,8 @@ def test_health_ready_and_docs(server: Server, client: GenserveClient) -> None:
 
 def test_models_describe_artifacts(server: Server, client: GenserveClient) -> None:
     models = {m.name: m for m in client.models()}
-    assert set(models) == {REPLICATED, SINGLE, TEXT, TEXT_ONNX, TEXT_NGRAM, IMAGE_COND, IMAGE_BIN}
+    assert set(models) == {REPLICATED, SINGLE, TEXT, TEXT_ONNX, TEXT_NGRAM, IMAGE_COND, IMAGE_BIN, FLOW}
+    assert {m.density for m in models.values()} == {"exact"}  # every kind served here gives log p(x) itself
     bc = models[REPLICATED]
     assert bc.runtime == "onnx" and bc.kind == "gmm" and bc.version == "1"
     assert bc.input.n_features == 30 and bc.input.feature_names[0] == "mean radius"
@@ -92,6 +94,27 @@ def test_log_prob_matches_the_model_in_process(server: Server, client: GenserveC
 
     w = load_wine().data[:5]
     np.testing.assert_array_equal(client.log_prob(SINGLE, w).log_prob, local(server, SINGLE).runtime.log_prob(w)[0])
+
+
+def test_a_flow_is_served_through_the_same_endpoints(server: Server, client: GenserveClient) -> None:
+    """RealNVP on records: exact log p(x) as in process, anomaly scores from its calibration, seeded samples."""
+    info = client.model(FLOW)
+    assert info.kind == "realnvp" and info.density == "exact" and info.runtime in ("torch", "onnx")
+    assert info.runtime_choice.requested == "auto"
+    w = load_wine().data[:6]
+    got = client.log_prob(FLOW, w)
+    want, _ = local(server, FLOW).runtime.log_prob(w)
+    np.testing.assert_allclose(got.log_prob, want, rtol=1e-6)
+    assert got.density == "exact" and got.responsibilities is None
+    scored = client.anomaly(FLOW, np.vstack([w[:1], w[:1] * 3]))
+    assert [r.is_anomaly for r in scored.results] == [False, True] and scored.density == "exact"
+    assert scored.results[0].component is None  # no mixture components
+    a, b = (client.sample(FLOW, 5, seed=3).samples for _ in range(2))
+    assert a == b and np.asarray(a).shape == (5, 13)
+    # Responsibilities are a mixture's: asking a flow for them is a clear 400.
+    r = httpx.post(f"{server.url}/v1/models/{FLOW}/log_prob", json={"records": w[:1].tolist(),
+                                                                   "responsibilities": True})
+    assert r.status_code == 400 and "responsibilities is for Gaussian mixtures" in r.json()["error"]["message"]
 
 
 def test_anomaly_uses_the_calibration(server: Server, client: GenserveClient) -> None:

@@ -40,6 +40,8 @@ def test_a_path_and_a_file_uri_open_the_same_local_store(tmp_path: Path) -> None
         assert fetch_artifact(f"file://{path}") == path
     with pytest.raises(ValueError, match="unsupported scheme 'gs'"):
         open_store("gs://bucket/models")
+    with pytest.raises(ValueError, match="names an absolute path"):
+        open_store("file://model-store")
 
 
 def test_training_into_s3_uploads_a_complete_version_and_serving_reads_it_back(s3: str, tmp_path: Path) -> None:
