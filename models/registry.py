@@ -61,3 +61,26 @@ def build_records_model(kind: str, config: dict[str, Any]) -> Any:
     if unknown:
         raise ValueError(f"{kind} config has unknown fields {unknown}; known: {sorted(known)}")
     return model_cls(config_cls(**config))
+
+
+# Latent-variable image models: no per-pixel factorisation, so no completion; a VAE bounds log p(x) (density
+# `bound`), a GAN only samples (`none`). kind -> (module, config class, the served module's class).
+LATENT_MODELS: dict[str, tuple[str, str, str]] = {
+    "vae": ("models.vae", "VAEConfig", "ConvVAE"),
+    "gan": ("models.gan", "GANConfig", "Generator"),  # the artifact's weights are the generator's
+}
+LATENT_KINDS = frozenset(LATENT_MODELS)
+
+
+def build_latent_model(kind: str, config: dict[str, Any]) -> Any:
+    """The served module of a latent-variable image model (a GAN's generator) from its config's fields."""
+    if kind not in LATENT_MODELS:
+        raise ValueError(f"unknown latent-variable model kind {kind!r}; known: {', '.join(sorted(LATENT_MODELS))}")
+    module_name, config_name, model_name = LATENT_MODELS[kind]
+    module = importlib.import_module(module_name)
+    config_cls, model_cls = getattr(module, config_name), getattr(module, model_name)
+    known = {f.name for f in fields(config_cls)}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"{kind} config has unknown fields {unknown}; known: {sorted(known)}")
+    return model_cls(config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}))

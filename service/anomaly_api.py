@@ -23,7 +23,7 @@ from service.anomaly import (
     text_items,
     text_token_lists,
 )
-from service.errors import ERRORS, ApiError, model_kind_phrase
+from service.errors import ERRORS, ApiError, model_kind_phrase, require_density
 from service.schemas import AnomalyRequest, AnomalyResponse
 from training import artifact as art
 from training.anomaly import compute_scores, png_bits
@@ -51,6 +51,7 @@ class AnomalyRoutes:
         responsibility; texts can be scored per line."""
         manifest = self._manifest(name)
         input_type = manifest.input.type
+        require_density(name, manifest, "anomaly scores")
         self._check_anomaly_fields(name, manifest, body)
         score, calibration = resolve_score(name, input_type, body.score, self.calibrations.get(name),
                                            body.per_line)

@@ -24,7 +24,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.registry import IMAGE_KINDS
+from models.registry import IMAGE_KINDS, LATENT_KINDS
 from service.anomaly_api import AnomalyRoutes
 from service.anomaly_api import router as anomaly_router
 from service.density import DensityModel
@@ -32,6 +32,7 @@ from service.errors import ERRORS, ApiError, error_body, model_kind_phrase
 from service.image import ImageModelDeployment
 from service.image_api import ImageRoutes
 from service.image_api import router as image_router
+from service.latent import LatentImageDeployment
 from service.metrics import CONTENT_TYPE, MetricsClient
 from service.schemas import (
     AnomalyRequest,
@@ -451,6 +452,9 @@ class Gateway(TextRoutes, ImageRoutes, AnomalyRoutes, V2Routes):
                                    density=self._manifest(name).density,
                                    per_pixel=pixels.tolist() if body.per_pixel else None)
         x = self._records(name, body)
+        if body.importance_samples is not None or body.seed is not None:
+            raise ApiError(400, "wrong_model_kind", f"importance_samples and seed are for models whose density is a "
+                           f"bound (VAEs); {model_kind_phrase(name, self._manifest(name))}")
         if body.responsibilities and self._manifest(name).kind != "gmm":
             raise ApiError(400, "wrong_model_kind", f"responsibilities is for Gaussian mixtures; "
                            f"{model_kind_phrase(name, self._manifest(name))}")
@@ -519,6 +523,11 @@ def build(args: AppArgs, overrides: dict[str, dict[str, Any]] | None = None):
         if loaded.manifest.kind in TEXT_KINDS:
             tokenizers[name] = loaded.contents[art.TOKENIZER].decode()
             deployment = TextModelDeployment.options(name=name, **overrides.get(name, {}))
+        elif loaded.manifest.kind in LATENT_KINDS:
+            if not isinstance(loaded.manifest.input, art.ImageInputSpec):
+                raise art.ArtifactError(f"{path / art.MANIFEST}: kind {loaded.manifest.kind!r} is an image model, "
+                                        f"but its input is of type {loaded.manifest.input.type!r}, not 'image'")
+            deployment = LatentImageDeployment.options(name=name, **overrides.get(name, {}))
         elif loaded.manifest.kind in IMAGE_KINDS:
             if not isinstance(loaded.manifest.input, art.ImageInputSpec):
                 raise art.ArtifactError(f"{path / art.MANIFEST}: kind {loaded.manifest.kind!r} is an image model, "

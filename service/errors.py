@@ -29,6 +29,13 @@ def error_body(type_: str, message: str) -> dict[str, Any]:
     return {"error": {"type": type_, "message": message}}
 
 
+def require_density(name: str, manifest: art.Manifest, endpoint: str) -> None:
+    """A 400 for `endpoint` (log_prob, anomaly, ...) on a model that gives no density (a GAN: it only samples)."""
+    if manifest.density == "none":
+        raise ApiError(400, "density_unavailable", f"model {name!r} is a {manifest.kind}: it can only sample (its "
+                       f"density capability is 'none'), so it has no {endpoint}; use /v1/models/{name}/sample")
+
+
 def model_kind_phrase(name: str, manifest: art.Manifest) -> str:
     """'model 'x' is a gmm model of records: use ...' - what the model is and which endpoints it takes."""
     kind, path = manifest.kind, f"/v1/models/{name}"

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 
-from service.errors import ERRORS, ApiError, model_kind_phrase
+from models.registry import LATENT_KINDS
+from service.errors import ERRORS, ApiError, model_kind_phrase, require_density
 from service.image_codec import MAX_PNG_LEVELS, ImageInputError, decode_image, encode_png
 from service.schemas import (
     AnomalyRequest,
@@ -20,7 +21,11 @@ from service.schemas import (
     CompleteResponse,
     GeneratedImage,
     ImageSampleResponse,
+    InterpolateRequest,
+    InterpolateResponse,
     LogProbRequest,
+    ReconstructRequest,
+    ReconstructResponse,
     SampleRequest,
 )
 from training import artifact as art
@@ -30,8 +35,9 @@ router = APIRouter()
 def generated_images(result: dict[str, Any], format_: str, levels: int) -> list[GeneratedImage]:
     """A replica's sampled images (numpy: images, labels, log_prob) as the API's image objects."""
     labels = result["labels"]
+    log_probs = [None] * len(result["images"]) if result.get("log_prob") is None else result["log_prob"].tolist()
     out = []
-    for i, (image, log_prob) in enumerate(zip(result["images"], result["log_prob"].tolist(), strict=True)):
+    for i, (image, log_prob) in enumerate(zip(result["images"], log_probs, strict=True)):
         label = None if labels is None else int(labels[i])
         if format_ == "png":
             out.append(GeneratedImage(label=label, log_prob=log_prob, png=encode_png(image, levels)))
@@ -105,10 +111,23 @@ class ImageRoutes:
         if getattr(body, "responsibilities", False):
             raise ApiError(400, "wrong_model_kind", f"responsibilities is for GMMs; "
                            f"{model_kind_phrase(name, manifest)}")
+        require_density(name, manifest, endpoint)
+        per_pixel = bool(getattr(body, "per_pixel", False))
+        samples, seed = getattr(body, "importance_samples", None), getattr(body, "seed", None)
+        if manifest.kind in LATENT_KINDS:
+            if per_pixel:
+                raise ApiError(400, "wrong_model_kind", f"per_pixel needs a model that factorises p(x) over pixels; "
+                               f"model {name!r} is a {manifest.kind} (a latent-variable model): its log_prob is a "
+                               "bound on the whole image")
+        elif samples is not None or seed is not None:
+            raise ApiError(400, "wrong_model_kind", f"importance_samples and seed are for models whose density is a "
+                           f"bound (VAEs); model {name!r} is a {manifest.kind}, whose log_prob is exact")
         images = self._images(name, body.images)
         labels = self._labels(name, body.labels, len(images))
-        per_pixel = bool(getattr(body, "per_pixel", False))
-        log_prob, pixels = await self._image_call(name, "score", images, labels, per_pixel)
+        if manifest.kind in LATENT_KINDS:
+            log_prob, pixels = await self._image_call(name, "score", images, labels, False, samples, seed)
+        else:
+            log_prob, pixels = await self._image_call(name, "score", images, labels, per_pixel)
         return images, log_prob, pixels
 
     async def _sample_images(self, name: str, m: art.Manifest, body: SampleRequest,
@@ -137,6 +156,9 @@ class ImageRoutes:
         gives the same completions. A class-conditional model given no labels draws each completion's label
         from p(label | known pixels), so completions come from the model's marginal."""
         m = self._image_manifest(name, "complete")
+        if m.kind in LATENT_KINDS:
+            raise ApiError(400, "wrong_model_kind", f"completion needs a model that factorises p(x) over pixels in "
+                           f"raster order; model {name!r} is a {m.kind} (a latent-variable model): use sample")
         spec = m.input
         limit = self.limits.max_images_per_request
         total = len(body.images) * body.n
@@ -164,3 +186,37 @@ class ImageRoutes:
         return CompleteResponse(model=name, version=m.version, height=spec.height, width=spec.width,
                                 levels=spec.levels, known_pixels=known,
                                 completions=[flat[i * body.n:(i + 1) * body.n] for i in range(len(images))])
+
+    def _vae_manifest(self, name: str, endpoint: str) -> art.Manifest:
+        manifest = self._image_manifest(name, endpoint)
+        if manifest.kind != "vae":
+            raise ApiError(400, "wrong_model_kind", f"{endpoint} needs an encoder: it is for VAEs; "
+                           f"{model_kind_phrase(name, manifest)}")
+        return manifest
+
+    @router.post("/v1/models/{name}/reconstruct", name="reconstruct", response_model=ReconstructResponse,
+                 tags=["images"], responses=ERRORS)
+    async def reconstruct(self, name: str, body: ReconstructRequest, request: Request) -> ReconstructResponse:
+        """VAEs: each image encoded to its posterior mean and decoded back (every pixel's most likely level)."""
+        m = self._vae_manifest(name, "reconstruct")
+        images = self._images(name, body.images)
+        self._check_format(name, body.format)
+        out = await self._image_call(name, "reconstruct", images)
+        request.state.metric_events = [("genserve_samples_total", {"model": name}, len(images))]
+        result = {"images": out, "labels": None, "log_prob": None}
+        return ReconstructResponse(model=name, version=m.version,
+                                   images=generated_images(result, body.format, m.input.levels))
+
+    @router.post("/v1/models/{name}/interpolate", name="interpolate", response_model=InterpolateResponse,
+                 tags=["images"], responses=ERRORS)
+    async def interpolate(self, name: str, body: InterpolateRequest, request: Request) -> InterpolateResponse:
+        """VAEs: `steps` images on the straight line in latent space between two images' posterior means, both
+        ends included, each decoded to its most likely levels."""
+        m = self._vae_manifest(name, "interpolate")
+        images = self._images(name, body.images)
+        self._check_format(name, body.format)
+        out = await self._image_call(name, "interpolate", images[0], images[1], body.steps)
+        request.state.metric_events = [("genserve_samples_total", {"model": name}, body.steps)]
+        result = {"images": out, "labels": None, "log_prob": None}
+        return InterpolateResponse(model=name, version=m.version,
+                                   images=generated_images(result, body.format, m.input.levels))

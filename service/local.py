@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from models.lm import score_token_lists
+from models.registry import LATENT_KINDS
 from service.anomaly import anomaly_response, gmm_extras, resolve_score, text_extras, text_items, text_token_lists
-from service.errors import ApiError
+from service.errors import ApiError, require_density
 from service.image_codec import ImageInputError, decode_image
 from service.schemas import AnomalyResponse
 from training import artifact as art
@@ -33,6 +34,7 @@ class LocalScorer:
 
     def __init__(self, path: str | Path, runtime: str = "auto", device: str | None = None):
         loaded = art.load_artifact(str(path))
+        require_density(loaded.manifest.name, loaded.manifest, "anomaly scores")  # a GAN: nothing to score
         self.manifest = loaded.manifest
         self.name = loaded.manifest.name
         self.input_type = loaded.manifest.input.type
@@ -41,6 +43,10 @@ class LocalScorer:
             from service.runtime import load_model
 
             self._model: Any = load_model(str(path), runtime, device)
+        elif self.input_type == "image" and self.manifest.kind in LATENT_KINDS:
+            from service.latent import LatentModel
+
+            self._model = LatentModel(str(path), device)  # a VAE's bound, at its calibration's K and seed
         elif self.input_type == "image":
             from service.image_runtime import load_image_model
 
@@ -67,8 +73,10 @@ class LocalScorer:
         """Calibrated anomaly results, as POST /v1/models/{name}/anomaly answers them."""
         score, calibration = resolve_score(self.name, self.input_type, score, self.calibrations, per_line)
         raw, extras = self._raw(records, images, texts, labels, per_line, score)
-        return anomaly_response(self.name, self.manifest.version, score, calibration, raw[score], raw["log_prob"],
-                                threshold, false_positive_rate, extras)
+        response = anomaly_response(self.name, self.manifest.version, score, calibration, raw[score],
+                                    raw["log_prob"], threshold, false_positive_rate, extras)
+        response.density = self.manifest.density  # exact, or a bound (a VAE)
+        return response
 
     def scores(self, *, records: Any = None, images: Any = None, texts: Sequence[str] | None = None,
                labels: Sequence[int] | None = None, per_line: bool = False) -> dict[str, np.ndarray]:

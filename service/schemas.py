@@ -157,6 +157,12 @@ class LogProbRequest(BaseModel):
     responsibilities: bool = Field(False, description="GMMs: also return each mixture component's posterior")
     per_pixel: bool = Field(False, description="image models: also return each pixel's log p(x_i | x_<i [, y]) in "
                             "nats, rows of columns per image; they sum to log_prob")
+    importance_samples: int | None = Field(
+        None, ge=1, le=1000, description="models whose density is a bound (VAEs): K, the samples per image of the "
+        "importance-weighted bound (1: an ELBO estimate; larger: tighter); default the model's, the K its "
+        "calibration used")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="bound models: seed of the importance samples "
+                             "(default 0: the same request gives the same bound)")
 
     model_config = {"json_schema_extra": {"examples": [{"records": [[1.0, 2.0, 3.0]]},
                                                        {"images": [[[0, 1], [1, 0]]], "per_pixel": True}]}}
@@ -267,10 +273,38 @@ class SampleResponse(BaseModel):
 class GeneratedImage(BaseModel):
     label: int | None = Field(description="the image's class label (given, or drawn); null for unconditional "
                               "models")
-    log_prob: float = Field(description="exact log p(image | label) in nats (log p(image) when unconditional)")
+    log_prob: float | None = Field(description="log p(image | label) in nats (log p(image) when unconditional): "
+                                   "exact for autoregressive models, a lower bound for a VAE, null for a GAN")
     array: list[list[int]] | None = Field(None, description="format array: rows of integer levels")
     png: str | None = Field(None, description="format png: base64 8-bit grey PNG, level l stored as "
                             "round(l * 255 / (levels - 1))")
+
+
+
+class ReconstructRequest(BaseModel):
+    images: list[ImageInput] = Field(min_length=1, description=IMAGES_DESCRIPTION)
+    format: Literal["array", "png"] = Field("array", description="how images come back")
+
+
+class ReconstructResponse(BaseModel):
+    model: str
+    version: str
+    images: list[GeneratedImage] = Field(description="each image decoded from its posterior mean (the most likely "
+                                         "level of every pixel); log_prob is null")
+
+
+class InterpolateRequest(BaseModel):
+    images: list[ImageInput] = Field(min_length=2, max_length=2, description="the two end images; "
+                                     + IMAGES_DESCRIPTION)
+    steps: int = Field(8, ge=2, le=64, description="images on the path, both ends included")
+    format: Literal["array", "png"] = Field("array", description="how images come back")
+
+
+class InterpolateResponse(BaseModel):
+    model: str
+    version: str
+    images: list[GeneratedImage] = Field(description="decoded (most likely levels) from evenly spaced points on the "
+                                         "line between the two images' posterior means; log_prob is null")
 
 
 class ImageSampleResponse(BaseModel):

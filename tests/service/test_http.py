@@ -15,6 +15,7 @@ from service.client import AsyncGenserveClient, GenserveClient, GenserveError
 from service.runtime import load_model
 from tests.service.conftest import (
     FLOW,
+    GAN,
     IMAGE_BIN,
     IMAGE_COND,
     REPLICATED,
@@ -22,6 +23,7 @@ from tests.service.conftest import (
     TEXT,
     TEXT_NGRAM,
     TEXT_ONNX,
+    VAE,
     Server,
     metric,
     stop,
@@ -55,7 +57,8 @@ def test_health_ready_and_docs(server: Server, client: GenserveClient) -> None:
     assert client.healthy()
     ready = client.ready()
     assert ready.ready and ready.models == {REPLICATED: True, SINGLE: True, TEXT: True, TEXT_ONNX: True,
-                                            TEXT_NGRAM: True, IMAGE_COND: True, IMAGE_BIN: True, FLOW: True}
+                                            TEXT_NGRAM: True, IMAGE_COND: True, IMAGE_BIN: True, FLOW: True,
+                                            VAE: True, GAN: True}
     assert httpx.get(f"{server.url}/docs").status_code == 200
     paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
     for path in ("/v1/models", "/v1/models/{name}/log_prob", "/v1/models/{name}/anomaly",
@@ -66,8 +69,8 @@ def test_health_ready_and_docs(server: Server, client: GenserveClient) -> None:
 
 def test_models_describe_artifacts(server: Server, client: GenserveClient) -> None:
     models = {m.name: m for m in client.models()}
-    assert set(models) == {REPLICATED, SINGLE, TEXT, TEXT_ONNX, TEXT_NGRAM, IMAGE_COND, IMAGE_BIN, FLOW}
-    assert {m.density for m in models.values()} == {"exact"}  # every kind served here gives log p(x) itself
+    assert set(models) == {REPLICATED, SINGLE, TEXT, TEXT_ONNX, TEXT_NGRAM, IMAGE_COND, IMAGE_BIN, FLOW, VAE, GAN}
+    assert {n: m.density for n, m in models.items() if m.density != "exact"} == {VAE: "bound", GAN: "none"}
     bc = models[REPLICATED]
     assert bc.runtime == "onnx" and bc.kind == "gmm" and bc.version == "1"
     assert bc.input.n_features == 30 and bc.input.feature_names[0] == "mean radius"

@@ -1,0 +1,152 @@
+"""The Ray Serve deployment that hosts one latent-variable image model: a VAE (density `bound`) or a GAN (`none`).
+
+Neither factorises p(x) over pixels, so neither completes images or gives per-pixel conditionals; the Gateway
+answers those requests with a 400 before they get here (service/image_api.py), and a GAN's log_prob and anomaly
+too. What they do:
+- VAE: `score` gives the importance-weighted lower bound on log p(x) with K samples per image (the request's K,
+  else the model's `score_samples`, the K its calibration used), from a seeded generator so that the same request
+  gives the same bound; `sample` draws z ~ N(0, I) and every pixel from p(x | z); `reconstruct` and `interpolate`
+  decode posterior means;
+- GAN: `sample` only.
+Each request is scored on its own (no cross-request batching: the bound's noise is drawn per request, so one
+request's answer never depends on what it was batched with), in a worker thread, one job at a time per replica.
+torch only: these models have no ONNX graph.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from pydantic import BaseModel, Field
+from ray import serve
+
+from models.registry import build_latent_model
+from service.image import make_generator
+from service.metrics import MetricsClient
+from service.runtime import pick_device
+from training import artifact as art
+from training.reference import load_reference
+
+log = logging.getLogger("ray.serve")
+MAX_IMPORTANCE_SAMPLES = 1000  # K per image at most; also the API's limit
+
+
+class LatentOptions(BaseModel):
+    """The deployment's `user_config`."""
+
+    runtime: Literal["torch", "auto"] = Field("auto", description="torch (auto is torch: no ONNX graph)")
+
+
+class LatentModel:
+    """A latent-variable image artifact loaded for serving or for in-process scoring (`genserve score --local`):
+    `score(images, labels)` is the bound at the model's K and seed 0, as the served default and the calibration."""
+
+    name = "torch"  # what `runtime.name` reports
+
+    def __init__(self, artifact_path: str, device: str | None = None):
+        loaded = art.load_artifact(artifact_path)
+        self.artifact = loaded
+        self.manifest = loaded.manifest
+        self.device = device or pick_device()
+        module = build_latent_model(loaded.manifest.kind, loaded.manifest.config)
+        art.load_module_weights(module, loaded.contents[art.WEIGHTS], loaded.path / art.WEIGHTS)
+        self.module = module.to(self.device).eval()
+        self.reference = load_reference(loaded)
+        self.score_samples = int(loaded.manifest.metrics.get("score_samples", 16))
+
+    @property
+    def runtime(self) -> LatentModel:
+        return self
+
+    def bound(self, images: np.ndarray, samples: int | None = None, seed: int | None = None) -> np.ndarray:
+        generator = make_generator(self.device, 0 if seed is None else seed)
+        x = torch.as_tensor(np.asarray(images, np.int64), device=self.device)
+        with torch.inference_mode():
+            return self.module.importance_bound(x, samples or self.score_samples, generator).double().cpu().numpy()
+
+    def score(self, images: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, None]:
+        return self.bound(images), None
+
+
+class LatentImageReplica:
+    def __init__(self, artifact_path: str):
+        self.loaded = LatentModel(artifact_path)
+        self.manifest = self.loaded.manifest
+        self.name = self.manifest.name
+        self.device = self.loaded.device
+        self.module = self.loaded.module
+        self.reference = self.loaded.reference
+        self.score_samples = self.loaded.score_samples
+        loaded = self.loaded.artifact
+        self.metrics = MetricsClient()
+        self._busy = asyncio.Lock()  # one job at a time: each uses every thread torch has
+        log.info("loaded %s %s v%s (density %s, torch on %s)", loaded.manifest.kind, self.name,
+                 loaded.manifest.version, loaded.manifest.density, self.device)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        LatentOptions.model_validate(user_config or {})  # refuses unknown or wrong settings
+
+    def info(self) -> dict[str, Any]:
+        return {"runtime": "torch", "device": self.device, "runtime_choice": None}
+
+    def ready(self) -> bool:
+        return True
+
+    async def _run(self, fn, *args: Any) -> Any:
+        async with self._busy:
+            return await asyncio.to_thread(fn, *args)
+
+    def _tensor(self, images: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(images, np.int64), device=self.device)
+
+    async def score(self, images: np.ndarray, labels: np.ndarray | None, per_pixel: bool = False,
+                    samples: int | None = None, seed: int | None = None) -> tuple[np.ndarray, None]:
+        """The importance-weighted bound on log p(x) (N,) with `samples` (K) per image; no per-pixel values."""
+        result = await self._run(self.loaded.bound, images, samples, seed)
+        self.metrics.send([("genserve_batch_size_requests", {"model": self.name}, 1),
+                           ("genserve_batch_size_records", {"model": self.name}, len(images))])
+        return result, None
+
+    def reference_log_prob(self, images: np.ndarray) -> np.ndarray | None:
+        if self.reference is None:
+            return None
+        with torch.inference_mode():
+            return self.reference.log_prob(torch.as_tensor(np.asarray(images, np.int64))).numpy()
+
+    async def sample(self, n: int, labels: np.ndarray | None, seed: int | None) -> dict[str, Any]:
+        """n images; a VAE's come with the bound on their log p(x) (at the model's K), a GAN's with none."""
+
+        def draw() -> dict[str, Any]:
+            generator = make_generator(self.device, seed)
+            with torch.inference_mode():
+                y = None if labels is None else torch.as_tensor(labels, device=self.device)
+                if self.manifest.density == "none":  # a GAN's generator: labels from its class prior if not given
+                    if y is None and self.module.n_classes:
+                        y = self.module.draw_labels(n, generator)
+                    images = self.module.sample(n, labels=y, generator=generator)
+                    log_prob = None
+                else:
+                    images = self.module.sample(n, generator)
+                    log_prob = self.module.importance_bound(images, self.score_samples, generator).double()
+                return {"images": images.cpu().numpy().astype(np.int64),
+                        "labels": None if y is None else y.cpu().numpy().astype(np.int64),
+                        "log_prob": None if log_prob is None else log_prob.cpu().numpy()}
+
+        return await self._run(draw)
+
+    async def reconstruct(self, images: np.ndarray) -> np.ndarray:
+        """Each image through its posterior mean and back (the decoder's most likely levels)."""
+        return await self._run(lambda: self.module.reconstruct(self._tensor(images)).cpu().numpy())
+
+    async def interpolate(self, a: np.ndarray, b: np.ndarray, steps: int) -> np.ndarray:
+        """`steps` images decoded from the posterior means on the line from a's to b's, both ends included."""
+        return await self._run(lambda: self.module.interpolate(self._tensor(a), self._tensor(b), steps).cpu().numpy())
+
+
+LatentImageDeployment = serve.deployment(
+    LatentImageReplica, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=64, health_check_period_s=5
+)
