@@ -68,6 +68,9 @@ def build_records_model(kind: str, config: dict[str, Any]) -> Any:
 LATENT_MODELS: dict[str, tuple[str, str, str]] = {
     "vae": ("models.vae", "VAEConfig", "ConvVAE"),
     "gan": ("models.gan", "GANConfig", "Generator"),  # the artifact's weights are the generator's
+    # RealNVP on dequantised images: an image artifact of kind realnvp (a records one is in RECORDS_MODELS; the
+    # artifact's input type tells them apart). Exact for the continuous variable, a bound for discrete images.
+    "realnvp": ("models.image_flow", "ImageFlowConfig", "ImageRealNVP"),
 }
 LATENT_KINDS = frozenset(LATENT_MODELS)
 

@@ -523,7 +523,7 @@ def build(args: AppArgs, overrides: dict[str, dict[str, Any]] | None = None):
         if loaded.manifest.kind in TEXT_KINDS:
             tokenizers[name] = loaded.contents[art.TOKENIZER].decode()
             deployment = TextModelDeployment.options(name=name, **overrides.get(name, {}))
-        elif loaded.manifest.kind in LATENT_KINDS:
+        elif loaded.manifest.kind in LATENT_KINDS and loaded.manifest.input.type == "image":
             if not isinstance(loaded.manifest.input, art.ImageInputSpec):
                 raise art.ArtifactError(f"{path / art.MANIFEST}: kind {loaded.manifest.kind!r} is an image model, "
                                         f"but its input is of type {loaded.manifest.input.type!r}, not 'image'")

@@ -41,3 +41,16 @@ def test_anomaly_quick_writes_a_row_per_task(tmp_path):
     breast = sections[0].tasks[0].metrics()
     assert breast["genserve GMM nll (default)"][0] > 0.85
     assert "## breast_cancer" in text and "## Runtime" in text
+
+
+def test_latent_results_writes_the_bounds_table(tmp_path):
+    from bench import latent_results
+
+    out = tmp_path / "latent-models.md"
+    latent_results.main(["--preset", "tiny", "--datasets", "digits", "--out", str(out)])
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| digits")]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].split("|")[1:-1]]
+    elbo, k1, k10 = float(cells[5]), float(cells[6]), float(cells[7])
+    assert elbo < 0 and k1 < 0 and k10 < 0 and cells[8] == "-"  # the tiny preset evaluates K = 1 and 10
+    assert 0 < float(cells[10]) < 5

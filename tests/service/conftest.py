@@ -31,6 +31,7 @@ from training.anomaly import compute_scores, png_bits
 from training.calibration import CalibrationSet
 from training.gan_pipeline import GANTrainConfig, train_gan
 from training.gmm_pipeline import GMMTrainConfig, train_gmm
+from training.image_flow_pipeline import ImageFlowTrainConfig, train_image_flow
 from training.onnx_export import export_gpt_onnx, export_image_onnx
 from training.records_pipeline import RecordsTrainConfig, train_records
 from training.reference import fit_bigram, fit_local_pixels, reference_files
@@ -51,6 +52,7 @@ IMAGE_BIN = "tiny-bin"  # unconditional binary FVSBN on thresholded 6x6 digit cr
 FLOW = "wine-flow"  # a small RealNVP on wine, runtime auto (torch or ONNX Runtime, timed at load)
 VAE = "digits-vae"  # a tiny convolutional VAE on the 8x8 digits: density `bound`
 GAN = "digits-gan"  # a tiny class-conditional GAN on the 8x8 digits: density `none`, sampling only
+IMAGE_FLOW = "digits-flow"  # a tiny RealNVP on the dequantised 8x8 digits: density `bound`
 DIGITS_TRAIN = 1500  # digits 0..1499 train the image models; the rest are held out (calibration, tests)
 MAX_IMAGES = 64  # limits.max_images_per_request of the test server
 STARTUP_TIMEOUT_S = 180
@@ -102,6 +104,7 @@ def write_config(path: Path, port: int) -> None:
                  "user_config": {"runtime": "auto"}},
                 {"name": VAE, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
                 {"name": GAN, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
+                {"name": IMAGE_FLOW, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
             ],
         }],
     }
@@ -118,9 +121,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
                              n_init=1, export_onnx=False), store, progress=False)
     train_records(RecordsTrainConfig(model="realnvp", dataset="sklearn:wine", name=FLOW, epochs=20,
                                      architecture={"n_layers": 4, "hidden": 32}), store, progress=False)
-    train_vae(VAETrainConfig(dataset="digits", name=VAE, preset="tiny", epochs=3), store, progress=False)
-    train_gan(GANTrainConfig(dataset="digits", name=GAN, conditional=True, preset="tiny", sample_every=0),
+    # One thread each: small convolutions on a busy 2-core machine run many times slower on two.
+    train_vae(VAETrainConfig(dataset="digits", name=VAE, preset="tiny", epochs=3, max_train_images=600, threads=1),
               store, progress=False)
+    train_gan(GANTrainConfig(dataset="digits", name=GAN, conditional=True, preset="tiny", sample_every=0,
+                             max_train_images=600, threads=1), store, progress=False)
+    train_image_flow(ImageFlowTrainConfig(dataset="digits", name=IMAGE_FLOW, preset="tiny", max_train_images=600,
+                                          threads=1), store, progress=False)
     write_text_models(store)
     write_image_models(store)
     port = free_port()

@@ -18,6 +18,7 @@ from tests.service.conftest import (
     GAN,
     IMAGE_BIN,
     IMAGE_COND,
+    IMAGE_FLOW,
     REPLICATED,
     SINGLE,
     TEXT,
@@ -58,7 +59,7 @@ def test_health_ready_and_docs(server: Server, client: GenserveClient) -> None:
     ready = client.ready()
     assert ready.ready and ready.models == {REPLICATED: True, SINGLE: True, TEXT: True, TEXT_ONNX: True,
                                             TEXT_NGRAM: True, IMAGE_COND: True, IMAGE_BIN: True, FLOW: True,
-                                            VAE: True, GAN: True}
+                                            VAE: True, GAN: True, IMAGE_FLOW: True}
     assert httpx.get(f"{server.url}/docs").status_code == 200
     paths = httpx.get(f"{server.url}/openapi.json").json()["paths"]
     for path in ("/v1/models", "/v1/models/{name}/log_prob", "/v1/models/{name}/anomaly",
@@ -69,8 +70,10 @@ def test_health_ready_and_docs(server: Server, client: GenserveClient) -> None:
 
 def test_models_describe_artifacts(server: Server, client: GenserveClient) -> None:
     models = {m.name: m for m in client.models()}
-    assert set(models) == {REPLICATED, SINGLE, TEXT, TEXT_ONNX, TEXT_NGRAM, IMAGE_COND, IMAGE_BIN, FLOW, VAE, GAN}
-    assert {n: m.density for n, m in models.items() if m.density != "exact"} == {VAE: "bound", GAN: "none"}
+    assert set(models) == {REPLICATED, SINGLE, TEXT, TEXT_ONNX, TEXT_NGRAM, IMAGE_COND, IMAGE_BIN, FLOW, VAE, GAN,
+                           IMAGE_FLOW}
+    assert {n: m.density for n, m in models.items() if m.density != "exact"} == {
+        VAE: "bound", GAN: "none", IMAGE_FLOW: "bound"}
     bc = models[REPLICATED]
     assert bc.runtime == "onnx" and bc.kind == "gmm" and bc.version == "1"
     assert bc.input.n_features == 30 and bc.input.feature_names[0] == "mean radius"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from models.registry import build_latent_model
-from tests.service.conftest import DIGITS_TRAIN, FLOW, GAN, IMAGE_COND, VAE, Server, digits
+from tests.service.conftest import DIGITS_TRAIN, FLOW, GAN, IMAGE_COND, IMAGE_FLOW, VAE, Server, digits
 from training import artifact as art
 
 pytestmark = pytest.mark.integration
@@ -102,4 +102,23 @@ def test_a_gan_only_samples_and_says_so(server: Server) -> None:
     r = post(server, f"/v1/models/{GAN}/log_prob", {"images": x})
     assert r.json()["error"]["type"] == "density_unavailable"
     assert "it can only sample" in r.json()["error"]["message"]
+
+
+def test_an_image_flow_gives_its_dequantisation_bound(server: Server) -> None:
+    loaded = art.load_artifact(art.resolve(server.store, IMAGE_FLOW))
+    module = build_latent_model("realnvp", loaded.manifest.config)
+    art.load_module_weights(module, loaded.contents[art.WEIGHTS])
+    module.eval()
+    info = httpx.get(f"{server.url}/v1/models/{IMAGE_FLOW}").json()
+    assert info["kind"] == "realnvp" and info["density"] == "bound" and info["input"]["type"] == "image"
+    x = held_out(3)
+    body = post(server, f"/v1/models/{IMAGE_FLOW}/log_prob", {"images": x, "importance_samples": 8}).json()
+    want = module.importance_bound(torch.tensor(x), 8, torch.Generator().manual_seed(0))
+    np.testing.assert_allclose(body["log_prob"], want.double().numpy(), rtol=1e-5)
+    assert body["density"] == "bound"
+    sampled = post(server, f"/v1/models/{IMAGE_FLOW}/sample", {"n": 2, "seed": 4}).json()
+    assert len(sampled["images"]) == 2 and all(i["log_prob"] < 0 for i in sampled["images"])
+    assert post(server, f"/v1/models/{IMAGE_FLOW}/complete", {"images": x, "known_rows": 2}).status_code == 400
+    anomaly = post(server, f"/v1/models/{IMAGE_FLOW}/anomaly", {"images": x}).json()
+    assert anomaly["density"] == "bound" and len(anomaly["results"]) == 3
 

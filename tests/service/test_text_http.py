@@ -232,7 +232,7 @@ def test_openai_client_completions(oai: openai.OpenAI, client):
     assert "".join(lp.tokens) == expected and len(lp.token_logprobs) == 12 and len(lp.top_logprobs[0]) == 2
     assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(12)]
     served = ["bc", "wine", TEXT, TEXT_ONNX, TEXT_NGRAM, "digits-cond", "tiny-bin", "wine-flow", "digits-vae",
-              "digits-gan"]
+              "digits-gan", "digits-flow"]
     assert [m.id for m in oai.models.list()] == sorted(served)
 
 

@@ -68,9 +68,15 @@ def test_the_cli_trains_them_and_refuses_image_datasets(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     assert "made-mog" in result.output and "validation NLL" in result.output
     assert art.list_models(tmp_path) == {"iris-mog": ["1"]}
-    result = CliRunner().invoke(app, ["train", "realnvp", "--dataset", "digits", "--name", "x", "--store",
+    result = CliRunner().invoke(app, ["train", "made-mog", "--dataset", "digits", "--name", "x", "--store",
                                       str(tmp_path)])
-    assert result.exit_code == 2 and "trains on records here" in result.output
+    assert result.exit_code == 2 and "made-mog trains on records" in result.output
+    # realnvp on an image dataset is the image flow: checkerboard and channel couplings, dequantised.
+    result = CliRunner().invoke(app, ["train", "realnvp", "--dataset", "digits", "--name", "digits-flow",
+                                      "--preset", "tiny", "--store", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    manifest = art.load_artifact(art.resolve(tmp_path, "digits-flow")).manifest
+    assert manifest.kind == "realnvp" and manifest.input.type == "image" and manifest.density == "bound"
     result = CliRunner().invoke(app, ["train", "realnvp", "--dataset", "sklearn:iris", "--name", "x",
                                       "--arch", "width=3", "--store", str(tmp_path)])
     assert result.exit_code == 2 and "unknown fields ['width']" in result.output
