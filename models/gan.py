@@ -61,6 +61,8 @@ MIN_SIDE = 4  # two stride-2 convolutions in the discriminator
 class GANConfig(ImageShape):
     latent_dim: int = 64  # size of z ~ N(0, I)
     channels: int = 64  # base width C: the generator's maps are 2C, C, C; the discriminator's C, C, 2C, 2C
+    minibatch_std_group: int = 4  # the discriminator's minibatch standard deviation over groups of this many
+    # consecutive images (0: none)
 
     def __post_init__(self) -> None:
         if self.height < MIN_SIDE or self.width < MIN_SIDE:
@@ -69,6 +71,8 @@ class GANConfig(ImageShape):
             raise ValueError(f"levels must be 2 or more, got {self.levels}")
         if self.n_classes < 0:
             raise ValueError(f"n_classes must be 0 (unconditional) or positive, got {self.n_classes}")
+        if self.minibatch_std_group < 0:
+            raise ValueError(f"minibatch_std_group must be 0 (none) or positive, got {self.minibatch_std_group}")
         for name in ("latent_dim", "channels"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -217,6 +221,21 @@ class Generator(nn.Module):
             self.train(was_training)
 
 
+def minibatch_std(h: Tensor, group: int) -> Tensor:
+    """(N, C, H, W) -> (N, C + 1, H, W): one more map, constant per image, the mean over features of their standard
+    deviation across the image's group (`group` consecutive images of the batch; the last group may be smaller).
+    Low when the images of a group are alike: it lets the discriminator see a generator that ignores z
+    (ProGAN's minibatch standard deviation, Karras et al. 2018)."""
+    n = h.shape[0]
+    if n % group == 0:
+        var = h.view(n // group, group, *h.shape[1:]).var(1, unbiased=False)
+        stat = torch.sqrt(var + 1e-8).mean((1, 2, 3)).repeat_interleave(group)
+    else:
+        stat = torch.cat([torch.sqrt(g.var(0, unbiased=False) + 1e-8).mean().expand(len(g))
+                          for g in h.split(group)])
+    return torch.cat([h, stat[:, None, None, None].expand(-1, 1, *h.shape[2:])], dim=1)
+
+
 class Discriminator(nn.Module):
     """Images (N, 1, H, W) or (N, H, W) in [0, 1] [+ labels] -> logits (N,) of "real"."""
 
@@ -229,8 +248,9 @@ class Discriminator(nn.Module):
             spectral_norm(nn.Conv2d(1, c, 3, padding=1)),
             spectral_norm(nn.Conv2d(c, c, 4, stride=2, padding=1)),
             spectral_norm(nn.Conv2d(c, 2 * c, 3, padding=1)),
-            spectral_norm(nn.Conv2d(2 * c, 2 * c, 4, stride=2, padding=1)),
+            spectral_norm(nn.Conv2d(2 * c + (1 if cfg.minibatch_std_group else 0), 2 * c, 4, stride=2, padding=1)),
         ])
+        self.group = cfg.minibatch_std_group
         self.n_features = 2 * c * (cfg.height // 4) * (cfg.width // 4)
         self.out = spectral_norm(nn.Linear(self.n_features, 1))
         self.embed = spectral_norm(nn.Embedding(cfg.n_classes, self.n_features)) if cfg.n_classes else None
@@ -239,7 +259,9 @@ class Discriminator(nn.Module):
         if x.dim() == 3:
             x = x.unsqueeze(1)
         h = x * 2 - 1  # centred on 0
-        for conv in self.convs:
+        for i, conv in enumerate(self.convs):
+            if self.group and i == len(self.convs) - 1:
+                h = minibatch_std(h, self.group)
             h = F.leaky_relu(conv(h), LEAKY_SLOPE)
         return h.flatten(1)
 
