@@ -29,13 +29,21 @@ def image_classes(kind: str) -> tuple[type, type[ImageModel]]:
 
 def build_image_model(kind: str, config: dict[str, Any]) -> ImageModel:
     """A fresh module of `kind` from its config's fields (lists become tuples, as JSON loses them)."""
-    config_cls, model_cls = image_classes(kind)
+    return _build(IMAGE_MODELS, "image model", kind, config)
+
+
+def _build(registry: dict[str, tuple[str, str, str]], family: str, kind: str, config: dict[str, Any]) -> Any:
+    """A fresh module of `kind` in `registry` from its config's fields; unknown kinds and fields are named."""
+    if kind not in registry:
+        raise ValueError(f"unknown {family} kind {kind!r}; known: {', '.join(sorted(registry))}")
+    module_name, config_name, model_name = registry[kind]
+    module = importlib.import_module(module_name)
+    config_cls, model_cls = getattr(module, config_name), getattr(module, model_name)
     known = {f.name for f in fields(config_cls)}
     unknown = sorted(set(config) - known)
     if unknown:
         raise ValueError(f"{kind} config has unknown fields {unknown}; known: {sorted(known)}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
-    return model_cls(config_cls(**values))
+    return model_cls(config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}))
 
 
 # Density models of records (continuous tabular data): kind -> (module, config class, model class). Each takes
@@ -51,16 +59,7 @@ RECORDS_KINDS = frozenset(RECORDS_MODELS)
 
 def build_records_model(kind: str, config: dict[str, Any]) -> Any:
     """A fresh records model of `kind` from its config's fields."""
-    if kind not in RECORDS_MODELS:
-        raise ValueError(f"unknown records model kind {kind!r}; known: {', '.join(sorted(RECORDS_MODELS))}")
-    module_name, config_name, model_name = RECORDS_MODELS[kind]
-    module = importlib.import_module(module_name)
-    config_cls, model_cls = getattr(module, config_name), getattr(module, model_name)
-    known = {f.name for f in fields(config_cls)}
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise ValueError(f"{kind} config has unknown fields {unknown}; known: {sorted(known)}")
-    return model_cls(config_cls(**config))
+    return _build(RECORDS_MODELS, "records model", kind, config)
 
 
 # Latent-variable image models: no per-pixel factorisation, so no completion; a VAE bounds log p(x) (density
@@ -77,13 +76,4 @@ LATENT_KINDS = frozenset(LATENT_MODELS)
 
 def build_latent_model(kind: str, config: dict[str, Any]) -> Any:
     """The served module of a latent-variable image model (a GAN's generator) from its config's fields."""
-    if kind not in LATENT_MODELS:
-        raise ValueError(f"unknown latent-variable model kind {kind!r}; known: {', '.join(sorted(LATENT_MODELS))}")
-    module_name, config_name, model_name = LATENT_MODELS[kind]
-    module = importlib.import_module(module_name)
-    config_cls, model_cls = getattr(module, config_name), getattr(module, model_name)
-    known = {f.name for f in fields(config_cls)}
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise ValueError(f"{kind} config has unknown fields {unknown}; known: {sorted(known)}")
-    return model_cls(config_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}))
+    return _build(LATENT_MODELS, "latent-variable model", kind, config)

@@ -55,7 +55,7 @@ from torch import Tensor
 
 from models.gan import GAN, GANConfig, Generator, unit_images
 from training import artifact
-from training.image_data import DATASETS, ImageDataset, ImageSplit, load_image_dataset, without_classes
+from training.image_data import DATASETS, ImageDataset, ImageSplit, training_data
 from training.image_pipeline import grid_png, training_dir
 from training.runs import figure_png, pick_device, progress_bar, threads_for
 
@@ -177,12 +177,7 @@ def gan_module(cfg: GANTrainConfig, data: ImageDataset, train: ImageSplit, devic
 
 def _train_gan(cfg: GANTrainConfig, store: Path, device: torch.device, progress: bool) -> Path:
     started = time.perf_counter()
-    data = load_image_dataset(cfg.dataset)
-    if cfg.exclude_classes:
-        data = without_classes(data, cfg.exclude_classes)
-    train = data.train
-    if cfg.max_train_images is not None:
-        train = ImageSplit(train.images[: cfg.max_train_images], train.labels[: cfg.max_train_images])
+    data, train = training_data(cfg.dataset, cfg.exclude_classes, cfg.max_train_images)
     if len(train.images) < cfg.batch_size:
         raise ValueError(f"the training split has {len(train.images)} images, fewer than one batch of "
                          f"{cfg.batch_size}")

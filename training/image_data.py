@@ -122,3 +122,17 @@ def load_image_dataset(name: str) -> ImageDataset:
     if name == "digits":
         return load_digits()
     raise ValueError(f"unknown image dataset {name!r}; use one of: {', '.join(DATASETS)}")
+
+
+def training_data(dataset: str, exclude_classes: list[int] | None = None,
+                  max_train_images: int | None = None) -> tuple[ImageDataset, ImageSplit]:
+    """What every image run starts from: the dataset without `exclude_classes`, and its training split, cut to
+    the first `max_train_images` images if given (smoke runs)."""
+    data = load_image_dataset(dataset)
+    if exclude_classes:
+        data = without_classes(data, exclude_classes)
+    train = data.train
+    if max_train_images is not None:
+        train = ImageSplit(train.images[:max_train_images], train.labels[:max_train_images])
+    return data, train
+

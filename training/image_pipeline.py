@@ -31,7 +31,7 @@ from training import artifact
 from training.anomaly import compute_scores, png_bits
 from training.calibration import CalibrationSet
 from training.checkpoints import LocalRun, read_checkpoint, restore_checkpoint, write_checkpoint
-from training.image_data import DATASETS, ImageDataset, ImageSplit, load_image_dataset, without_classes
+from training.image_data import DATASETS, ImageDataset, ImageSplit, training_data
 from training.reference import fit_local_pixels, reference_files
 from training.runs import figure_png, pick_device, progress_bar, threads_for
 from training.text_pipeline import LOSS_CURVE, TRAINING_LOG
@@ -249,12 +249,7 @@ def image_module(cfg: ImageTrainConfig, data: ImageDataset, train: ImageSplit, d
 
 def _train_image(cfg: ImageTrainConfig, store: Path, device: torch.device, progress: bool, checkpoints: str) -> Path:
     started = time.perf_counter()
-    data = load_image_dataset(cfg.dataset)
-    if cfg.exclude_classes:
-        data = without_classes(data, cfg.exclude_classes)
-    train = data.train
-    if cfg.max_train_images is not None:
-        train = ImageSplit(train.images[: cfg.max_train_images], train.labels[: cfg.max_train_images])
+    data, train = training_data(cfg.dataset, cfg.exclude_classes, cfg.max_train_images)
     saved = saved_files = None
     if cfg.resume:
         if cfg.workers:

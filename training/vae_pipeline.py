@@ -29,7 +29,7 @@ from models.vae import ConvVAE, VAEConfig, beta_elbo_loss, kl_weight
 from training import artifact
 from training.anomaly import compute_scores, png_bits
 from training.calibration import CalibrationSet
-from training.image_data import DATASETS, ImageSplit, load_image_dataset, without_classes
+from training.image_data import DATASETS, ImageSplit, training_data
 from training.image_pipeline import grid_png
 from training.reference import fit_local_pixels, reference_files
 from training.runs import figure_png, pick_device, progress_bar, threads_for
@@ -110,12 +110,7 @@ def _elbo(model: ConvVAE, images: np.ndarray, device: torch.device, seed: int = 
 
 def _train_vae(cfg: VAETrainConfig, store: Path, device: torch.device, progress: bool) -> Path:
     started = time.perf_counter()
-    data = load_image_dataset(cfg.dataset)
-    if cfg.exclude_classes:
-        data = without_classes(data, cfg.exclude_classes)
-    train = data.train
-    if cfg.max_train_images is not None:
-        train = ImageSplit(train.images[: cfg.max_train_images], train.labels[: cfg.max_train_images])
+    data, train = training_data(cfg.dataset, cfg.exclude_classes, cfg.max_train_images)
     torch.manual_seed(cfg.seed)
     config = VAEConfig(height=data.height, width=data.width, levels=data.levels, **cfg.architecture)
     model = ConvVAE(config).to(device)
