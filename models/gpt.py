@@ -294,8 +294,10 @@ class GPT(nn.Module):
         for i, block in enumerate(self.h):
             x = x + block.attn.decode(block.ln_1(x), state.k[i], state.v[i], at)
             x = x + block.mlp.decode(block.ln_2(x))
+        logits = self._next_token_logits(self.ln_f(x[:, 0]))
+        # Advanced only once the step has succeeded: a failed step can be rerun (service/decoding.py).
         state.lengths[slots] = positions + 1
-        return self._next_token_logits(self.ln_f(x[:, 0]))
+        return logits
 
     def _next_token_logits(self, h: Tensor) -> Tensor:
         """(B, C) -> (B, vocab) for decoding: the output projection, the largest matrix of a small

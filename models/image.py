@@ -14,7 +14,10 @@ between steps override `sample_pixels`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -217,9 +220,30 @@ def pixel_log_likelihood(logits: Tensor, x: Tensor) -> Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, x.unsqueeze(-1)).squeeze(-1)
 
 
+_job = threading.local()  # .cancel: the threading.Event of the sampling job running on this thread, if any
+
+
+class SamplingCancelled(Exception):
+    """A sampling job was cancelled (its caller went away); raised at the next pixel drawn."""
+
+
+@contextlib.contextmanager
+def cancellable(cancel: threading.Event) -> Iterator[None]:
+    """Sampling on this thread (every family draws through `draw_pixel`) stops with SamplingCancelled at its
+    next pixel once `cancel` is set: a server frees the worker of a client that disconnected."""
+    _job.cancel = cancel
+    try:
+        yield
+    finally:
+        _job.cancel = None
+
+
 def draw_pixel(logits: Tensor, generator: torch.Generator | None) -> Tensor:
     """One level per row from (N, C) logits, by inverse CDF on one uniform draw per row: a seeded generator
     gives the same images for the same request."""
+    cancel = getattr(_job, "cancel", None)
+    if cancel is not None and cancel.is_set():
+        raise SamplingCancelled("the sampling job was cancelled")
     # Drawn where the generator lives (a CPU generator can serve a CUDA model), then moved.
     where = generator.device if generator is not None else logits.device
     u = torch.rand(logits.shape[0], generator=generator, device=where, dtype=logits.dtype).to(logits.device)

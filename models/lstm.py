@@ -105,9 +105,11 @@ class CharLSTM(nn.Module):
     @torch.no_grad()
     def decode(self, state: LSTMState, slots: Tensor, tokens: Tensor) -> Tensor:
         out, (h, c) = self.lstm(self.wte(tokens)[:, None], (state.h[:, slots], state.c[:, slots]))
+        logits = self.lm_head(out[:, 0])
+        # Written only once the step has succeeded: a failed step can be rerun (service/decoding.py).
         state.h[:, slots] = h
         state.c[:, slots] = c
-        return self.lm_head(out[:, 0])
+        return logits
 
     @torch.no_grad()
     def copy_slots(self, state: LSTMState, src: Tensor, dst: Tensor) -> None:

@@ -270,10 +270,13 @@ class NGramLM(nn.Module):
         history = state.history[slots]
         if ctx > 0:
             history = torch.cat([history[:, 1:], tokens.to(torch.int64)[:, None]], dim=1)
-            state.history[slots] = history
         lengths = state.lengths[slots] + 1
+        log_probs = self._log_probs(history, lengths.clamp(max=ctx))
+        # The state changes only once the step has succeeded: a failed step can be rerun (service/decoding.py).
+        if ctx > 0:
+            state.history[slots] = history
         state.lengths[slots] = lengths
-        return self._log_probs(history, lengths.clamp(max=ctx))
+        return log_probs
 
     def copy_slots(self, state: NGramState, src: Tensor, dst: Tensor) -> None:
         # The right-hand side is gathered before the write, so overlapping src/dst is safe.

@@ -10,8 +10,14 @@ answered with a 4xx there and never joins a batch with other clients' requests.
 
 
 import asyncio
+import dataclasses
+import json
+import logging
 import math
+import re
 import time
+import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -28,15 +34,46 @@ from models.registry import IMAGE_KINDS, LATENT_KINDS
 from service.anomaly_api import AnomalyRoutes
 from service.anomaly_api import router as anomaly_router
 from service.density import DensityModel
-from service.errors import ERRORS, ApiError, error_body, model_kind_phrase
+from service.edge import (
+    GENERATED_TOKENS,
+    REQUEST_ID,
+    REQUEST_ID_RULE,
+    AccessLogConfig,
+    AuthConfig,
+    KeyRing,
+    RateLimitConfig,
+    RateLimiter,
+    access_record,
+    access_rule,
+    allows,
+    caller_address,
+    format_access,
+    hashed_entries,
+    presented_key,
+    shared_rate_limiter,
+    valid_request_id,
+)
+from service.errors import (
+    AUTH_ERRORS,
+    ERRORS,
+    GET_ERRORS,
+    REQUEST_ID_HEADER,
+    ApiError,
+    error_body,
+    model_kind_phrase,
+    render_error,
+    responses,
+)
 from service.image import ImageModelDeployment
 from service.image_api import ImageRoutes
 from service.image_api import router as image_router
 from service.latent import LatentImageDeployment
 from service.metrics import CONTENT_TYPE, MetricsClient
+from service.openapi import install as install_openapi
 from service.schemas import (
     AnomalyRequest,
     CalibrationInfo,
+    ErrorResponse,
     Health,
     ImageSampleResponse,
     InputInfo,
@@ -54,6 +91,8 @@ from service.schemas import (
 from service.text import TextModelDeployment
 from service.text_api import TextError, TextLimits, TextRoutes, router, text_error_response
 from service.text_runtime import TEXT_KINDS
+from service.ui import UIRoutes, mount_ui, picture_files, quantiles
+from service.ui import router as ui_router
 from service.v2_api import V2Routes
 from service.v2_api import router as v2_router
 from training import artifact as art
@@ -63,6 +102,7 @@ from training.store import open_store
 from training.tokenizer import TextTokenizer
 
 LN2 = math.log(2.0)
+log = logging.getLogger(__name__)
 
 
 class LimitsConfig(TextLimits):
@@ -71,6 +111,9 @@ class LimitsConfig(TextLimits):
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_images_per_request: int = Field(256, ge=1, description="image models: images per log_prob/anomaly request, "
                                         "n per sample request, len(images) * n per complete request")
+    max_image_pixels_per_request: int = Field(262_144, ge=1, description="image models: the sampling cost of one "
+                                              "sample or complete request, images x height x width (each replica "
+                                              "also budgets what it holds: its max_queued_pixels)")
 
 
 class AppArgs(BaseModel):
@@ -82,6 +125,9 @@ class AppArgs(BaseModel):
         None, description="models to serve, as NAME or NAME@VERSION; default every model in the store (latest)"
     )
     limits: LimitsConfig = LimitsConfig()
+    auth: AuthConfig = AuthConfig()
+    rate_limits: RateLimitConfig = RateLimitConfig()
+    access_log: AccessLogConfig = AccessLogConfig()
 
 
 def describe_validation_error(err: dict[str, Any]) -> str:
@@ -106,15 +152,48 @@ class GatewaySettings:
 
     max_body_bytes: int = 16 * 1024 * 1024
     known_models: frozenset[str] = frozenset()
+    versions: dict[str, str] = {}  # noqa: RUF012 (set once by the Gateway)
     metrics: MetricsClient | None = None
+    auth: AuthConfig = AuthConfig()
+    keys: KeyRing = KeyRing([])
+    limiter: RateLimiter | None = None
+    shared_limiter: Any = None  # the RateLimiterActor handle in rate_limits.mode 'shared'
+    access_log: AccessLogConfig = AccessLogConfig()
+    rate_limit_config: RateLimitConfig = RateLimitConfig()
 
 
 DISCONNECTED = object()  # what _read_body returns when the client leaves mid-body
+GENERATION_ROUTES = re.compile(r"^/v1/(completions|models/[^/]+/generate)$")
+# Why a request was refused before reaching a model, for genserve_requests_rejected_total.
+REJECTION_REASONS = {401: "unauthenticated", 403: "forbidden", 413: "too_large", 415: "unsupported_media_type",
+                     429: "rate_limited", 503: "unavailable"}
+access_log = logging.getLogger("ray.serve")  # Serve's replica logger: lines carry the replica and request id
+
+
+@dataclass
+class Rejection:
+    status: int
+    type: str
+    message: str
+    headers: list[tuple[bytes, bytes]] = dataclasses.field(default_factory=list)
+
+
+@dataclass
+class RequestEdge:
+    """What the middleware learnt about one request, for its checks, its metrics and its access log line."""
+
+    request_id: str
+    caller: str = ""
+    key_id: str | None = None
+    reason: str | None = None
+    generated: list[int] = dataclasses.field(default_factory=lambda: [0])  # tokens, counted by count_generated
 
 
 class GatewayMiddleware:
-    """Reads the body up to the limit (413 past it), insists on JSON bodies (415), and records
-    every request's status and latency, labelled by route and model, however the request ended."""
+    """The edge of every request, in order: a valid X-Request-ID (Serve's proxy sets one when the client sends
+    none), the API key and its role, the caller's rate limits, then the body up to its limit (413 past it) and
+    JSON bodies only (415). Every request's status and latency is recorded, labelled by route and model, however
+    it ended, with one access log line."""
 
     def __init__(self, app):
         self.app = app
@@ -124,6 +203,12 @@ class GatewayMiddleware:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         status = 500
+        headers = dict(scope.get("headers") or [])
+        # Serve's proxy puts one in every request's headers (the client's, or one it made up).
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")
+        edge = RequestEdge(request_id=request_id if valid_request_id(request_id) else uuid.uuid4().hex)
+        REQUEST_ID.set(edge.request_id)
+        GENERATED_TOKENS.set(edge.generated)
 
         async def tracking_send(message):
             nonlocal status
@@ -132,33 +217,100 @@ class GatewayMiddleware:
             await send(message)
 
         try:
-            rejection = None
-            if scope["method"] in ("POST", "PUT", "PATCH"):
-                headers = dict(scope.get("headers") or [])
-                content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
-                # /v2 (Open Inference Protocol) bodies may be JSON then binary tensors; tritonclient sends none.
-                v2_body = scope["path"].startswith("/v2/") and content_type in (b"", b"application/octet-stream")
-                if content_type != b"application/json" and not v2_body:
-                    shown = content_type.decode("latin-1") or "none"
-                    rejection = (415, "unsupported_media_type",
-                                 f"Content-Type must be application/json, got {shown} "
-                                 "(with curl: -H 'Content-Type: application/json')")
-                else:
-                    body = await self._read_body(receive)
-                    if body is DISCONNECTED:
-                        status = 499  # the client went away mid-body: nobody to answer
-                        return
-                    if body is None:
-                        rejection = (413, "body_too_large",
-                                     f"request body exceeds the limit of {GatewaySettings.max_body_bytes} bytes")
-                    else:
-                        receive = self._replay(body, receive)
+            rejection = None if not request_id or valid_request_id(request_id) else Rejection(
+                400, "invalid_request", f"X-Request-ID {request_id[:40]!r} is not a valid request id: use "
+                f"{REQUEST_ID_RULE}, or send none and one is generated")
+            rejection = rejection or self._authorize(scope, headers, edge) or await self._admit(scope, edge)
+            if rejection is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                rejection, receive = await self._read_json_body(scope, headers, receive)
+                if receive is None:
+                    status = 499  # the client went away mid-body: nobody to answer
+                    return
             if rejection is not None:
-                await self._send_error(tracking_send, *rejection)
+                edge.reason = REJECTION_REASONS.get(rejection.status)
+                await self._send_error(scope, tracking_send, rejection)
             else:
                 await self.app(scope, receive, tracking_send)
         finally:
-            self._record(scope, status, started)
+            self._record(scope, status, started, edge)
+
+    # ---- keys and limits --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _authorize(scope, headers: dict[bytes, bytes], edge: RequestEdge) -> Rejection | None:
+        edge.caller = caller_address(scope, headers, GatewaySettings.rate_limit_config.trust_forwarded_for)
+        keys = GatewaySettings.keys
+        if not keys.enabled:
+            return None
+        needed = access_rule(scope["path"], GatewaySettings.auth)
+        key = presented_key(headers)
+        principal = None if key is None else keys.authenticate(key)
+        if principal is not None:
+            edge.key_id, edge.caller = principal.key_id, f"key:{principal.key_id}"
+        if needed == "open":
+            return None
+        challenge = [(b"www-authenticate", b'Bearer realm="genserve"')]
+        if key is None:
+            return Rejection(401, "authentication_error", "this server needs an API key: send it as "
+                             "'Authorization: Bearer KEY' (or X-API-Key: KEY)", challenge)
+        if principal is None:
+            return Rejection(401, "authentication_error", "the API key is not valid (keys are compared in full; "
+                             "check for a missing or extra character)", challenge)
+        if not allows(principal, needed):
+            return Rejection(403, "permission_error", f"key {principal.key_id!r} has role {principal.role!r}; "
+                             f"{scope['method']} {scope['path']} needs role {needed!r}")
+        return None
+
+    @staticmethod
+    async def _admit(scope, edge: RequestEdge) -> Rejection | None:
+        if access_rule(scope["path"], GatewaySettings.auth) == "open" or not edge.caller:
+            return None
+        generates = GENERATION_ROUTES.match(scope["path"]) is not None
+        if GatewaySettings.shared_limiter is not None:
+            try:
+                refusal = await GatewaySettings.shared_limiter.admit.remote(edge.caller, generates)
+            except Exception:  # the limiter actor restarting: serve rather than refuse everyone
+                log.warning("rate limiter unavailable; admitting request %s", edge.request_id, exc_info=True)
+                refusal = None
+        elif GatewaySettings.limiter is not None:
+            refusal = GatewaySettings.limiter.admit(edge.caller, generates)
+        else:
+            return None
+        if refusal is None:
+            return None
+        edge.reason = refusal.limit
+        return Rejection(429, "rate_limit_exceeded", refusal.message,
+                         [(b"retry-after", str(refusal.retry_after_s).encode())])
+
+    @staticmethod
+    def _charge(edge: RequestEdge, tokens: int) -> None:
+        if tokens <= 0 or not edge.caller:
+            return
+        if GatewaySettings.shared_limiter is not None:
+            GatewaySettings.shared_limiter.charge_tokens.remote(edge.caller, tokens)
+        elif GatewaySettings.limiter is not None:
+            GatewaySettings.limiter.charge_tokens(edge.caller, tokens)
+
+    # ---- the body ---------------------------------------------------------------------------------------------
+
+    async def _read_json_body(self, scope, headers: dict[bytes, bytes], receive):
+        """(rejection, receive): a 415/413 rejection, or the buffered body replayed; receive None if the client
+        left mid-body."""
+        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        # /v2 (Open Inference Protocol) bodies may be JSON then binary tensors; tritonclient sends none.
+        v2_body = scope["path"].startswith("/v2/") and content_type in (b"", b"application/octet-stream")
+        if content_type != b"application/json" and not v2_body:
+            shown = content_type.decode("latin-1") or "none"
+            return Rejection(415, "unsupported_media_type", f"Content-Type must be application/json, got {shown} "
+                             "(with curl: -H 'Content-Type: application/json')"), receive
+        body = await self._read_body(receive)
+        if body is DISCONNECTED:
+            return None, None
+        if body is None:
+            return Rejection(413, "body_too_large",
+                             f"request body exceeds the limit of {GatewaySettings.max_body_bytes} bytes "
+                             "(limits.max_body_bytes)"), receive
+        return None, self._replay(body, receive)
 
     @staticmethod
     async def _read_body(receive) -> bytes | object | None:
@@ -191,27 +343,43 @@ class GatewayMiddleware:
         return replay
 
     @staticmethod
-    async def _send_error(send, status: int, type_: str, message: str) -> None:
-        body = JSONResponse(error_body(type_, message)).body
-        await send({"type": "http.response.start", "status": status,
+    async def _send_error(scope, send, rejection: Rejection) -> None:
+        body = json.dumps(render_error(scope["path"], rejection.type, rejection.message)).encode()
+        await send({"type": "http.response.start", "status": rejection.status,
                     "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
+                                (b"content-length", str(len(body)).encode()), *rejection.headers]})
         await send({"type": "http.response.body", "body": body})
 
-    def _record(self, scope, status: int, started: float) -> None:
-        if GatewaySettings.metrics is None:
-            return
+    # ---- what happened ----------------------------------------------------------------------------------------
+
+    def _record(self, scope, status: int, started: float, edge: RequestEdge) -> None:
+        latency = time.perf_counter() - started
         route = scope.get("route")
         endpoint = getattr(route, "name", None) or "unmatched"
         name = (scope.get("path_params") or {}).get("name")
         model = "" if name is None else (name if name in GatewaySettings.known_models else "unknown")
-        labels = {"model": model, "endpoint": endpoint}
-        events = [
-            ("genserve_requests_total", {**labels, "status": str(status)}, 1),
-            ("genserve_request_latency_seconds", labels, time.perf_counter() - started),
-        ]
-        events += (scope.get("state") or {}).get("metric_events", [])
-        GatewaySettings.metrics.send(events)
+        tokens = edge.generated[0]
+        self._charge(edge, tokens)
+        metric_events = (scope.get("state") or {}).get("metric_events", [])
+        if GatewaySettings.metrics is not None:
+            labels = {"model": model, "endpoint": endpoint}
+            events = [
+                ("genserve_requests_total", {**labels, "status": str(status)}, 1),
+                ("genserve_request_latency_seconds", labels, latency),
+                *metric_events,
+            ]
+            if status in REJECTION_REASONS:
+                reason = edge.reason or REJECTION_REASONS[status]
+                events.append(("genserve_requests_rejected_total", {"model": model, "reason": reason}, 1))
+            GatewaySettings.metrics.send(events)
+        config = GatewaySettings.access_log
+        if config.enabled:
+            record = access_record(
+                method=scope["method"], route=getattr(route, "path", None) or scope["path"], model=model or None,
+                version=GatewaySettings.versions.get(model), status=status, latency_ms=round(latency * 1000, 2),
+                items=int(sum(e[2] for e in metric_events)) or None, tokens=tokens or None,
+                request_id=edge.request_id, key_id=edge.key_id, reason=edge.reason)
+            access_log.info(format_access(record, config.format))
 
 
 def _timestamp(iso: str) -> int:
@@ -236,6 +404,9 @@ api.include_router(router)
 api.include_router(image_router)
 api.include_router(anomaly_router)
 api.include_router(v2_router)
+api.include_router(ui_router)
+install_openapi(api)  # the X-Request-ID parameter; no 422 that is never sent (service/openapi.py)
+mount_ui(api)  # the playground at /ui (static files; GET / redirects there)
 
 
 @api.exception_handler(ApiError)
@@ -258,18 +429,19 @@ async def _text_error(request: Request, exc: TextError) -> JSONResponse:
 
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
+    # In the shape of the route's protocol (OpenAI's on /v1/completions), like every other error.
+    path, errors = request.url.path, exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         detail = next(e for e in errors if e.get("type") == "json_invalid")
         ctx = detail.get("ctx", {}).get("error", "")
-        return JSONResponse(error_body("malformed_json", f"request body is not valid JSON: {ctx}".strip()),
+        return JSONResponse(render_error(path, "malformed_json", f"request body is not valid JSON: {ctx}".strip()),
                             status_code=400)
     if any(e.get("type") == "missing" and tuple(e.get("loc", ())) == ("body",) for e in errors):
-        return JSONResponse(error_body("invalid_request", "request body is empty; send a JSON object "
-                                       "as described at /docs"), status_code=400)
+        return JSONResponse(render_error(path, "invalid_request", "request body is empty; send a JSON object "
+                                         "as described at /docs"), status_code=400)
     shown = [describe_validation_error(e) for e in errors[:5]]
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-    return JSONResponse(error_body("invalid_request", "; ".join(shown) + more), status_code=422)
+    return JSONResponse(render_error(path, "invalid_request", "; ".join(shown) + more), status_code=422)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -278,12 +450,14 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
     if exc.status_code == 404:
         message = f"no route {request.method} {request.url.path}; see /docs for the API"
-    return JSONResponse(error_body(type_, message), status_code=exc.status_code)
+    # exc.headers: a 405's Allow, which RFC 9110 requires.
+    return JSONResponse(render_error(request.url.path, type_, message), status_code=exc.status_code,
+                        headers=exc.headers)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.25}, max_ongoing_requests=512)
 @serve.ingress(api)
-class Gateway(TextRoutes, ImageRoutes, AnomalyRoutes, V2Routes):
+class Gateway(TextRoutes, ImageRoutes, AnomalyRoutes, V2Routes, UIRoutes):
     def __init__(
         self,
         models: dict[str, DeploymentHandle],
@@ -291,8 +465,13 @@ class Gateway(TextRoutes, ImageRoutes, AnomalyRoutes, V2Routes):
         calibrations: dict[str, dict],
         limits: dict,
         tokenizers: dict[str, str] | None = None,
+        pictures: dict[str, dict[str, bytes]] | None = None,
+        edge: dict[str, Any] | None = None,
+        store: str | None = None,
     ):
         self.handles = models
+        self.store_uri = store  # what /v2/repository/index lists
+        self.pictures = pictures or {}  # the artifacts' PNGs, for GET /v1/models/{name}/files/{filename}
         self.manifests = {name: art.Manifest.model_validate(m) for name, m in manifests.items()}
         self.calibrations = {name: CalibrationSet.from_dict(c) for name, c in calibrations.items()}
         self.limits = LimitsConfig.model_validate(limits)
@@ -305,6 +484,22 @@ class Gateway(TextRoutes, ImageRoutes, AnomalyRoutes, V2Routes):
         GatewaySettings.max_body_bytes = self.limits.max_body_bytes
         GatewaySettings.known_models = frozenset(models)
         GatewaySettings.metrics = self.metrics
+        self._configure_edge(edge or {})
+
+    def _configure_edge(self, edge: dict[str, Any]) -> None:
+        """Keys (as digests), rate limits and the access log, from `edge_args`."""
+        GatewaySettings.versions = {name: m.version for name, m in self.manifests.items()}
+        GatewaySettings.auth = AuthConfig.model_validate(edge.get("auth", {}))
+        GatewaySettings.keys = KeyRing(edge.get("keys", []))
+        GatewaySettings.access_log = AccessLogConfig.model_validate(edge.get("access_log", {}))
+        limits = RateLimitConfig.model_validate(edge.get("rate_limits", {}))
+        GatewaySettings.rate_limit_config = limits
+        GatewaySettings.limiter = GatewaySettings.shared_limiter = None
+        if limits.requests_per_second is not None or limits.generated_tokens_per_minute is not None:
+            if limits.mode == "shared":
+                GatewaySettings.shared_limiter = shared_rate_limiter(limits, serve.get_replica_context().app_name)
+            else:
+                GatewaySettings.limiter = RateLimiter(limits, share=1.0 / max(1, edge.get("gateway_replicas", 1)))
 
     # ---- helpers -------------------------------------------------------------------------------
 
@@ -361,9 +556,8 @@ class Gateway(TextRoutes, ImageRoutes, AnomalyRoutes, V2Routes):
     async def _score(self, name: str, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         try:
             return await self.handles[name].score.remote(x)
-        except Exception as e:  # a replica failed or is gone; Serve retries elsewhere when it can
-            raise ApiError(503, "model_unavailable", f"model {name!r} could not score this request: "
-                           f"{type(e).__name__}; retry shortly") from e
+        except Exception as e:  # 500 if the model failed on these records alone, else 503 (ImageRoutes)
+            raise self._replica_error(name, "score", e) from e
 
     def _info(self, name: str, replica: dict[str, Any]) -> ModelInfo:
         """The model's manifest and calibration with what its replica reports (`_replica_info`)."""
@@ -380,8 +574,9 @@ class Gateway(TextRoutes, ImageRoutes, AnomalyRoutes, V2Routes):
             config=m.config, metrics=m.metrics, training=m.training,
             calibration=None if cal is None else CalibrationInfo(
                 score=cal.score, n_heldout=cal.n, false_positive_rate=cal.false_positive_rate,
-                threshold=cal.threshold, thresholds={k: c.threshold for k, c in cals.scores.items()}),
-            limits=Limits(**self.limits.model_dump()),
+                threshold=cal.threshold, thresholds={k: c.threshold for k, c in cals.scores.items()},
+                quantiles={k: quantiles(c.levels, c.values) for k, c in cals.scores.items()}),
+            limits=Limits(**self.limits.model_dump()), pictures=sorted(self.pictures.get(name, {})),
         )
 
     async def _runtime(self, name: str) -> str:
@@ -396,13 +591,14 @@ class Gateway(TextRoutes, ImageRoutes, AnomalyRoutes, V2Routes):
 
     # ---- routes --------------------------------------------------------------------------------
 
-    @api.get("/healthz", name="healthz", response_model=Health, tags=["health"])
+    @api.get("/healthz", name="healthz", response_model=Health, tags=["health"], responses=responses(ErrorResponse))
     async def healthz(self) -> Health:
         """Liveness: the ingress is up."""
         return Health()
 
     @api.get("/readyz", name="readyz", response_model=Readiness, tags=["health"],
-             responses={503: {"model": Readiness, "description": "some model is not loaded yet"}})
+             responses={**responses(ErrorResponse), 503: {"model": Readiness, "headers": REQUEST_ID_HEADER,
+                                                          "description": "some model is not loaded yet"}})
     async def readyz(self) -> JSONResponse:
         """Readiness: every model has a replica that has loaded it."""
 
@@ -417,12 +613,15 @@ class Gateway(TextRoutes, ImageRoutes, AnomalyRoutes, V2Routes):
         body = Readiness(ready=all(states), models=dict(zip(names, states, strict=True)))
         return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
-    @api.get("/metrics", name="metrics", tags=["health"], response_class=Response)
+    @api.get("/metrics", name="metrics", tags=["health"], response_class=Response,
+             responses=responses(ErrorResponse, 401, 429, s401="auth.protect_metrics is on and the request carries "
+                                 "no valid key", ok={"description": "Prometheus text format",
+                                                     "content": {CONTENT_TYPE: {"schema": {"type": "string"}}}}))
     async def metrics(self) -> Response:
         """Prometheus text exposition of genserve's metrics, summed over all replicas."""
         return Response(await self.metrics.render(), media_type=CONTENT_TYPE)
 
-    @api.get("/v1/models", name="list_models", response_model=ModelList, tags=["models"])
+    @api.get("/v1/models", name="list_models", response_model=ModelList, tags=["models"], responses=AUTH_ERRORS)
     async def list_models(self) -> ModelList:
         names = sorted(self.manifests)
         replicas = await asyncio.gather(*(self._replica_info(n) for n in names))
@@ -431,7 +630,7 @@ class Gateway(TextRoutes, ImageRoutes, AnomalyRoutes, V2Routes):
         return ModelList(models=infos, data=data)
 
     @api.get("/v1/models/{name}", name="get_model", response_model=ModelInfo, tags=["models"],
-             responses=ERRORS)
+             responses=GET_ERRORS)
     async def get_model(self, name: str) -> ModelInfo:
         self._manifest(name)
         return self._info(name, await self._replica_info(name))
@@ -510,7 +709,7 @@ def build(args: AppArgs, overrides: dict[str, dict[str, Any]] | None = None):
     refs = args.models if args.models is not None else list(store.list_models())
     if not refs:
         raise ValueError(f"the model store {store} has no models; train one with `genserve train`")
-    handles, manifests, calibrations, tokenizers = {}, {}, {}, {}
+    handles, manifests, calibrations, tokenizers, pictures = {}, {}, {}, {}, {}
     for ref in refs:
         name, version = parse_model_ref(ref)
         # A path, or a URI each replica fetches on its own node: a store on a volume every node mounts, or in S3.
@@ -518,6 +717,7 @@ def build(args: AppArgs, overrides: dict[str, dict[str, Any]] | None = None):
         loaded = art.load_artifact(location)  # verify here, so a bad artifact fails the deploy loudly
         path = loaded.path
         manifests[name] = loaded.manifest.model_dump()
+        pictures[name] = picture_files(loaded.contents)
         if art.CALIBRATION in loaded.contents:  # optional: without it, anomaly answers 400 not_calibrated
             calibrations[name] = loaded.json(art.CALIBRATION)
         if loaded.manifest.kind in TEXT_KINDS:
@@ -537,7 +737,19 @@ def build(args: AppArgs, overrides: dict[str, dict[str, Any]] | None = None):
             deployment = DensityModel.options(name=name, **overrides.get(name, {}))
         handles[name] = deployment.bind(location)
     gateway = Gateway.options(**overrides.get("Gateway", {}))
-    return gateway.bind(handles, manifests, calibrations, args.limits.model_dump(), tokenizers)
+    return gateway.bind(handles, manifests, calibrations, args.limits.model_dump(), tokenizers, pictures=pictures,
+                        edge=edge_args(args, overrides.get("Gateway", {})), store=store.uri)
+
+
+def edge_args(args: AppArgs, gateway_options: dict[str, Any]) -> dict[str, Any]:
+    """What the Gateway needs for keys, limits and the access log. Keys travel as sha256 digests only, read here
+    (on the node that builds the app: the head, in a RayService) from the config and the keys file."""
+    replicas = gateway_options.get("num_replicas", 1)
+    if not isinstance(replicas, int):  # "auto" or autoscaling: the floor, so a caller never gets less than its limit
+        replicas = (gateway_options.get("autoscaling_config") or {}).get("min_replicas", 1) or 1
+    return {"keys": hashed_entries(args.auth), "auth": args.auth.model_dump(),
+            "rate_limits": args.rate_limits.model_dump(), "access_log": args.access_log.model_dump(),
+            "gateway_replicas": replicas}
 
 
 def build_app(args: dict[str, Any]):

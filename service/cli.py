@@ -476,6 +476,8 @@ def score_command(
     out: Annotated[Path, typer.Option("--out", help="output file (.csv or .jsonl): one row per input row; "
                                                     "rerunning the same command continues it")],
     url: Annotated[str, typer.Option(help="the genserve server")] = "http://127.0.0.1:8000",
+    api_key: Annotated[str | None, typer.Option(help="API key for a server with keys on [default: "
+                                                     "$GENSERVE_API_KEY]", show_default=False)] = None,
     local: Annotated[bool, typer.Option("--local", help="score in this process, from --store, without a "
                                                         "server")] = False,
     store: StoreOption = None,
@@ -498,7 +500,7 @@ def score_command(
     from service.file_scorer import ScoreFileError, score_file
 
     try:
-        summary = score_file(input, model, out, url=url, local=local, store=store, score=score,
+        summary = score_file(input, model, out, url=url, api_key=api_key, local=local, store=store, score=score,
                              threshold=threshold, false_positive_rate=false_positive_rate, id_column=id_column,
                              output_format=output_format, input_format=input_format, chunk_size=chunk_size,
                              restart=restart, progress=not quiet)
@@ -594,6 +596,9 @@ def serve_command(
         "--train-defaults/--no-train-defaults",
         help="first train the default models (breast-cancer, wine, shakespeare, mnist, digits) that the store "
              "lacks")] = True,
+    api_key: Annotated[list[str] | None, typer.Option(
+        "--api-key", help="require this API key (role admin; repeatable); more keys with roles in "
+                          "$GENSERVE_API_KEYS_FILE (see README, API keys)", show_default=False)] = None,
 ) -> None:
     """Serve every model in the store (or those the config names) until Ctrl-C or SIGTERM."""
     apply_serve_env()
@@ -601,10 +606,23 @@ def serve_command(
     from ray import serve
 
     from service.app import AppArgs, build
+    from service.edge import KeyConfigError, hashed_entries, parse_key_entry
 
     http, args, overrides = read_serve_config(config)
     if store is not None:
         args["store"] = str(store)
+    if api_key:  # as digests: the plain keys go no further than this process
+        auth = args.setdefault("auth", {})
+        try:
+            hashed = [f"sha256:{parse_key_entry(k, '--api-key')[0]} admin" for k in api_key]
+        except KeyConfigError as e:
+            raise typer.BadParameter(str(e), param_hint="--api-key") from None
+        auth["api_keys"] = [*auth.get("api_keys", []), *hashed]
+    try:  # a bad keys file fails here, before Ray starts, with the file and line at fault
+        hashed_entries(AppArgs.model_validate(args).auth)
+    except KeyConfigError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from None
     try:
         root = open_store(args.get("store"))
     except ValueError as e:

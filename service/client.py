@@ -18,6 +18,7 @@ carrying the server's status, error type and message.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -165,9 +166,23 @@ def _jsonable(records: Records) -> list:
     return records.tolist() if hasattr(records, "tolist") else [list(r) for r in records]
 
 
+API_KEY_ENV = "GENSERVE_API_KEY"
+
+
+def with_key(api_key: str | None, httpx_options: dict[str, Any]) -> dict[str, Any]:
+    """httpx options with the API key (given, else from the environment) as a bearer token."""
+    key = api_key or os.environ.get(API_KEY_ENV)
+    if not key:
+        return httpx_options
+    return {**httpx_options, "headers": {**httpx_options.get("headers", {}), "Authorization": f"Bearer {key}"}}
+
+
 class GenserveClient:
-    def __init__(self, base_url: str = DEFAULT_URL, timeout: float = 60.0, **httpx_options: Any):
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, **httpx_options)
+    """`api_key` (default $GENSERVE_API_KEY) goes as `Authorization: Bearer KEY`, for servers with keys on."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, timeout: float = 60.0, api_key: str | None = None,
+                 **httpx_options: Any):
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, **with_key(api_key, httpx_options))
 
     def __enter__(self) -> GenserveClient:
         return self
@@ -264,8 +279,11 @@ class GenserveClient:
 
 
 class AsyncGenserveClient:
-    def __init__(self, base_url: str = DEFAULT_URL, timeout: float = 60.0, **httpx_options: Any):
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, **httpx_options)
+    """`api_key` (default $GENSERVE_API_KEY) goes as `Authorization: Bearer KEY`, for servers with keys on."""
+
+    def __init__(self, base_url: str = DEFAULT_URL, timeout: float = 60.0, api_key: str | None = None,
+                 **httpx_options: Any):
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, **with_key(api_key, httpx_options))
 
     async def __aenter__(self) -> AsyncGenserveClient:
         return self

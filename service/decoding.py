@@ -15,6 +15,12 @@ So requests join a running batch between steps (continuous batching) and leave i
 finish. The engine is synchronous and single-threaded; `submit` and `cancel` may be called from
 other threads (the Serve replica's event loop) while a step runs.
 
+A request fails alone: its sampling parameters are normalised so that none the API accepts can make NaN or inf
+(`GenerationParams.greedy`, `filter_logits`, `_BeamSearch`), a row of logits that is not a distribution (NaN,
++inf, nothing finite) or a token choice that raises fails that request only, and a batched forward pass that
+raises is rerun request by request, so only the requests it fails for get the error (`Request.error`); the
+others go on exactly as they would have alone.
+
 Beam search follows Hugging Face `transformers`' `generate()` exactly (its candidate set of
 2 x num_beams, the length-normalised score sum_logprobs / generated_len ** length_penalty, its
 early-stopping rules), so the same weights and prompt give the same beams token for token.
@@ -24,6 +30,8 @@ from __future__ import annotations
 
 import collections
 import itertools
+import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -34,19 +42,28 @@ import torch
 from torch import Tensor
 
 from models.lm import LanguageModel
+from service.runtime import LOG_PROB_FLOOR, RequestFailed
 from training.tokenizer import TextTokenizer
+
+log = logging.getLogger("ray.serve")
 
 FinishReason = Literal["stop", "length", "cancelled"]
 NEG_INF = -1.0e9  # transformers' "impossible" score, kept for identical beam ranking
 DEFAULT_MAX_LEN = 2048  # tokens per sequence for models without a context length of their own (LSTM, n-gram)
+# Temperatures below this decode greedily (as vLLM does): sampling that cold is the argmax but for near-ties,
+# and far colder divides logits into float32 overflow (1e-45 made inf, then NaN probabilities).
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# Beam search's length penalty is clamped to +-this: generated_len ** penalty must stay a finite, non-zero float
+# for every length a sequence can have (2 ** 1e4 overflows); past it the ranking no longer changes anyway.
+LENGTH_PENALTY_LIMIT = 50.0
 
 
 @dataclass
 class GenerationParams:
     max_new_tokens: int = 64
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW_TEMPERATURE) means greedy
     top_k: int | None = None  # keep the k most likely tokens (None or 0: all)
-    top_p: float | None = None  # keep the smallest set with this much probability (None or 1: all)
+    top_p: float | None = None  # keep the smallest set with this much probability, at least one (None or 1: all)
     seed: int | None = None  # same seed, same prompt, same params: same text
     stop: tuple[str, ...] = ()  # generation stops before the first occurrence of any of these
     ignore_eos: bool = False
@@ -59,7 +76,7 @@ class GenerationParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        return self.temperature < GREEDY_BELOW_TEMPERATURE or self.top_k == 1
 
     @property
     def slots_needed(self) -> int:
@@ -154,6 +171,7 @@ class Request:
         self.beams: _BeamSearch | None = None
         self.generator: torch.Generator | None = None
         self.outputs: list[SequenceOutput] = []  # final results, set when finished
+        self.error: str | None = None  # why the request failed (finished with no outputs), if it did
 
     @property
     def finished(self) -> bool:
@@ -171,7 +189,8 @@ class Request:
 
 def filter_logits(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
     """Temperature, then top-k, then top-p (nucleus), as transformers applies them: (B, V) -> (B, V)
-    with removed tokens at -inf."""
+    with removed tokens at -inf. The most likely token always stays (transformers' min_tokens_to_keep=1), so
+    however small top_p is (1e-300 is 0 in float32) a row keeps something to sample."""
     logits = logits / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -181,6 +200,7 @@ def filter_logits(logits: Tensor, temperature: float, top_k: int | None, top_p: 
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
         # Drop a token when the tokens before it already hold top_p; the first always stays.
         drop_sorted = (cumulative - torch.softmax(sorted_logits, dim=-1)) >= top_p
+        drop_sorted[:, 0] = False
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -205,6 +225,7 @@ class _BeamSearch:
     def __init__(self, params: GenerationParams, eos: int | None, prompt_len: int):
         self.k = params.num_beams
         self.params = params
+        self.length_penalty = max(-LENGTH_PENALTY_LIMIT, min(LENGTH_PENALTY_LIMIT, params.length_penalty))
         self.eos = eos
         self.prompt_len = prompt_len
         self.running_scores = torch.full((self.k,), NEG_INF)
@@ -241,7 +262,7 @@ class _BeamSearch:
             for i in range(min(k, keep)):
                 if hits[i]:
                     b = int(parents[i])
-                    score = float(top_scores[i]) / (new_len ** p.length_penalty)
+                    score = float(top_scores[i]) / (new_len ** self.length_penalty)
                     self.finished.append((score, [*self.tokens[b], int(tokens[i])],
                                           [*self.token_logprobs[b], lp_of[i]]))
             self.finished.sort(key=lambda h: -h[0])
@@ -258,8 +279,8 @@ class _BeamSearch:
         self.generated = new_len
 
         # transformers' early-stop heuristic: stop when no running beam can beat the worst finished one.
-        best_len = p.max_new_tokens if p.early_stopping == "never" and p.length_penalty > 0 else self.generated
-        best_possible = float(self.running_scores[0]) / (best_len ** p.length_penalty)
+        best_len = p.max_new_tokens if p.early_stopping == "never" and self.length_penalty > 0 else self.generated
+        best_possible = float(self.running_scores[0]) / (best_len ** self.length_penalty)
         all_finished = len(self.finished) >= k
         worst = self.finished[-1][0] if all_finished else NEG_INF
         self.heuristic_unsatisfied = self.heuristic_unsatisfied and best_possible > worst
@@ -268,6 +289,14 @@ class _BeamSearch:
         return new_parents
 
     def results(self) -> list[tuple[float, list[int], list[float]]]:
+        if not self.finished:
+            # Stopped before any hypothesis finished: an extreme negative length penalty makes even the best
+            # running beam look worse than the "impossible" NEG_INF. The running beams then stand, as
+            # transformers' BeamSearchScorer.finalize adds open beams; never an empty answer.
+            self.finished = sorted(((float(score) / (self.generated ** self.length_penalty), tokens, lps)
+                                    for score, tokens, lps in zip(self.running_scores.tolist(), self.tokens,
+                                                                  self.token_logprobs, strict=True)
+                                    if score > NEG_INF / 2), key=lambda h: -h[0])
         return self.finished[: self.params.num_return_sequences]
 
 
@@ -381,20 +410,36 @@ class Engine:
             self.running.remove(request)
             self.free.extend(request.slots)
 
+    # ---- failing one request alone ----
+
+    def _fail(self, request: Request, error: str, updates: list[Update]) -> None:
+        """Finish `request` with `error` and no outputs (its slots are freed at the end of the step)."""
+        log.warning("generation request %d failed alone: %s", request.id, error)
+        request.error = error
+        request.outputs = []
+        request.finished_at = time.perf_counter()
+        updates[:] = [u for u in updates if u.request is not request]
+        updates.append(Update(request, [], True))
+
+    def _isolate(self, requests: list[Request], error: Exception, updates: list[Update],
+                 run: Callable[[list[Request], list[Update]], None]) -> None:
+        """A batched forward pass raised: run each request's part alone, so only the requests it fails for get
+        the error. Sound because every model writes a slot's state only once its step has succeeded (a rerun
+        repeats the step, it does not advance twice)."""
+        if len(requests) == 1:
+            self._fail(requests[0], f"the model failed on this request: {type(error).__name__}: {error}", updates)
+            return
+        for request in requests:
+            run([request], updates)
+
+    # ---- the forward passes ----
+
     def _prefill(self, requests: list[Request], updates: list[Update]) -> None:
-        lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=self.device)
-        tokens = torch.zeros(len(requests), int(lengths.max()), dtype=torch.long, device=self.device)
-        for i, r in enumerate(requests):
-            tokens[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
-        first_slots = torch.tensor([r.slots[0] for r in requests], device=self.device)
-        logits = self.model.prefill(self.state, first_slots, tokens, lengths)
-        src, dst = [], []
-        for r in requests:
-            src += [r.slots[0]] * (len(r.slots) - 1)
-            dst += r.slots[1:]
-        if dst:
-            self.model.copy_slots(self.state, torch.tensor(src, device=self.device),
-                                  torch.tensor(dst, device=self.device))
+        try:
+            logits = self._prefill_forward(requests)
+        except Exception as e:
+            self._isolate(requests, e, updates, self._prefill)
+            return
         now = time.perf_counter()
         rows: list[_Rows] = []
         for r in requests:
@@ -413,6 +458,24 @@ class Engine:
         index = torch.tensor([i for i, (_, _, n) in enumerate(rows) for _ in range(n)], device=logits.device)
         self._advance(logits[index], rows, updates)
 
+    def _prefill_forward(self, requests: list[Request]) -> Tensor:
+        """Read the prompts into each request's first slot in one pass, fork them into its other slots, and
+        return the logits after each prompt (len(requests), V)."""
+        lengths = torch.tensor([len(r.prompt_ids) for r in requests], device=self.device)
+        tokens = torch.zeros(len(requests), int(lengths.max()), dtype=torch.long, device=self.device)
+        for i, r in enumerate(requests):
+            tokens[i, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids)
+        first_slots = torch.tensor([r.slots[0] for r in requests], device=self.device)
+        logits = self.model.prefill(self.state, first_slots, tokens, lengths)
+        src, dst = [], []
+        for r in requests:
+            src += [r.slots[0]] * (len(r.slots) - 1)
+            dst += r.slots[1:]
+        if dst:
+            self.model.copy_slots(self.state, torch.tensor(src, device=self.device),
+                                  torch.tensor(dst, device=self.device))
+        return logits
+
     def _decode(self, requests: list[Request], updates: list[Update]) -> None:
         slots, tokens, rows = [], [], []
         for r in requests:
@@ -425,33 +488,54 @@ class Engine:
                 slots += [s.slot for s in live]
                 tokens += [s.pending for s in live]
                 rows.append((r, live, len(live)))
-        logits = self.model.decode(self.state, torch.tensor(slots, device=self.device),
-                                   torch.tensor(tokens, device=self.device))
+        try:
+            logits = self.model.decode(self.state, torch.tensor(slots, device=self.device),
+                                       torch.tensor(tokens, device=self.device))
+        except Exception as e:
+            self._isolate(requests, e, updates, self._decode)
+            return
         self._advance(logits, rows, updates)
+
+    # ---- choosing tokens ----
 
     def _advance(self, logits: Tensor, rows: list[_Rows], updates: list[Update]) -> None:
         """Choose the next token of every row, in order: (request, its live sequences or None for
         beam search, number of rows). The softmax, the greedy argmax and the chosen tokens'
         log-probabilities are computed once for the whole batch, not once per request: with many
-        small requests, per-request tensor operations would cost more than the model step."""
+        small requests, per-request tensor operations would cost more than the model step.
+        A request whose rows are not distributions, or whose token choice fails, fails alone."""
         logits = logits.float()
         log_probs = torch.log_softmax(logits, dim=-1)
         chosen = logits.argmax(dim=-1)
+        # NaN or +inf logits make a row NaN; a row of only -inf has nothing to choose.
+        broken = (torch.isnan(log_probs).any(dim=-1) | ~torch.isfinite(log_probs).any(dim=-1)).tolist()
+        live: list[tuple[Request, list[_Sequence] | None, slice]] = []
         at = 0
         for r, seqs, n in rows:
+            span, at = slice(at, at + n), at + n
+            if any(broken[span]):
+                self._fail(r, "numerical failure: the model's next-token scores for this request are not finite "
+                           "(NaN or inf logits)", updates)
+                continue
             if seqs is not None and not r.params.greedy:
-                chosen[at : at + n] = choose_tokens(logits[at : at + n], r.params, r.generator)
-            at += n
+                try:
+                    chosen[span] = choose_tokens(logits[span], r.params, r.generator)
+                except RuntimeError as e:  # torch.multinomial on probabilities that are not a distribution
+                    self._fail(r, f"numerical failure while sampling: {e}", updates)
+                    continue
+            live.append((r, seqs, span))
         chosen_ids = chosen.tolist()
         chosen_lp = log_probs.gather(-1, chosen[:, None])[:, 0].tolist()
-        at = 0
-        for r, seqs, n in rows:
-            if seqs is None:
-                self._beam_step(r, log_probs[at : at + n], updates)
-            else:
-                self._sample_step(r, seqs, chosen_ids[at : at + n], chosen_lp[at : at + n],
-                                  log_probs[at : at + n], updates)
-            at += n
+        for r, seqs, span in live:
+            try:
+                if seqs is None:
+                    self._beam_step(r, log_probs[span], updates)
+                elif not all(math.isfinite(lp) for lp in chosen_lp[span]):
+                    self._fail(r, "numerical failure: a chosen token's log-probability is not finite", updates)
+                else:
+                    self._sample_step(r, seqs, chosen_ids[span], chosen_lp[span], log_probs[span], updates)
+            except Exception as e:  # whatever else goes wrong with one request's step is that request's alone
+                self._fail(r, f"decoding failed: {type(e).__name__}: {e}", updates)
 
     def _sample_step(self, r: Request, seqs: list[_Sequence], tokens: list[int], logprobs: list[float],
                      log_probs: Tensor, updates: list[Update]) -> None:
@@ -459,7 +543,9 @@ class Engine:
         top = None
         if p.top_logprobs:
             values, ids = torch.topk(log_probs, min(p.top_logprobs, log_probs.shape[-1]), dim=-1)
-            top = [list(zip(i.tolist(), v.tolist(), strict=True)) for i, v in zip(ids, values, strict=True)]
+            # Alternatives the model rules out (-inf) are reported at the floor: JSON has no infinities.
+            top = [[(t, max(lp, LOG_PROB_FLOOR)) for t, lp in zip(i.tolist(), v.tolist(), strict=True)]
+                   for i, v in zip(ids, values, strict=True)]
         deltas = [self._append(r, seq, token, logprobs[j], top[j] if top else None)
                   for j, (seq, token) in enumerate(zip(seqs, tokens, strict=True))]
         finished = all(s.done for s in r.sequences)
@@ -514,9 +600,14 @@ class Engine:
         if not beams.done:
             updates.append(Update(r, [], False))
             return
+        results = beams.results()
+        if not all(math.isfinite(x) for score, _, lps in results for x in (score, *lps)):
+            # A candidate the model ruled out (-inf) can only finish when nothing better was left.
+            self._fail(r, "numerical failure: a returned beam's log-probability is not finite", updates)
+            return
         r.finished_at = time.perf_counter()
         r.outputs = []
-        for i, (score, tokens, lps) in enumerate(beams.results()):
+        for i, (score, tokens, lps) in enumerate(results):
             out = SequenceOutput(index=i, token_ids=tokens, logprobs=lps, score=score)
             ended_eos = self.eos is not None and tokens and tokens[-1] == self.eos and not p.ignore_eos
             text = self._text(tokens[:-1] if ended_eos else tokens)
@@ -546,4 +637,6 @@ def generate(model: LanguageModel, tokenizer: TextTokenizer, prompt_ids: list[in
     request = engine.submit(prompt_ids, params)
     while not request.finished:
         engine.step()
+    if request.error is not None:
+        raise RequestFailed(request.error)
     return request.outputs

@@ -2,7 +2,12 @@
 
 Requests from all clients are batched with `@serve.batch`: the records of every waiting request
 are stacked into one forward pass and split back per request. The forward pass is row-wise, so a
-record's result does not depend on what it was batched with.
+record's result does not depend on what it was batched with; and if the pass raises, the batch's requests are
+rerun one at a time, so only a request the model fails on gets the error (`RequestFailed`: 500 model_error).
+
+Log-densities come back finite (JSON has no infinities): a record whose density underflows float64 or that the
+model cannot evaluate (NaN) gets log p = LOG_PROB_FLOOR (-1e300), so it scores as maximally anomalous, and a
+mixture's responsibilities for it are uniform (service.runtime.finite_log_probs, finite_responsibilities).
 """
 
 from __future__ import annotations
@@ -16,7 +21,15 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from service.metrics import MetricsClient
-from service.runtime import RuntimeName, load_model, needs_reload
+from service.runtime import (
+    RequestFailed,
+    RuntimeName,
+    finite_log_probs,
+    finite_responsibilities,
+    load_model,
+    needs_reload,
+    run_isolated,
+)
 
 log = logging.getLogger("ray.serve")
 
@@ -69,18 +82,26 @@ class DensityModel:
         return True
 
     async def score(self, records: np.ndarray) -> ScoreResult:
-        """log p(x) and responsibilities for (N, D) records; batched with concurrent callers."""
-        return await self._score_batch(records)
+        """log p(x) and responsibilities for (N, D) records; batched with concurrent callers. Raises
+        RequestFailed if the model fails on these records (and only then: not for its batch-mates')."""
+        result = await self._score_batch(records)
+        if isinstance(result, RequestFailed):
+            raise result
+        return result
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
-    async def _score_batch(self, requests: list[np.ndarray]) -> list[ScoreResult]:
-        sizes = [len(r) for r in requests]
-        log_prob, resp = self.loaded.runtime.log_prob(np.concatenate(requests))
+    async def _score_batch(self, requests: list[np.ndarray]) -> list[ScoreResult | RequestFailed]:
         self.metrics.send([
             ("genserve_batch_size_requests", {"model": self.name}, len(requests)),
-            ("genserve_batch_size_records", {"model": self.name}, sum(sizes)),
+            ("genserve_batch_size_records", {"model": self.name}, sum(len(r) for r in requests)),
         ])
-        bounds = np.cumsum(sizes)[:-1]
+        return run_isolated(self._score_records, requests)
+
+    def _score_records(self, requests: list[np.ndarray]) -> list[ScoreResult]:
+        """One forward pass for the records of all `requests`, split back per request."""
+        log_prob, resp = self.loaded.runtime.log_prob(np.concatenate(requests))
+        log_prob, resp = finite_log_probs(log_prob), finite_responsibilities(resp)
+        bounds = np.cumsum([len(r) for r in requests])[:-1]
         return list(zip(np.split(log_prob, bounds), np.split(resp, bounds), strict=True))
 
     def reference_log_prob(self, records: np.ndarray) -> np.ndarray | None:
@@ -89,7 +110,8 @@ class DensityModel:
         if self.loaded.reference is None:
             return None
         with torch.inference_mode():
-            return self.loaded.reference.log_prob(torch.from_numpy(np.asarray(records, np.float64))).numpy()
+            log_prob = self.loaded.reference.log_prob(torch.from_numpy(np.asarray(records, np.float64)))
+        return finite_log_probs(log_prob.numpy())
 
     def sample(self, n: int, seed: int | None) -> np.ndarray:
         generator = torch.Generator()

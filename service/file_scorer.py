@@ -144,13 +144,13 @@ def classify_error(status: int, error_type: str, message: str) -> Exception:
 class HttpBackend:
     """A running genserve server."""
 
-    def __init__(self, url: str, name: str, timeout: float = 300.0):
+    def __init__(self, url: str, name: str, timeout: float = 300.0, api_key: str | None = None):
         import httpx
 
         from service.client import GenserveClient, GenserveError
 
         self._transport_error, self._api_error = httpx.TransportError, GenserveError
-        self.client = GenserveClient(url, timeout=timeout)
+        self.client = GenserveClient(url, timeout=timeout, api_key=api_key)
         self.name = name
         try:
             info = self.client.model(name)
@@ -833,6 +833,7 @@ def score_file(
     output: str | Path,
     *,
     url: str = DEFAULT_URL,
+    api_key: str | None = None,
     local: bool = False,
     store: str | Path | None = None,
     score: str | None = None,
@@ -862,7 +863,7 @@ def score_file(
         raise ScoreFileError(f"{output}: the output would overwrite the input")
     owned = backend is None
     if backend is None:
-        backend = LocalBackend(store, model) if local else HttpBackend(url, model)
+        backend = LocalBackend(store, model) if local else HttpBackend(url, model, api_key=api_key)
     try:
         return _run(input, input_fmt, output, output_fmt, backend, options, id_column, chunk_size, restart,
                     progress, retries, retry_delay, on_chunk)

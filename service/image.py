@@ -3,17 +3,25 @@
 Scoring is batched with `@serve.batch`: the images of every waiting request are stacked into one pass
 (requests that gave labels in one, requests that did not in another: a conditional model scores those
 for the marginal over classes) and split back per request. Scoring is row-wise, so an image's result does
-not depend on what it was batched with.
+not depend on what it was batched with; if a batch's pass raises, its requests are rerun one at a time, so only
+a request the model fails on gets the error (service.runtime.run_isolated). Log-probabilities come back
+finite (an underflow or NaN at service.runtime.LOG_PROB_FLOOR): JSON has no infinities.
 
 Sampling and completion run the torch sampler in a worker thread, one job at a time, so the replica keeps
 answering health checks and scoring requests meanwhile; all images of one request are drawn in one batch,
 seeded with a torch.Generator on the module's device (the same seed gives the same images on the same device).
+Jobs are budgeted in pixels (`SamplingBudget`: images x height x width held per replica, `max_queued_pixels`), a
+job whose caller goes away (a client that disconnects) stops at its next pixel, and a job that fails fails
+alone (`RequestFailed`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -21,12 +29,77 @@ import torch
 from pydantic import BaseModel, Field
 from ray import serve
 
-from models.image import ImageModel
+from models.image import ImageModel, SamplingCancelled, cancellable
 from service.image_runtime import ImageScore, LoadedImageModel, load_image_model
 from service.metrics import MetricsClient
-from service.runtime import RuntimeName, needs_reload
+from service.runtime import (
+    OverLimit,
+    ReplicaBusy,
+    RequestFailed,
+    RuntimeName,
+    finite_log_probs,
+    needs_reload,
+    run_isolated,
+)
 
 log = logging.getLogger("ray.serve")
+DEFAULT_QUEUED_PIXELS = 1 << 20  # four requests at the default limits.max_image_pixels_per_request
+QUEUED_PIXELS_DESCRIPTION = (
+    "sampling budget of one replica: pixels (images x height x width) of the sample and complete jobs it holds, "
+    "running and waiting; a job over the whole budget is refused with 400 limit_exceeded, one that does not fit "
+    "beside those already held with 503 overloaded (retry)")
+
+
+class SamplingBudget:
+    """The pixels of the sampling jobs a replica holds (running and waiting) against its `max_queued_pixels`:
+    sampling costs about images x pixels sequential steps, so a budget in pixels bounds the work queued."""
+
+    def __init__(self, name: str, limit: int = DEFAULT_QUEUED_PIXELS):
+        self.name, self.limit, self.held = name, limit, 0
+
+    @contextlib.contextmanager
+    def hold(self, images: int, pixels_each: int) -> Iterator[None]:
+        pixels = images * pixels_each
+        if pixels > self.limit:
+            raise OverLimit(f"{images} images x {pixels_each} pixels = {pixels} pixels to sample exceed model "
+                            f"{self.name!r}'s sampling budget of {self.limit} pixels per replica (deployment option "
+                            "max_queued_pixels); ask for fewer images")
+        if self.held + pixels > self.limit:
+            raise ReplicaBusy(f"model {self.name!r} is sampling {self.held} pixels; {pixels} more would exceed its "
+                              f"sampling budget of {self.limit} pixels per replica (deployment option "
+                              "max_queued_pixels)")
+        self.held += pixels
+        try:
+            yield
+        finally:
+            self.held -= pixels
+
+
+async def run_sampling_job(lock: asyncio.Lock, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` in a worker thread once `lock` is free (one job at a time per replica). If the caller goes
+    away (Serve cancels the call when the HTTP client disconnects), the job stops at its next pixel and the
+    lock is held until it has; if the job raises, the request fails alone (RequestFailed)."""
+    cancel = threading.Event()
+
+    def job() -> Any:
+        with cancellable(cancel):
+            return fn(*args)
+
+    async with lock:
+        running = asyncio.ensure_future(asyncio.to_thread(job))
+        try:
+            return await asyncio.shield(running)
+        except asyncio.CancelledError:
+            cancel.set()
+            with contextlib.suppress(BaseException):
+                await running
+            log.info("a sampling job was cancelled: its caller went away")
+            raise
+        except SamplingCancelled:
+            raise
+        except Exception as e:
+            log.warning("a sampling job failed alone: %s: %s", type(e).__name__, e)
+            raise RequestFailed(f"sampling failed: {type(e).__name__}: {e}") from None
 
 
 class ImageOptions(BaseModel):
@@ -39,6 +112,7 @@ class ImageOptions(BaseModel):
     max_batch_size: int = Field(32, ge=1, description="most scoring requests stacked into one pass")
     batch_wait_timeout_s: float = Field(0.0, ge=0, description="how long a scoring batch waits to fill; 0: a "
                                          "batch is what queued while the last one ran, and a lone request never waits")
+    max_queued_pixels: int = Field(DEFAULT_QUEUED_PIXELS, ge=1, description=QUEUED_PIXELS_DESCRIPTION)
 
 
 def make_generator(device: torch.device | str, seed: int | None) -> torch.Generator:
@@ -65,7 +139,7 @@ def draw_images(module: ImageModel, n: int, labels: np.ndarray | None, seed: int
         log_prob, _ = module.score(images, y)
         return {"images": images.cpu().numpy().astype(np.int64),
                 "labels": None if y is None else y.cpu().numpy().astype(np.int64),
-                "log_prob": log_prob.double().cpu().numpy()}
+                "log_prob": finite_log_probs(log_prob.double().cpu().numpy())}
 
 
 def score_requests(loaded: LoadedImageModel, requests: list[tuple[np.ndarray, np.ndarray | None]]) -> list[ImageScore]:
@@ -78,6 +152,7 @@ def score_requests(loaded: LoadedImageModel, requests: list[tuple[np.ndarray, np
         images = np.concatenate([requests[i][0] for i in group])
         labels = np.concatenate([requests[i][1] for i in group]) if with_labels else None
         log_prob, pixels = loaded.runtime.score(images, labels)
+        log_prob, pixels = finite_log_probs(log_prob), finite_log_probs(pixels)
         bounds = np.cumsum([len(requests[i][0]) for i in group])[:-1]
         for i, lp, px in zip(group, np.split(log_prob, bounds), np.split(pixels, bounds), strict=True):
             results[i] = (lp, px)
@@ -94,6 +169,7 @@ class ImageModelReplica:
         # One sampling job at a time per replica: each already uses every thread torch has, and jobs run
         # side by side would only slow each other; the others wait their turn (max_ongoing_requests bounds them).
         self._sampling = asyncio.Lock()
+        self.budget = SamplingBudget(self.name)
         log.info("loaded image model %s v%s (%s on %s)", self.name, self.loaded.artifact.version,
                  self.loaded.runtime.name, self.loaded.device)
 
@@ -104,6 +180,7 @@ class ImageModelReplica:
             self.loaded = load_image_model(self.artifact_path, options.runtime)
         self._score_batch.set_max_batch_size(options.max_batch_size)
         self._score_batch.set_batch_wait_timeout_s(options.batch_wait_timeout_s)
+        self.budget.limit = options.max_queued_pixels
         self.options = options
 
     def info(self) -> dict[str, Any]:
@@ -117,14 +194,18 @@ class ImageModelReplica:
                     per_pixel: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """log p(x [| y]) (N,) and, if `per_pixel`, the per-pixel conditionals (N, H, W) of int64 images
         (N, H, W) (else None: not shipped back); labels None: the marginal over classes for a conditional
-        model. Batched with concurrent callers."""
-        log_prob, pixels = await self._score_batch((images, labels))
+        model. Batched with concurrent callers; RequestFailed if the model fails on these images (alone)."""
+        result = await self._score_batch((images, labels))
+        if isinstance(result, RequestFailed):
+            raise result
+        log_prob, pixels = result
         return log_prob, pixels if per_pixel else None
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.0)
-    async def _score_batch(self, requests: list[tuple[np.ndarray, np.ndarray | None]]) -> list[ImageScore]:
+    async def _score_batch(self, requests: list[tuple[np.ndarray, np.ndarray | None]]
+                           ) -> list[ImageScore | RequestFailed]:
         loaded = self.loaded
-        results = await asyncio.to_thread(score_requests, loaded, requests)
+        results = await asyncio.to_thread(run_isolated, lambda batch: score_requests(loaded, batch), requests)
         self.metrics.send([
             ("genserve_batch_size_requests", {"model": self.name}, len(requests)),
             ("genserve_batch_size_records", {"model": self.name}, sum(len(r[0]) for r in requests)),
@@ -137,12 +218,13 @@ class ImageModelReplica:
         if self.loaded.reference is None:
             return None
         with torch.inference_mode():
-            return self.loaded.reference.log_prob(torch.as_tensor(np.asarray(images, np.int64))).numpy()
+            log_prob = self.loaded.reference.log_prob(torch.as_tensor(np.asarray(images, np.int64)))
+        return finite_log_probs(log_prob.numpy())
 
     async def sample(self, n: int, labels: np.ndarray | None, seed: int | None) -> dict[str, Any]:
         """n images in one batch; see `draw_images`."""
-        async with self._sampling:
-            return await asyncio.to_thread(draw_images, self.loaded.module, n, labels, seed)
+        with self.budget.hold(n, self.loaded.module.n_pixels):
+            return await run_sampling_job(self._sampling, draw_images, self.loaded.module, n, labels, seed)
 
     async def complete(self, images: np.ndarray, known: int, n: int, labels: np.ndarray | None,
                        seed: int | None) -> dict[str, Any]:
@@ -150,9 +232,9 @@ class ImageModelReplica:
         input (and its label) is repeated n times in a row, so completion j of image i is row i * n + j."""
         prefix = np.repeat(images, n, axis=0)
         repeated = None if labels is None else np.repeat(labels, n)
-        async with self._sampling:
-            return await asyncio.to_thread(draw_images, self.loaded.module, len(prefix), repeated, seed, prefix,
-                                           known)
+        with self.budget.hold(len(prefix), self.loaded.module.n_pixels):
+            return await run_sampling_job(self._sampling, draw_images, self.loaded.module, len(prefix), repeated,
+                                          seed, prefix, known)
 
 
 ImageModelDeployment = serve.deployment(

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from models.registry import LATENT_KINDS
 from service.errors import ERRORS, ApiError, model_kind_phrase, require_density
 from service.image_codec import MAX_PNG_LEVELS, ImageInputError, decode_image, encode_png
+from service.runtime import failure_message, is_over_limit, is_replica_busy, is_request_failure
 from service.schemas import (
     AnomalyRequest,
     CompleteRequest,
@@ -89,6 +90,15 @@ class ImageRoutes:
                                f"0..{spec.n_classes - 1}{names}")
         return np.asarray(labels, dtype=np.int64)
 
+    def _check_sampling_cost(self, name: str, images: int, what: str) -> None:
+        """Sampling costs about images x pixels model steps: a 400 past limits.max_image_pixels_per_request."""
+        spec = self.manifests[name].input
+        pixels = images * spec.height * spec.width
+        limit = self.limits.max_image_pixels_per_request
+        if pixels > limit:
+            raise ApiError(400, "limit_exceeded", f"{what} x {spec.height}x{spec.width} pixels = {pixels} pixels to "
+                           f"sample; the limit is {limit} per request (limits.max_image_pixels_per_request)")
+
     def _check_format(self, name: str, format_: str) -> None:
         levels = self.manifests[name].input.levels
         if format_ == "png" and levels > MAX_PNG_LEVELS:
@@ -98,9 +108,23 @@ class ImageRoutes:
     async def _image_call(self, name: str, method: str, *args: Any) -> Any:
         try:
             return await getattr(self.handles[name], method).remote(*args)
-        except Exception as e:  # a replica failed or is gone; Serve retries elsewhere when it can
-            raise ApiError(503, "model_unavailable", f"model {name!r} could not {method.replace('_', ' ')} this "
-                           f"request: {type(e).__name__}; retry shortly") from e
+        except Exception as e:
+            raise self._replica_error(name, method.replace("_", " "), e) from e
+
+    def _replica_error(self, name: str, action: str, e: Exception) -> ApiError:
+        """A failed replica call as the API's error (for every kind of model): 500 model_error when the model
+        failed on this request alone (its batch-mates were answered; a retry fails the same way), 503 overloaded
+        when the replica's queue is over a limit (400 limit_exceeded when the request alone is), else 503
+        model_unavailable (the replica failed or is gone; Serve retries elsewhere when it can)."""
+        if is_request_failure(e):
+            return ApiError(500, "model_error", f"model {name!r} could not {action} this request: "
+                            f"{failure_message(e)}")
+        if is_over_limit(e):
+            return ApiError(400, "limit_exceeded", failure_message(e))
+        if is_replica_busy(e):
+            return ApiError(503, "overloaded", f"{failure_message(e)}; retry shortly")
+        return ApiError(503, "model_unavailable", f"model {name!r} could not {action} this request: "
+                        f"{type(e).__name__}; retry shortly")
 
     async def _image_log_prob(self, name: str, body: LogProbRequest | AnomalyRequest,
                               endpoint: str) -> tuple[np.ndarray, ...]:
@@ -137,6 +161,7 @@ class ImageRoutes:
         if body.n > limit:
             raise ApiError(413, "limit_exceeded", f"n={body.n} images asked for; the limit is {limit} per request "
                            "(limits.max_images_per_request)")
+        self._check_sampling_cost(name, body.n, f"n={body.n} images")
         if body.label is not None:
             labels = self._labels(name, [body.label], 1, "label")
             labels = None if labels is None else np.repeat(labels, body.n)
@@ -165,6 +190,7 @@ class ImageRoutes:
         if total > limit:
             raise ApiError(413, "limit_exceeded", f"{len(body.images)} images x n={body.n} = {total} completions; "
                            f"the limit is {limit} per request (limits.max_images_per_request)")
+        self._check_sampling_cost(name, total, f"{total} completions")
         if body.known_rows is not None:
             if body.known_rows > spec.height:
                 raise ApiError(400, "invalid_request", f"known_rows={body.known_rows} is out of range: model "

@@ -10,7 +10,9 @@ too. What they do:
 - GAN: `sample` only.
 Each request is scored on its own (no cross-request batching: the bound's noise is drawn per request, so one
 request's answer never depends on what it was batched with), in a worker thread, one job at a time per replica.
-torch only: these models have no ONNX graph.
+torch only: these models have no ONNX graph. As for the other image models (service/image.py): bounds come back
+finite (service.runtime.LOG_PROB_FLOOR), sampling is budgeted in pixels per replica (`max_queued_pixels`), a
+job whose caller went away stops at its next pixel (VAE), and a job that fails fails alone (`RequestFailed`).
 """
 
 from __future__ import annotations
@@ -25,9 +27,15 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from models.registry import build_latent_model
-from service.image import make_generator
+from service.image import (
+    DEFAULT_QUEUED_PIXELS,
+    QUEUED_PIXELS_DESCRIPTION,
+    SamplingBudget,
+    make_generator,
+    run_sampling_job,
+)
 from service.metrics import MetricsClient
-from service.runtime import pick_device
+from service.runtime import finite_log_probs, pick_device
 from training import artifact as art
 from training.reference import load_reference
 
@@ -39,6 +47,7 @@ class LatentOptions(BaseModel):
     """The deployment's `user_config`."""
 
     runtime: Literal["torch", "auto"] = Field("auto", description="torch (auto is torch: no ONNX graph)")
+    max_queued_pixels: int = Field(DEFAULT_QUEUED_PIXELS, ge=1, description=QUEUED_PIXELS_DESCRIPTION)
 
 
 class LatentModel:
@@ -66,7 +75,8 @@ class LatentModel:
         generator = make_generator(self.device, 0 if seed is None else seed)
         x = torch.as_tensor(np.asarray(images, np.int64), device=self.device)
         with torch.inference_mode():
-            return self.module.importance_bound(x, samples or self.score_samples, generator).double().cpu().numpy()
+            bound = self.module.importance_bound(x, samples or self.score_samples, generator)
+        return finite_log_probs(bound.double().cpu().numpy())
 
     def score(self, images: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, None]:
         return self.bound(images), None
@@ -84,11 +94,13 @@ class LatentImageReplica:
         loaded = self.loaded.artifact
         self.metrics = MetricsClient()
         self._busy = asyncio.Lock()  # one job at a time: each uses every thread torch has
+        self.budget = SamplingBudget(self.name)
         log.info("loaded %s %s v%s (density %s, torch on %s)", loaded.manifest.kind, self.name,
                  loaded.manifest.version, loaded.manifest.density, self.device)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        LatentOptions.model_validate(user_config or {})  # refuses unknown or wrong settings
+        options = LatentOptions.model_validate(user_config or {})  # refuses unknown or wrong settings
+        self.budget.limit = options.max_queued_pixels
 
     def info(self) -> dict[str, Any]:
         return {"runtime": "torch", "device": self.device, "runtime_choice": None}
@@ -97,8 +109,8 @@ class LatentImageReplica:
         return True
 
     async def _run(self, fn, *args: Any) -> Any:
-        async with self._busy:
-            return await asyncio.to_thread(fn, *args)
+        """One job at a time; a failure is this request's alone (RequestFailed), a cancelled caller stops it."""
+        return await run_sampling_job(self._busy, fn, *args)
 
     def _tensor(self, images: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(images, np.int64), device=self.device)
@@ -115,7 +127,7 @@ class LatentImageReplica:
         if self.reference is None:
             return None
         with torch.inference_mode():
-            return self.reference.log_prob(torch.as_tensor(np.asarray(images, np.int64))).numpy()
+            return finite_log_probs(self.reference.log_prob(torch.as_tensor(np.asarray(images, np.int64))).numpy())
 
     async def sample(self, n: int, labels: np.ndarray | None, seed: int | None) -> dict[str, Any]:
         """n images; a VAE's come with the bound on their log p(x) (at the model's K), a GAN's with none."""
@@ -134,9 +146,10 @@ class LatentImageReplica:
                     log_prob = self.module.importance_bound(images, self.score_samples, generator).double()
                 return {"images": images.cpu().numpy().astype(np.int64),
                         "labels": None if y is None else y.cpu().numpy().astype(np.int64),
-                        "log_prob": None if log_prob is None else log_prob.cpu().numpy()}
+                        "log_prob": None if log_prob is None else finite_log_probs(log_prob.cpu().numpy())}
 
-        return await self._run(draw)
+        with self.budget.hold(n, self.manifest.input.height * self.manifest.input.width):
+            return await self._run(draw)
 
     async def reconstruct(self, images: np.ndarray) -> np.ndarray:
         """Each image through its posterior mean and back (the decoder's most likely levels)."""

@@ -9,6 +9,7 @@ detached so counters survive redeployments of the application, as Prometheus exp
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import threading
 import time
 from typing import Any
@@ -52,6 +53,10 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None
     "genserve_requests_waiting": ("gauge", "Generation requests queued for decoding slots, per replica",
                                   ("model", "replica"), None),
     "genserve_texts_scored_total": ("counter", "Texts scored", ("model",), None),
+    "genserve_requests_rejected_total": ("counter", "Requests refused before reaching a model, by reason: "
+                                         "unauthenticated, forbidden, requests_per_second, "
+                                         "generated_tokens_per_minute, too_large, unsupported_media_type, "
+                                         "unavailable", ("model", "reason"), None),
 }
 
 Event = tuple[str, dict[str, str], float]  # metric name, labels, value (increment or observation)
@@ -95,6 +100,29 @@ def aggregator() -> ray.actor.ActorHandle:
 
 
 FLUSH_INTERVAL_S = 0.1  # how long a replica holds metric events before sending them, at most
+LOG_FLUSH_INTERVAL_S = 1.0  # how long a replica's Serve log lines (the access log among them) wait, at most
+_log_flusher: threading.Thread | None = None
+
+
+def start_log_flusher(interval_s: float = LOG_FLUSH_INTERVAL_S) -> None:
+    """Flush this process's Ray Serve log buffers every `interval_s`. Serve's throughput settings buffer log
+    lines until 1000 are held (SERVE_ENV, RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE), which at low traffic would
+    keep the access log and the replicas' request lines from the files for a long time; a flush a second keeps
+    the writes batched and the logs at most a second behind. Idempotent per process."""
+    global _log_flusher
+    if _log_flusher is not None:
+        return
+
+    def flush_forever() -> None:
+        serve_logger = logging.getLogger("ray.serve")
+        while True:
+            time.sleep(interval_s)
+            for handler in serve_logger.handlers:
+                if isinstance(handler, logging.handlers.MemoryHandler):
+                    handler.flush()
+
+    _log_flusher = threading.Thread(target=flush_forever, name="genserve-log-flush", daemon=True)
+    _log_flusher.start()
 
 
 class MetricsClient:
@@ -106,6 +134,7 @@ class MetricsClient:
     So the exposition lags the replicas by up to that long; `flush` sends what is held at once."""
 
     def __init__(self, flush_interval_s: float = FLUSH_INTERVAL_S) -> None:
+        start_log_flusher()  # every replica has a MetricsClient: its logs are flushed as its metrics are
         self._actor: ray.actor.ActorHandle | None = None
         self.flush_interval_s = flush_interval_s
         self._pending: list[Event] = []

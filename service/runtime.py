@@ -12,6 +12,7 @@ on per-call overhead, torch can win on large convolutions), so it is measured ra
 from __future__ import annotations
 
 import copy
+import logging
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -30,8 +31,86 @@ from training import artifact as art
 from training.calibration import CalibrationSet, read_calibration
 from training.reference import load_reference
 
+log = logging.getLogger("ray.serve")
 RuntimeName = Literal["torch", "onnx", "auto"]
 RecordsModel = Any  # models.gmm.GaussianMixture, models.flow.RealNVP, models.made_mog.MADEMoG
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+# ---- isolation: one request's failure is that request's alone ------------------------------------------------
+
+# log p reported for an item whose density underflows float64 (-inf), or that the model cannot evaluate (NaN):
+# JSON has no infinities. Far enough from float64's limit (1.8e308) that sums over tokens, conversions to bits
+# (/ ln 2) and differences of floored values stay finite too. +inf (a degenerate density) is reported as
+# -LOG_PROB_FLOOR.
+LOG_PROB_FLOOR = -1e300
+
+
+class RequestFailed(RuntimeError):
+    """The model failed on this request alone (an exception, or a numerical failure such as NaN logits); the
+    requests it was batched with were answered as if it had not been there. The Gateway answers 500 model_error
+    naming the cause: retrying the same request fails the same way."""
+
+
+class OverLimit(ValueError):
+    """A request a replica can never take: over a limit of the deployment's own (named in the message). 400."""
+
+
+def is_over_limit(error: BaseException) -> bool:
+    return isinstance(error, OverLimit) or isinstance(getattr(error, "cause", None), OverLimit)
+
+
+class ReplicaBusy(RuntimeError):
+    """The replica's queue is over a configured limit (named in the message); the Gateway answers 503."""
+
+
+def is_replica_busy(error: BaseException) -> bool:
+    return isinstance(error, ReplicaBusy) or isinstance(getattr(error, "cause", None), ReplicaBusy)
+
+
+def is_request_failure(error: BaseException) -> bool:
+    """Whether an error from a replica call is a `RequestFailed` (Ray wraps it, keeping the class)."""
+    return isinstance(error, RequestFailed) or isinstance(getattr(error, "cause", None), RequestFailed)
+
+
+def failure_message(error: BaseException) -> str:
+    """A replica error's own message, without Ray's traceback wrapping."""
+    cause = getattr(error, "cause", None) or error
+    return str(cause.args[0]) if getattr(cause, "args", None) else str(cause)
+
+
+def finite_log_probs(values: np.ndarray) -> np.ndarray:
+    """log-probabilities as finite float64: NaN and -inf become LOG_PROB_FLOOR, +inf -LOG_PROB_FLOOR."""
+    values = np.asarray(values, dtype=np.float64)
+    if np.isfinite(values).all():
+        return values
+    return np.clip(np.nan_to_num(values, nan=LOG_PROB_FLOOR), LOG_PROB_FLOOR, -LOG_PROB_FLOOR)
+
+
+def finite_responsibilities(resp: np.ndarray) -> np.ndarray:
+    """Mixture responsibilities (N, K) with a row the model could not evaluate (NaN: every component's density
+    underflowed) made uniform, 1/K each: no component explains the record better than another."""
+    resp = np.asarray(resp, dtype=np.float64)
+    if resp.size == 0 or np.isfinite(resp).all():
+        return resp
+    bad = ~np.isfinite(resp).all(axis=1)
+    resp = resp.copy()
+    resp[bad] = 1.0 / resp.shape[1]
+    return resp
+
+
+def run_isolated(fn: Callable[[list[T]], list[R]], requests: list[T]) -> list[R | RequestFailed]:
+    """`fn` on the whole batch of requests, one result per request; if it raises, each request again alone, so
+    that only a request the model fails on gets the error (as its RequestFailed result) and every other request
+    exactly its alone-result (every batched pass here is row-wise: a row's result does not depend on the rest)."""
+    try:
+        return list(fn(requests))
+    except Exception as e:
+        if len(requests) == 1:
+            log.warning("a request failed alone in its batch: %s: %s", type(e).__name__, e)
+            return [RequestFailed(f"the model failed on this request: {type(e).__name__}: {e}")]
+    return [result for request in requests for result in run_isolated(fn, [request])]
 
 
 class DensityRuntime(Protocol):
@@ -71,9 +150,6 @@ class RuntimeChoice:
 
     def as_dict(self) -> dict[str, Any]:
         return {"requested": self.requested, "runtime": self.runtime, "seconds": self.seconds, "rule": self.rule}
-
-
-R = TypeVar("R")
 
 
 def choose_faster(runtimes: dict[str, R], call: Callable[[R, int], Sequence[np.ndarray]],

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, StrictInt, WithJsonSchema, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema, model_validator
 
 from training.artifact import DensityCapability
 
@@ -42,13 +42,53 @@ LABELS_DESCRIPTION = (
 )
 
 
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """`model`'s JSON schema with its $defs inlined, to embed in the OpenAPI document where FastAPI does not put
+    a model's schema in its components (a request body read by hand, an event stream's events)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any, seen: tuple[str, ...]) -> Any:
+        if isinstance(node, dict):
+            if "$ref" in node:
+                name = node["$ref"].rsplit("/", 1)[-1]
+                # A recursive model (a token's top alternatives are tokens) is cut at its second level.
+                return {"type": "object"} if name in seen else resolve(defs[name], (*seen, name))
+            return {k: resolve(v, seen) for k, v in node.items()}
+        return [resolve(v, seen) for v in node] if isinstance(node, list) else node
+
+    return resolve(schema, ())
+
+
+def event_stream(*models: type[BaseModel]) -> dict[str, Any]:
+    """An event stream's schema as OpenAPI 3.1 reads it: one Server-Sent Event, whose data is `[DONE]` (the last)
+    or JSON of one of `models`."""
+    data = [{"type": "string", "contentMediaType": "application/json", "contentSchema": inline_schema(m)}
+            for m in models]
+    return {"type": "object", "required": ["data"], "properties": {
+        "event": {"type": "string", "description": "message, or error when the model failed mid-stream"},
+        "data": {"anyOf": [{"const": "[DONE]"}, *data]}}}
+
+
 class ErrorDetail(BaseModel):
     type: str = Field(description="machine-readable category, e.g. invalid_request, not_found")
     message: str = Field(description="what was wrong and what is allowed")
+    param: str | None = Field(None, description="text routes (generate, score): the request field at fault")
+    request_id: str | None = Field(None, description="the request's X-Request-ID, to find it in the server's logs")
 
 
 class ErrorResponse(BaseModel):
+    """genserve's error body: the /v1 routes (OpenAI's completions has OpenAI's, /v2 the protocol's)."""
+
     error: ErrorDetail
+
+
+class V2ErrorResponse(BaseModel):
+    """The Open Inference Protocol's error body (/v2 routes)."""
+
+    error: str = Field(description="what was wrong and what is allowed")
+    request_id: str | None = Field(None, description="the request's X-Request-ID, to find it in the server's logs")
+    request_id: str | None = Field(None, description="the request's X-Request-ID, to find it in the server's logs")
 
 
 class Limits(BaseModel):
@@ -63,6 +103,10 @@ class Limits(BaseModel):
     max_images_per_request: int = Field(
         description="image models: images scored per log_prob/anomaly request, n per sample request, and "
         "len(images) * n per complete request"
+    )
+    max_image_pixels_per_request: int = Field(
+        262_144, description="image models: the sampling cost of one sample or complete request, images x height x "
+        "width (400 limit_exceeded past it); each replica also budgets the pixels it holds (max_queued_pixels, 503)"
     )
 
 
@@ -98,6 +142,10 @@ class CalibrationInfo(BaseModel):
     thresholds: dict[str, float] = Field(
         {}, description="every calibrated score type's threshold at that rate (text per-line scores: line:NAME)"
     )
+    quantiles: dict[str, list[float]] = Field(
+        {}, description="every calibrated score type's held-out score quantiles at levels 0, 0.01, ..., 1 (101 "
+        "values, non-decreasing): the held-out distribution, e.g. for a histogram (the playground draws one)"
+    )
 
 
 class RuntimeChoiceInfo(BaseModel):
@@ -126,6 +174,8 @@ class ModelInfo(BaseModel):
     training: dict[str, Any]
     calibration: CalibrationInfo | None = Field(None, description="anomaly calibration, for density models")
     limits: Limits
+    pictures: list[str] = Field([], description="the artifact's pictures (loss_curve.png, samples.png), served at "
+                                "/v1/models/{name}/files/{filename}")
 
 
 class OpenAIModel(BaseModel):
@@ -164,7 +214,7 @@ class LogProbRequest(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="bound models: seed of the importance samples "
                              "(default 0: the same request gives the same bound)")
 
-    model_config = {"json_schema_extra": {"examples": [{"records": [[1.0, 2.0, 3.0]]},
+    model_config = {"extra": "forbid", "json_schema_extra": {"examples": [{"records": [[1.0, 2.0, 3.0]]},
                                                        {"images": [[[0, 1], [1, 0]]], "per_pixel": True}]}}
 
     @model_validator(mode="after")
@@ -208,7 +258,7 @@ class AnomalyRequest(BaseModel):
         None, gt=0.0, lt=1.0, description="flag at this held-out false-positive rate instead of the default (0.01)"
     )
 
-    model_config = {"json_schema_extra": {"examples": [
+    model_config = {"extra": "forbid", "json_schema_extra": {"examples": [
         {"records": [[1.0, 2.0, 3.0]]}, {"images": [[[0, 1], [1, 0]]], "score": "complexity"},
         {"texts": ["To be, or not to be"], "score": "bits_per_char", "false_positive_rate": 0.05}]}}
 
@@ -247,6 +297,8 @@ class AnomalyResponse(BaseModel):
 
 
 class SampleRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     n: int = Field(1, ge=1, description="number of samples (image models: at most limits.max_images_per_request; "
                    "models of records: limits.max_samples_per_request)")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="same seed, same samples")
@@ -282,6 +334,8 @@ class GeneratedImage(BaseModel):
 
 
 class ReconstructRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     images: list[ImageInput] = Field(min_length=1, description=IMAGES_DESCRIPTION)
     format: Literal["array", "png"] = Field("array", description="how images come back")
 
@@ -294,6 +348,8 @@ class ReconstructResponse(BaseModel):
 
 
 class InterpolateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     images: list[ImageInput] = Field(min_length=2, max_length=2, description="the two end images; "
                                      + IMAGES_DESCRIPTION)
     steps: int = Field(8, ge=2, le=64, description="images on the path, both ends included")
@@ -332,7 +388,8 @@ class CompleteRequest(BaseModel):
                                        "each completion's label is drawn from p(label | known pixels)")
     format: ImageFormat = Field("array", description="completions as arrays of levels, or base64 PNGs")
 
-    model_config = {"json_schema_extra": {"examples": [{"images": [[[0, 1], [0, 0]]], "known_rows": 1, "n": 2}]}}
+    model_config = {"extra": "forbid",
+                    "json_schema_extra": {"examples": [{"images": [[[0, 1], [0, 0]]], "known_rows": 1, "n": 2}]}}
 
     @model_validator(mode="after")
     def _one_prefix(self) -> CompleteRequest:

@@ -11,6 +11,10 @@ meanwhile. (A hop to a worker thread and back for every step cost 0.1-0.5 ms a t
 the request was accepted (or raises, before any response has started, so errors become a 4xx);
 then come the engine's updates for this request. A caller that goes away cancels the request,
 which frees its slots at the next step.
+
+A request the engine fails alone (service/decoding.py: NaN logits, a forward pass that raises for it) gets a
+`RequestFailed` with the cause; the other requests decode on. Only a step that fails outside that isolation
+fails every request of the replica (503, retry).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from ray import serve
 from models.lm import score_token_lists
 from service.decoding import Engine, GenerationParams, SequenceOutput, Update
 from service.metrics import MetricsClient
-from service.runtime import RuntimeName
+from service.runtime import RequestFailed, RuntimeName, finite_log_probs
 from service.text_runtime import LoadedTextModel, load_text_model, resolve_text_runtime
 
 log = logging.getLogger("ray.serve")
@@ -165,6 +169,11 @@ class TextModel:
 
     def _deliver(self, update: Update) -> None:
         request = update.request
+        if request.error is not None:
+            queue = self.queues.get(request.id)
+            if queue is not None:
+                queue.put_nowait(RequestFailed(f"model {self.name!r} failed on this request: {request.error}"))
+            return
         item: dict[str, Any] = {"deltas": [d.__dict__ for d in update.deltas], "finished": update.finished}
         if update.finished:
             item["outputs"] = [_output_dict(o) for o in request.outputs]
@@ -208,7 +217,9 @@ class TextModel:
 
     @torch.inference_mode()
     def _score(self, token_lists: list[list[int]]) -> list[list[float]]:
-        return score_token_lists(self.loaded.scorer, token_lists, SCORE_LOGITS_BUDGET)
+        # Finite for JSON: a token the model rules out is reported at the floor (service.runtime.LOG_PROB_FLOOR).
+        return [finite_log_probs(lps).tolist()
+                for lps in score_token_lists(self.loaded.scorer, token_lists, SCORE_LOGITS_BUDGET)]
 
     async def reference_log_prob(self, token_lists: list[list[int]]) -> list[float] | None:
         """log p_ref(tokens[1:] | tokens[0]) of each list under the artifact's reference model (the
@@ -219,7 +230,8 @@ class TextModel:
 
     @torch.inference_mode()
     def _reference(self, token_lists: list[list[int]]) -> list[float]:
-        return [sum(lps) for lps in score_token_lists(self.loaded.reference, token_lists, SCORE_LOGITS_BUDGET)]
+        return finite_log_probs([sum(lps) for lps in score_token_lists(self.loaded.reference, token_lists,
+                                                                       SCORE_LOGITS_BUDGET)]).tolist()
 
 
 def _output_dict(o: SequenceOutput) -> dict[str, Any]:

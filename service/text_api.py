@@ -19,6 +19,10 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from service.decoding import DEFAULT_MAX_LEN, GenerationParams
+from service.edge import count_generated
+from service.errors import AUTH, POST, error_body, responses
+from service.runtime import is_request_failure
+from service.schemas import ErrorResponse, event_stream
 from service.text import Overloaded
 from service.text_schemas import (
     Completion,
@@ -28,6 +32,7 @@ from service.text_schemas import (
     CompletionResponse,
     GenerateRequest,
     GenerateResponse,
+    OpenAIErrorResponse,
     ScoreRequest,
     ScoreResponse,
     StreamChunk,
@@ -41,6 +46,7 @@ from training.tokenizer import TextTokenizer, UnknownCharactersError
 
 LN2 = math.log(2.0)
 DEFAULT_NEW_TOKENS = 64
+TEXT_ERRORS = (400, 404, *POST, 500, 503, *AUTH)  # what the text routes can answer besides 200
 router = APIRouter()
 
 
@@ -138,8 +144,10 @@ class TextRoutes:
     # ---- generate --------------------------------------------------------------------------
 
     @router.post("/v1/models/{name}/generate", name="generate", tags=["text"], response_model=GenerateResponse,
-                 responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or with stream: "
-                                  "true Server-Sent Events of StreamChunk, then `data: [DONE]`"}})
+                 responses=responses(ErrorResponse, *TEXT_ERRORS, ok={
+                     "content": {"text/event-stream": {"schema": event_stream(StreamChunk, OpenAIErrorResponse)}},
+                     "description": "JSON, or with stream: true Server-Sent Events of StreamChunk (the last with "
+                     "usage), then `data: [DONE]`; a model failing mid-stream sends an `event: error`"}))
     async def generate(self, name: str, body: GenerateRequest, request: Request):
         """Continue a prompt: greedy (temperature 0), sampling (temperature, top_k, top_p, seed), or beam search
         (num_beams > 1). Each completion comes with its log-probability under the model."""
@@ -176,6 +184,7 @@ class TextRoutes:
             for o in outputs
         ]
         generated = sum(len(o["token_ids"]) for o in outputs)
+        count_generated(generated)
         return GenerateResponse(model=name, version=manifest.version, completions=completions,
                                 usage=Usage(prompt_tokens=len(prompt_ids), completion_tokens=generated,
                                             total_tokens=len(prompt_ids) + generated))
@@ -187,6 +196,7 @@ class TextRoutes:
             async for item in stream:
                 for d in item["deltas"]:
                     generated += len(d["token_ids"])
+                    count_generated(len(d["token_ids"]))
                     chunk = StreamChunk(index=d["index"], text=d["text"], token_ids=d["token_ids"],
                                         finish_reason=d["finish_reason"],
                                         tokens=_token_logprobs(tokenizer, d["token_ids"], d["logprobs"],
@@ -198,12 +208,13 @@ class TextRoutes:
                 if item["finished"]:
                     break
         except Exception as e:  # the replica failed mid-stream: say so in the stream, then end it
-            yield f"event: error\ndata: {json.dumps(openai_error(_cause(e), 'model_unavailable'))}\n\n".encode()
+            yield f"event: error\ndata: {json.dumps(openai_error(_cause(e), _failure_type(e)))}\n\n".encode()
         yield sse("[DONE]")
 
     # ---- score -----------------------------------------------------------------------------
 
-    @router.post("/v1/models/{name}/score", name="score", tags=["text"], response_model=ScoreResponse)
+    @router.post("/v1/models/{name}/score", name="score", tags=["text"], response_model=ScoreResponse,
+                 responses=responses(ErrorResponse, *TEXT_ERRORS))
     async def score(self, name: str, body: ScoreRequest, request: Request):
         """Exact log-probability of each text under the model: per token, in total, as perplexity and as bits
         per character. Each text is scored from a BOS token, so the first token is predicted too."""
@@ -242,7 +253,13 @@ class TextRoutes:
 
     # ---- OpenAI-compatible completions ---------------------------------------------------------
 
-    @router.post("/v1/completions", name="completions", tags=["openai"], response_model=CompletionResponse)
+    @router.post("/v1/completions", name="completions", tags=["openai"], response_model=CompletionResponse,
+                 responses=responses(OpenAIErrorResponse, *TEXT_ERRORS, ok={
+                     "content": {"text/event-stream": {
+                         "schema": event_stream(CompletionResponse, OpenAIErrorResponse)}},
+                     "description": "JSON, or with stream: true Server-Sent Events of CompletionResponse chunks (with "
+                     "stream_options.include_usage, a last chunk with empty choices and the usage), then "
+                     "`data: [DONE]`"}))
     async def completions(self, body: CompletionRequest, request: Request):
         """OpenAI's completions API, so OpenAI clients work unchanged. Extras as in vLLM: top_k, ignore_eos,
         use_beam_search or num_beams, length_penalty, early_stopping."""
@@ -282,6 +299,7 @@ class TextRoutes:
             for p, stream in enumerate(streams):
                 for o in await _final(stream):
                     generated += len(o["token_ids"])
+                    count_generated(len(o["token_ids"]))
                     choices.append(CompletionChoice(
                         index=p * body.n + o["index"], text=o["text"], finish_reason=o["finish_reason"],
                         logprobs=_openai_logprobs(tokenizer, o["token_ids"], o["logprobs"], o["top_logprobs"], 0)
@@ -296,10 +314,12 @@ class TextRoutes:
     async def _completion_events(self, stream, tokenizer, body: CompletionRequest, completion_id: str,
                                  created: int, prompt_tokens: int) -> AsyncIterator[bytes]:
         generated, offsets = 0, {}
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
         try:
             async for item in stream:
                 for d in item["deltas"]:
                     generated += len(d["token_ids"])
+                    count_generated(len(d["token_ids"]))
                     offset = offsets.get(d["index"], 0)
                     offsets[d["index"]] = offset + len(d["text"])
                     logprobs = (_openai_logprobs(tokenizer, d["token_ids"], d["logprobs"], d["top_logprobs"], offset)
@@ -308,15 +328,20 @@ class TextRoutes:
                         id=completion_id, created=created, model=body.model,
                         choices=[CompletionChoice(index=d["index"], text=d["text"], logprobs=logprobs,
                                                   finish_reason=d["finish_reason"])])
-                    yield sse(chunk.model_dump_json(exclude_none=True))
+                    data = chunk.model_dump()  # finish_reason and logprobs null until set, as OpenAI sends them
+                    if not include_usage:  # as OpenAI: with include_usage every chunk has usage, null but the last
+                        del data["usage"]
+                    yield sse(data)
                 if item["finished"]:
                     break
-            usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=generated,
-                          total_tokens=prompt_tokens + generated)
-            final = CompletionResponse(id=completion_id, created=created, model=body.model, choices=[], usage=usage)
-            yield sse(final.model_dump_json(exclude_none=True))
+            if include_usage:  # only when asked: OpenAI's and vLLM's clients expect choices in every other chunk
+                usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=generated,
+                              total_tokens=prompt_tokens + generated)
+                final = CompletionResponse(id=completion_id, created=created, model=body.model, choices=[],
+                                           usage=usage)
+                yield sse(final.model_dump_json(exclude_none=True))
         except Exception as e:
-            yield sse(openai_error(_cause(e), "model_unavailable"))
+            yield sse(openai_error(_cause(e), _failure_type(e)))
         yield sse("[DONE]")
 
 
@@ -331,7 +356,9 @@ def _cause(e: BaseException) -> str:
 
 def _plain_error(e: TextError) -> JSONResponse:
     """genserve's own error body {"error": {"type", "message"}}, plus the parameter at fault."""
-    body = {"error": {"type": e.type, "message": e.message, **({"param": e.param} if e.param else {})}}
+    body = error_body(e.type, e.message)
+    if e.param:
+        body["error"]["param"] = e.param
     return JSONResponse(body, status_code=e.status, headers={"Retry-After": "1"} if e.status == 503 else None)
 
 
@@ -351,8 +378,16 @@ async def _final(stream) -> list[dict[str, Any]]:
             if item["finished"]:
                 return item["outputs"]
     except Exception as e:
+        if is_request_failure(e):  # this request alone failed (e.g. NaN logits): a retry fails the same way
+            raise TextError(500, "model_error", f"generation failed: {_cause(e)}") from None
         raise TextError(503, "model_unavailable", f"generation failed: {_cause(e)}; retry shortly") from None
     raise TextError(503, "model_unavailable", "generation ended without a result; retry shortly")
+
+
+def _failure_type(e: BaseException) -> str:
+    """The error type of a generation that failed mid-stream: model_error for this request alone, else
+    model_unavailable (the replica failed; retry)."""
+    return "model_error" if is_request_failure(e) else "model_unavailable"
 
 
 def _piece(tokenizer: TextTokenizer, token_id: int) -> str:
@@ -389,13 +424,15 @@ UNSUPPORTED_FIELDS = {
     "best_of": (lambda b: b.best_of is not None and b.best_of != b.n,
                 "best_of is not supported (use n, or use_beam_search)"),
 }
-KNOWN_EXTRAS = {"stream_options"}
 
 
 def _check_openai_fields(body: CompletionRequest) -> None:
     for field, (is_set, message) in UNSUPPORTED_FIELDS.items():
         if is_set(body):
             raise TextError(400, "invalid_request_error", message, field)
-    unknown = sorted(set(body.model_extra or {}) - KNOWN_EXTRAS)
+    if body.stream_options is not None and not body.stream:
+        raise TextError(400, "invalid_request_error", "stream_options is only allowed when stream is true",
+                        "stream_options")
+    unknown = sorted(body.model_extra or {})
     if unknown:
         raise TextError(400, "invalid_request_error", f"unknown field(s): {', '.join(unknown)}", unknown[0])

@@ -8,6 +8,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.edge import REQUEST_ID
+
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 StopStrings = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=8)]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
@@ -16,7 +18,8 @@ Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 class DecodingOptions(BaseModel):
     """What generate and completions share: how tokens are chosen and when generation stops."""
 
-    temperature: FiniteFloat = Field(1.0, ge=0, le=100, description="0 is greedy; higher is more random")
+    temperature: FiniteFloat = Field(1.0, ge=0, le=100, description="0 is greedy; higher is more random; below "
+                                     "1e-5 decodes greedily (sampling that cold is the argmax but for near-ties)")
     top_k: int | None = Field(None, ge=0, description="sample among the k most likely tokens (0 or null: all)")
     top_p: FiniteFloat | None = Field(None, gt=0, le=1, description="nucleus sampling: smallest set with this mass")
     seed: Seed | None = Field(None, description="same seed, prompt and options: same text")
@@ -110,11 +113,19 @@ class ScoreResponse(BaseModel):
 # ---- OpenAI-compatible completions ---------------------------------------------------------------
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(False, description="send a last chunk with empty choices and the whole request's "
+                                "usage before `data: [DONE]`; every other chunk then has usage: null")
+
+
 class CompletionRequest(DecodingOptions):
     """The OpenAI completions request. Beam search and top_k are extras (`extra_body` in the
     openai client), as in vLLM."""
 
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields are checked and refused by name
+    # Unknown OpenAI fields are let through to be refused by name (a 400 in OpenAI's shape), so none is allowed.
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
 
     model: str
     prompt: str | list[str] = ""
@@ -122,6 +133,7 @@ class CompletionRequest(DecodingOptions):
     n: int = Field(1, ge=1)
     stop: str | StopStrings | None = None
     stream: bool = False
+    stream_options: StreamOptions | None = Field(None, description="with stream only (as OpenAI)")
     logprobs: int | None = Field(None, ge=0, le=20, description="return this many most likely tokens per position")
     echo: bool = False
     best_of: int | None = Field(None, ge=1)
@@ -157,6 +169,26 @@ class CompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="e.g. invalid_request_error, model_not_found, limit_exceeded")
+    param: str | None = Field(None, description="the request field at fault")
+    code: str | None = None
+    request_id: str | None = Field(None, description="the request's X-Request-ID, to find it in the server's logs")
+
+
+class OpenAIErrorResponse(BaseModel):
+    """OpenAI's error body, answered by /v1/completions."""
+
+    error: OpenAIErrorDetail
+
+
 def openai_error(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    """OpenAI's error body; also carries genserve's {type, message}."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    """OpenAI's error body, with the id of the request being handled."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code,
+                      "request_id": REQUEST_ID.get()}}
+
+
+def v2_error(message: str) -> dict[str, Any]:
+    """The Open Inference Protocol's error body, with the id of the request being handled."""
+    return {"error": message, "request_id": REQUEST_ID.get()}

@@ -41,6 +41,7 @@ cannot answer.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import struct
@@ -48,7 +49,7 @@ import zlib
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -56,12 +57,13 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from service.anomaly import gmm_extras
-from service.errors import ApiError
-from service.schemas import AnomalyRequest, LogProbRequest
+from service.errors import AUTH, REQUEST_ID_HEADER, V2_ERRORS, V2_GET_ERRORS, ApiError, responses
+from service.schemas import AnomalyRequest, LogProbRequest, V2ErrorResponse, inline_schema
 from service.text_api import TextError
-from service.text_schemas import ScoreRequest
+from service.text_schemas import ScoreRequest, v2_error
 from training import artifact as art
 from training.gmm_pipeline import GMM_KIND
+from training.store import open_store
 
 router = APIRouter()
 
@@ -101,7 +103,7 @@ class V2Error(Exception):
 
 
 def v2_error_response(e: V2Error) -> JSONResponse:
-    return JSONResponse({"error": e.message}, status_code=e.status)
+    return JSONResponse(v2_error(e.message), status_code=e.status)
 
 
 # ---- the request's JSON -------------------------------------------------------------------------------------
@@ -128,6 +130,72 @@ class V2InferRequest(BaseModel):
     parameters: dict[str, Any] = {}
     inputs: list[V2Input] = Field(min_length=1)
     outputs: list[V2RequestedOutput] | None = None
+
+
+# ---- the responses' JSON, for the OpenAPI schema (the routes build the bodies themselves) ------------------
+
+
+class V2TensorMetadata(BaseModel):
+    name: str
+    datatype: str = Field(description="one of the protocol's datatypes: BOOL, INT64, FP32, FP64, BYTES, ...")
+    shape: list[int] = Field(description="-1: any size (the batch)")
+
+
+class RepositoryIndexRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    ready: bool = Field(False, description="only the models that are ready")
+
+
+class RepositoryModel(BaseModel):
+    name: str
+    version: str
+    state: Literal["READY", "UNAVAILABLE"]
+    reason: str = Field(description="why a version is not READY; empty when it is")
+
+
+class V2ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class V2ModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str = Field(description="pytorch, onnxruntime, or genserve when the replica did not answer")
+    inputs: list[V2TensorMetadata]
+    outputs: list[V2TensorMetadata]
+
+
+class V2OutputTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    data: list[Any] | None = Field(None, description="the elements, flat, row-major (absent when binary)")
+    parameters: dict[str, Any] | None = Field(None, description="binary_data_size when the data follow the JSON")
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = Field(None, description="the request's id, when it gave one")
+    parameters: dict[str, Any] | None = Field(None, description="score_type, threshold and false_positive_rate "
+                                               "used, when anomaly outputs were computed")
+    outputs: list[V2OutputTensor]
+
+
+INFER_BODY = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": inline_schema(V2InferRequest)},
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary", "description": "the JSON "
+                                            "request, then binary tensor data; Inference-Header-Content-Length "
+                                            "gives the JSON's length"}},
+}}}
+INFER_OK = {"description": "JSON, or (binary outputs) the JSON response then binary tensor data, with "
+            "Inference-Header-Content-Length",
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}
+HEALTH_OK = {"description": "true (the body is empty)"}
+HEALTH_FALSE = {"description": "false: some model (or this model) has no replica that has loaded it (the body is "
+                "empty)", "headers": REQUEST_ID_HEADER}
 
 
 @dataclass(frozen=True)
@@ -430,7 +498,8 @@ class V2Routes:
 
     # ---- health and metadata -------------------------------------------------------------------------------
 
-    @router.get("/v2", name="v2_server_metadata", tags=["v2"])
+    @router.get("/v2", name="v2_server_metadata", tags=["v2"], response_model=V2ServerMetadata,
+                responses=responses(V2ErrorResponse, *AUTH))
     async def v2_server_metadata(self) -> dict[str, Any]:
         """Server metadata: name, version and the protocol extensions supported."""
         try:
@@ -439,22 +508,26 @@ class V2Routes:
             version = "unknown"
         return {"name": "genserve", "version": version, "extensions": EXTENSIONS}
 
-    @router.get("/v2/health/live", name="v2_live", tags=["v2"])
+    @router.get("/v2/health/live", name="v2_live", tags=["v2"], response_class=Response,
+                responses=responses(V2ErrorResponse, ok=HEALTH_OK))
     async def v2_live(self) -> Response:
         """200: the server answers."""
         return Response(status_code=200)
 
-    @router.get("/v2/health/ready", name="v2_ready", tags=["v2"])
+    @router.get("/v2/health/ready", name="v2_ready", tags=["v2"], response_class=Response,
+                responses={**responses(V2ErrorResponse, ok=HEALTH_OK), 503: HEALTH_FALSE})
     async def v2_ready(self) -> Response:
         """200 when every model has a replica that has loaded it, else 503 (the same check as /readyz)."""
         return Response(status_code=(await self.readyz()).status_code)
 
-    @router.get("/v2/models/{name}", name="v2_model_metadata", tags=["v2"])
+    @router.get("/v2/models/{name}", name="v2_model_metadata", tags=["v2"], response_model=V2ModelMetadata,
+                responses=V2_GET_ERRORS)
     async def v2_model_metadata(self, name: str) -> Response:
         """Model metadata: versions, platform, and the input and output tensors."""
         return await self._v2_guard(lambda: self._v2_metadata(name, None))
 
-    @router.get("/v2/models/{name}/versions/{version}", name="v2_model_metadata", tags=["v2"])
+    @router.get("/v2/models/{name}/versions/{version}", name="v2_model_metadata", tags=["v2"],
+                response_model=V2ModelMetadata, responses=V2_GET_ERRORS)
     async def v2_model_version_metadata(self, name: str, version: str) -> Response:
         return await self._v2_guard(lambda: self._v2_metadata(name, version))
 
@@ -467,12 +540,15 @@ class V2Routes:
             "outputs": [{"name": n, "datatype": OUTPUTS[n], "shape": [-1]} for n in output_names(manifest)],
         })
 
-    @router.get("/v2/models/{name}/ready", name="v2_model_ready", tags=["v2"])
+    @router.get("/v2/models/{name}/ready", name="v2_model_ready", tags=["v2"], response_class=Response,
+                responses={**V2_GET_ERRORS, 200: {**V2_GET_ERRORS[200], **HEALTH_OK}, 503: HEALTH_FALSE})
     async def v2_model_ready(self, name: str) -> Response:
         """200 when the model has a replica that has loaded it, else 503."""
         return await self._v2_guard(lambda: self._v2_model_ready(name, None))
 
-    @router.get("/v2/models/{name}/versions/{version}/ready", name="v2_model_ready", tags=["v2"])
+    @router.get("/v2/models/{name}/versions/{version}/ready", name="v2_model_ready", tags=["v2"],
+                response_class=Response,
+                responses={**V2_GET_ERRORS, 200: {**V2_GET_ERRORS[200], **HEALTH_OK}, 503: HEALTH_FALSE})
     async def v2_model_version_ready(self, name: str, version: str) -> Response:
         return await self._v2_guard(lambda: self._v2_model_ready(name, version))
 
@@ -483,13 +559,16 @@ class V2Routes:
 
     # ---- inference -----------------------------------------------------------------------------------------
 
-    @router.post("/v2/models/{name}/infer", name="v2_infer", tags=["v2"])
+    @router.post("/v2/models/{name}/infer", name="v2_infer", tags=["v2"], response_model=V2InferResponse,
+                 responses={**V2_ERRORS, 200: {**V2_ERRORS[200], **INFER_OK}}, openapi_extra=INFER_BODY)
     async def v2_infer(self, name: str, request: Request) -> Response:
         """Score a batch: JSON, or JSON then binary tensors (Inference-Header-Content-Length). See the module
         docs of service/v2_api.py for the tensors and parameters."""
         return await self._v2_guard(lambda: self._v2_infer(name, None, request))
 
-    @router.post("/v2/models/{name}/versions/{version}/infer", name="v2_infer", tags=["v2"])
+    @router.post("/v2/models/{name}/versions/{version}/infer", name="v2_infer", tags=["v2"],
+                 response_model=V2InferResponse, responses={**V2_ERRORS, 200: {**V2_ERRORS[200], **INFER_OK}},
+                 openapi_extra=INFER_BODY)
     async def v2_infer_version(self, name: str, version: str, request: Request) -> Response:
         return await self._v2_guard(lambda: self._v2_infer(name, version, request))
 
@@ -638,6 +717,36 @@ class V2Routes:
         if isinstance(result, Response):
             raise response_error(result)
         return result
+
+    # ---- model repository (Triton's extension; admin role when API keys are on) -----------------------------------
+
+    @router.post("/v2/repository/index", name="v2_repository_index", tags=["v2"],
+                 response_model=list[RepositoryModel],
+                 responses=responses(V2ErrorResponse, 400, 413, 415, *AUTH, s403="API keys are on and the key's "
+                                     "role is not admin"),
+                 openapi_extra={"requestBody": {"required": False, "content": {
+                     "application/json": {"schema": inline_schema(RepositoryIndexRequest)}}}})
+    async def v2_repository_index(self, request: Request) -> Response:
+        """Every model and version in the store with its state: READY where this server serves it, UNAVAILABLE
+        (with the reason) where it does not. The body is optional: {"ready": true} lists only READY ones."""
+        try:
+            raw = await request.body()
+            try:
+                body = RepositoryIndexRequest.model_validate_json(raw or b"{}")
+            except ValidationError as e:
+                raise V2Error(400, f"not a repository index request: {validation_message(e)}") from None
+            stored = await asyncio.to_thread(open_store(self.store_uri).list_models)
+        except V2Error as e:
+            return v2_error_response(e)
+        index = []
+        for name in sorted(set(stored) | set(self.manifests)):
+            served = self.manifests[name].version if name in self.manifests else None
+            for version in stored.get(name) or [served]:
+                ready = version == served
+                if ready or not body.ready:
+                    index.append(RepositoryModel(name=name, version=version, state="READY" if ready else
+                                                 "UNAVAILABLE", reason="" if ready else "not loaded by this server"))
+        return JSONResponse([m.model_dump() for m in index])
 
     @router.api_route("/v2/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], name="v2_unknown",
                       include_in_schema=False)

@@ -133,13 +133,20 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
     port = free_port()
     config = root / "serve.yaml"
     write_config(config, port)
-    log = root / "serve.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    srv = start_server(config, store, port, root / "serve.log")
+    yield srv
+    stop(srv)
+
+
+def start_server(config: Path, store: Path, port: int, log: Path, extra_args: tuple[str, ...] = (),
+                 env: dict[str, str] | None = None) -> Server:
+    """`genserve serve` with `config` on `port` in a subprocess, once /readyz answers 200."""
     with log.open("wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "service.cli", "serve", "--config", str(config), "--store", str(store),
-             "--no-train-defaults"],
-            stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+             "--no-train-defaults", *extra_args],
+            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            start_new_session=True,
         )
     srv = Server(url=f"http://127.0.0.1:{port}", store=store, process=process, log=log)
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
@@ -148,15 +155,13 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Server:
             pytest.fail(f"genserve serve exited with {process.returncode}:\n{srv.log_tail()}")
         try:
             if httpx.get(f"{srv.url}/readyz", timeout=2).status_code == 200:
-                break
+                return srv
         except httpx.HTTPError:
             pass
         if time.monotonic() > deadline:
             stop(srv)
             pytest.fail(f"genserve serve not ready after {STARTUP_TIMEOUT_S}s:\n{srv.log_tail()}")
         time.sleep(0.5)
-    yield srv
-    stop(srv)
 
 
 def write_text_models(store: Path) -> None:

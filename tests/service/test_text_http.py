@@ -250,6 +250,20 @@ def test_openai_client_streaming_sampling_and_beams(oai: openai.OpenAI):
     assert [c.index for c in beams.choices] == [0, 1, 2, 3]
 
 
+def test_openai_streaming_sends_usage_only_when_asked(oai: openai.OpenAI):
+    # The common client loop reads chunk.choices[0] of every chunk: without stream_options, every chunk has one.
+    plain = list(oai.completions.create(model=TEXT, prompt="to be", max_tokens=6, temperature=0, stream=True))
+    assert plain and all(len(c.choices) == 1 and c.usage is None for c in plain)
+    asked = list(oai.completions.create(model=TEXT, prompt="to be", max_tokens=6, temperature=0, stream=True,
+                                        stream_options={"include_usage": True}))
+    *chunks, last = asked
+    assert "".join(c.choices[0].text for c in chunks) == "".join(c.choices[0].text for c in plain)
+    assert all(c.usage is None for c in chunks)
+    assert last.choices == [] and last.usage.completion_tokens == 6 and last.usage.total_tokens == 6 + 5
+    with pytest.raises(openai.BadRequestError, match="stream_options is only allowed when stream is true"):
+        oai.completions.create(model=TEXT, prompt="to", max_tokens=2, stream_options={"include_usage": True})
+
+
 def test_openai_client_sees_clear_errors(oai: openai.OpenAI):
     with pytest.raises(openai.NotFoundError, match="no model named 'gpt-4'"):
         oai.completions.create(model="gpt-4", prompt="x", max_tokens=1)

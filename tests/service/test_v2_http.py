@@ -80,7 +80,8 @@ def error(response: httpx.Response, status: int = 400) -> str:
     """The protocol's error message; the status and body form are checked."""
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error"} and isinstance(body["error"], str), body
+    assert set(body) == {"error", "request_id"} and isinstance(body["error"], str), body
+    assert body["request_id"] == response.headers["x-request-id"], body
     return body["error"]
 
 
@@ -141,7 +142,19 @@ def test_unimplemented_v2_routes_answer_in_the_protocols_form(server: Server,
                                                               client: triton.InferenceServerClient) -> None:
     with pytest.raises(InferenceServerException, match="no route GET /v2/models/bc/config"):
         client.get_model_config(REPLICATED)
-    assert "/v2/repository/index" in error(httpx.post(f"{server.url}/v2/repository/index", json={}), 404)
+    assert "/v2/repository/models/bc/load" in error(httpx.post(f"{server.url}/v2/repository/models/bc/load",
+                                                              json={}), 404)
+
+
+def test_repository_index(server: Server, client: triton.InferenceServerClient) -> None:
+    """Triton's repository index (keys are off here; with keys it needs the admin role: test_edge_http)."""
+    index = client.get_model_repository_index()
+    assert {"name": REPLICATED, "version": "1", "state": "READY", "reason": ""} in index
+    assert {m["name"] for m in index} >= {REPLICATED, SINGLE, TEXT, IMAGE_COND}
+    assert all(m["state"] == "READY" for m in index)  # the session server serves its whole store
+    ready = httpx.post(f"{server.url}/v2/repository/index", json={"ready": True}, timeout=30).json()
+    assert ready == [m for m in index if m["state"] == "READY"]
+    assert "ready" in error(httpx.post(f"{server.url}/v2/repository/index", json={"ready": "maybe"}))
 
 
 # ---- inference with tritonclient ---------------------------------------------------------------------------
