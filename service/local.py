@@ -23,6 +23,7 @@ from models.registry import LATENT_KINDS
 from service.anomaly import anomaly_response, gmm_extras, resolve_score, text_extras, text_items, text_token_lists
 from service.errors import ApiError, require_density
 from service.image_codec import ImageInputError, decode_image
+from service.runtime import finite_log_probs, finite_responsibilities
 from service.schemas import AnomalyResponse
 from training import artifact as art
 from training.anomaly import compute_scores, png_bits
@@ -119,13 +120,15 @@ class LocalScorer:
                            f"shape {x.shape}")
         if not np.isfinite(x).all():
             raise ApiError(400, "invalid_request", "records hold NaN or infinite values")
+        # Finite as the served answers are (service.runtime.finite_log_probs): the file scorer writes them as they are.
         log_prob, resp = self._model.runtime.log_prob(x)
+        log_prob, resp = finite_log_probs(log_prob), finite_responsibilities(resp)
         ref = None
         if score in (None, "likelihood_ratio") and self.reference is not None:
             with torch.inference_mode():
-                ref = self.reference.log_prob(torch.from_numpy(x)).numpy()
+                ref = finite_log_probs(self.reference.log_prob(torch.from_numpy(x)).numpy())
         raw = compute_scores("records", log_prob, d, reference_log_prob=ref)
-        return {**raw, "log_prob": np.asarray(log_prob, np.float64)}, gmm_extras(resp)
+        return {**raw, "log_prob": log_prob}, gmm_extras(resp)
 
     def _images(self, images: Any, labels: Sequence[int] | None, score: str | None):
         spec = self.manifest.input
@@ -142,15 +145,16 @@ class LocalScorer:
                 raise ApiError(400, "invalid_label", f"labels must be one per image in 0..{spec.n_classes - 1} "
                                f"(model {self.name!r} has {spec.n_classes} classes)")
         log_prob, _ = self._model.runtime.score(x, y)
+        log_prob = finite_log_probs(log_prob)
         ref = bits = None
         if score in (None, "likelihood_ratio") and self.reference is not None:
             with torch.inference_mode():
-                ref = self.reference.log_prob(torch.from_numpy(x)).numpy()
+                ref = finite_log_probs(self.reference.log_prob(torch.from_numpy(x)).numpy())
         if score in (None, "complexity"):
             bits = png_bits(x, spec.levels)
         raw = compute_scores("image", log_prob, spec.height * spec.width, reference_log_prob=ref,
                              complexity_bits=bits)
-        return {**raw, "log_prob": np.asarray(log_prob, np.float64)}, {}
+        return {**raw, "log_prob": log_prob}, {}
 
     def _texts(self, texts: Sequence[str], per_line: bool, score: str | None):
         items = text_items(texts, per_line)

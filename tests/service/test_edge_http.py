@@ -26,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 from service.client import GenserveClient, GenserveError
 from service.file_scorer import score_file
 from tests.service.conftest import TEXT, Server, free_port, metric, start_server, stop, write_text_models
+from tests.service.test_ui import make_driver, needs_browser, open_page, script_errors, set_value, wait
 from training.gmm_pipeline import GMMTrainConfig, train_gmm
 
 pytestmark = pytest.mark.integration
@@ -285,3 +286,29 @@ def test_access_log_line_and_replica_logs_carry_the_request_id(edge: Server):
     assert record["items"] == 2 and record["key_id"] == "analytics" and record["latency_ms"] > 0
     for key in ALL_KEYS:  # no key in any log
         assert not serve_logs(key)
+
+
+# ---- the playground with keys on ---------------------------------------------------------------------------
+
+
+@needs_browser
+def test_playground_asks_for_a_key_then_works(edge: Server):
+    """In a real browser: /ui loads without a key, the API's 401 is shown as a readable message, and once the
+    key is entered (kept in sessionStorage, so it survives the reload) the models appear."""
+    from selenium.webdriver.common.by import By
+
+    driver = make_driver()
+    try:
+        driver.get(f"{edge.url}/ui/#models")
+        error = wait(driver, lambda d: next((e for e in d.find_elements(By.CSS_SELECTOR, ".error")
+                                             if e.is_displayed() and "401" in e.text), None), 30, "the 401")
+        assert "needs an API key" in error.text
+        set_value(driver.find_element(By.ID, "api-key"), INFER_KEY)
+        driver.find_element(By.CSS_SELECTOR, "#key-form button").click()
+        page = open_page(driver, edge.url, "models")
+        wait(driver, lambda d: d.find_elements(By.ID, f"model-{GMM}"), 30, "the models once the key is in")
+        assert page.find_element(By.ID, f"model-{TEXT}")
+        assert driver.execute_script("return sessionStorage.getItem('genserve.apiKey')") == INFER_KEY
+        assert not script_errors(driver)
+    finally:
+        driver.quit()

@@ -42,6 +42,16 @@ def gmm(tmp_path_factory) -> LocalScorer:
     return LocalScorer.from_store(store, "mix")
 
 
+def test_underflowing_records_score_finite_and_flagged(gmm):
+    """As served (service.runtime.finite_log_probs): a record whose density underflows float64 gets log p =
+    -1e300, not -inf (which JSON and the file scorer's CSV cannot hold), uniform responsibilities, and a flag."""
+    res = gmm.anomaly(records=[[1e300, -1e300, 1e300, 1e300], [0.0, 0.0, 0.0, 0.0]], score="nll")
+    far, near = res.results
+    assert far.log_prob == -1e300 and far.is_anomaly and math.isfinite(far.score)
+    assert far.responsibility == pytest.approx(0.5) and not near.is_anomaly
+    assert all(np.isfinite(v).all() for v in gmm.scores(records=[[1e300] * 4]).values())
+
+
 @pytest.mark.parametrize("score", SCORE_TYPES["records"])
 def test_fresh_normal_records_are_flagged_at_the_requested_rate(gmm, score):
     # 9,000 held-out records calibrate each score; 50,000 fresh records from the same distribution are then
