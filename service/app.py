@@ -50,6 +50,7 @@ from service.edge import (
     format_access,
     hashed_entries,
     presented_key,
+    route_path,
     shared_rate_limiter,
     valid_request_id,
 )
@@ -163,6 +164,7 @@ class GatewaySettings:
 
 
 DISCONNECTED = object()  # what _read_body returns when the client leaves mid-body
+SHARED_LIMITER_TIMEOUT_S = 1.0  # past this the shared rate limiter is taken as down, and requests admitted
 GENERATION_ROUTES = re.compile(r"^/v1/(completions|models/[^/]+/generate)$")
 # Why a request was refused before reaching a model, for genserve_requests_rejected_total.
 REJECTION_REASONS = {401: "unauthenticated", 403: "forbidden", 413: "too_large", 415: "unsupported_media_type",
@@ -220,7 +222,10 @@ class GatewayMiddleware:
             rejection = None if not request_id or valid_request_id(request_id) else Rejection(
                 400, "invalid_request", f"X-Request-ID {request_id[:40]!r} is not a valid request id: use "
                 f"{REQUEST_ID_RULE}, or send none and one is generated")
-            rejection = rejection or self._authorize(scope, headers, edge) or await self._admit(scope, edge)
+            rejection = rejection or self._authorize(scope, headers, edge)
+            if rejection is None or rejection.status == 401:
+                # A failed key check spends its address's requests too, so keys cannot be guessed at full speed.
+                rejection = await self._admit(scope, edge) or rejection
             if rejection is None and scope["method"] in ("POST", "PUT", "PATCH"):
                 rejection, receive = await self._read_json_body(scope, headers, receive)
                 if receive is None:
@@ -242,7 +247,7 @@ class GatewayMiddleware:
         keys = GatewaySettings.keys
         if not keys.enabled:
             return None
-        needed = access_rule(scope["path"], GatewaySettings.auth)
+        needed = access_rule(route_path(scope), GatewaySettings.auth)
         key = presented_key(headers)
         principal = None if key is None else keys.authenticate(key)
         if principal is not None:
@@ -263,13 +268,14 @@ class GatewayMiddleware:
 
     @staticmethod
     async def _admit(scope, edge: RequestEdge) -> Rejection | None:
-        if access_rule(scope["path"], GatewaySettings.auth) == "open" or not edge.caller:
+        if access_rule(route_path(scope), GatewaySettings.auth) == "open" or not edge.caller:
             return None
-        generates = GENERATION_ROUTES.match(scope["path"]) is not None
+        generates = GENERATION_ROUTES.match(route_path(scope)) is not None
         if GatewaySettings.shared_limiter is not None:
             try:
-                refusal = await GatewaySettings.shared_limiter.admit.remote(edge.caller, generates)
-            except Exception:  # the limiter actor restarting: serve rather than refuse everyone
+                refusal = await asyncio.wait_for(GatewaySettings.shared_limiter.admit.remote(edge.caller, generates),
+                                                 SHARED_LIMITER_TIMEOUT_S)
+            except Exception:  # the limiter actor restarting: serve rather than refuse (or hold) everyone
                 log.warning("rate limiter unavailable; admitting request %s", edge.request_id, exc_info=True)
                 refusal = None
         elif GatewaySettings.limiter is not None:
@@ -298,7 +304,7 @@ class GatewayMiddleware:
         left mid-body."""
         content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         # /v2 (Open Inference Protocol) bodies may be JSON then binary tensors; tritonclient sends none.
-        v2_body = scope["path"].startswith("/v2/") and content_type in (b"", b"application/octet-stream")
+        v2_body = route_path(scope).startswith("/v2/") and content_type in (b"", b"application/octet-stream")
         if content_type != b"application/json" and not v2_body:
             shown = content_type.decode("latin-1") or "none"
             return Rejection(415, "unsupported_media_type", f"Content-Type must be application/json, got {shown} "
@@ -344,7 +350,7 @@ class GatewayMiddleware:
 
     @staticmethod
     async def _send_error(scope, send, rejection: Rejection) -> None:
-        body = json.dumps(render_error(scope["path"], rejection.type, rejection.message)).encode()
+        body = json.dumps(render_error(route_path(scope), rejection.type, rejection.message)).encode()
         await send({"type": "http.response.start", "status": rejection.status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()), *rejection.headers]})
@@ -375,7 +381,7 @@ class GatewayMiddleware:
         config = GatewaySettings.access_log
         if config.enabled:
             record = access_record(
-                method=scope["method"], route=getattr(route, "path", None) or scope["path"], model=model or None,
+                method=scope["method"], route=getattr(route, "path", None) or route_path(scope), model=model or None,
                 version=GatewaySettings.versions.get(model), status=status, latency_ms=round(latency * 1000, 2),
                 items=int(sum(e[2] for e in metric_events)) or None, tokens=tokens or None,
                 request_id=edge.request_id, key_id=edge.key_id, reason=edge.reason)
@@ -430,7 +436,7 @@ async def _text_error(request: Request, exc: TextError) -> JSONResponse:
 @api.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     # In the shape of the route's protocol (OpenAI's on /v1/completions), like every other error.
-    path, errors = request.url.path, exc.errors()
+    path, errors = route_path(request.scope), exc.errors()
     if any(e.get("type") == "json_invalid" for e in errors):
         detail = next(e for e in errors if e.get("type") == "json_invalid")
         ctx = detail.get("ctx", {}).get("error", "")
@@ -451,7 +457,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     if exc.status_code == 404:
         message = f"no route {request.method} {request.url.path}; see /docs for the API"
     # exc.headers: a 405's Allow, which RFC 9110 requires.
-    return JSONResponse(render_error(request.url.path, type_, message), status_code=exc.status_code,
+    return JSONResponse(render_error(route_path(request.scope), type_, message), status_code=exc.status_code,
                         headers=exc.headers)
 
 
@@ -744,10 +750,10 @@ def build(args: AppArgs, overrides: dict[str, dict[str, Any]] | None = None):
 def edge_args(args: AppArgs, gateway_options: dict[str, Any]) -> dict[str, Any]:
     """What the Gateway needs for keys, limits and the access log. Keys travel as sha256 digests only, read here
     (on the node that builds the app: the head, in a RayService) from the config and the keys file."""
-    replicas = gateway_options.get("num_replicas", 1)
+    replicas = args.rate_limits.gateway_replicas or gateway_options.get("num_replicas")
     if not isinstance(replicas, int):  # "auto" or autoscaling: the floor, so a caller never gets less than its limit
         replicas = (gateway_options.get("autoscaling_config") or {}).get("min_replicas", 1) or 1
-    return {"keys": hashed_entries(args.auth), "auth": args.auth.model_dump(),
+    return {"keys": hashed_entries(args.auth), "auth": args.auth.model_dump(exclude={"api_keys", "api_keys_file"}),
             "rate_limits": args.rate_limits.model_dump(), "access_log": args.access_log.model_dump(),
             "gateway_replicas": replicas}
 

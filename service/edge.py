@@ -79,6 +79,10 @@ class RateLimitConfig(BaseModel):
         False, description="without keys, a caller is its client address; behind a load balancer that is the "
                            "balancer's for everyone, so take the first address of X-Forwarded-For instead (only "
                            "when the balancer sets it: a client can send any X-Forwarded-For)")
+    gateway_replicas: int | None = Field(
+        None, ge=1, description="per_replica mode: how many Gateway replicas share each limit; default the "
+                                "Gateway's num_replicas (or autoscaling min_replicas) where `genserve serve` reads "
+                                "the config, else 1: set it under `serve deploy` and KubeRay, or use mode shared")
     mode: Literal["per_replica", "shared"] = Field(
         "per_replica", description="per_replica: each Gateway replica enforces limit / its replica count (no extra "
                                    "hop; exact when the proxy spreads a caller's requests evenly); shared: one Ray "
@@ -107,14 +111,15 @@ class Principal:
     role: Role
 
 
-def parse_key_entry(line: str, where: str, default_role: Role = "admin") -> tuple[str, Role, str | None]:
-    """'KEY [ROLE [NAME]]' or 'sha256:HEX [ROLE [NAME]]' -> (sha256 hex digest, role, name)."""
+def parse_key_entry(line: str, where: str, default_role: Role | None = "admin") -> tuple[str, Role, str | None]:
+    """'KEY [ROLE [NAME]]' or 'sha256:HEX [ROLE [NAME]]' -> (sha256 hex digest, role, name); the role may be left
+    out only where `default_role` is given. Errors never repeat a field: it may be a key."""
     parts = line.split()
-    if not parts or len(parts) > 3:
+    if not parts or len(parts) > 3 or (len(parts) == 1 and default_role is None):
         raise KeyConfigError(f"{where}: expected 'KEY ROLE [NAME]' (role: infer or admin)")
     secret, role = parts[0], (parts[1] if len(parts) > 1 else default_role)
     if role not in ROLES:
-        raise KeyConfigError(f"{where}: role {role!r} is not one of {', '.join(ROLES)}")
+        raise KeyConfigError(f"{where}: the field after the key must be a role, one of {', '.join(ROLES)}")
     if secret.startswith(HASH_PREFIX):
         hexd = secret[len(HASH_PREFIX):].lower()
         if not re.fullmatch(r"[0-9a-f]{64}", hexd):
@@ -135,9 +140,10 @@ def read_keys_file(path: str | Path) -> list[str]:
         raise KeyConfigError(f"API keys file {p}: {e.strerror or e}") from None
     entries = []
     for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.split("#", 1)[0].strip()
+        # '#' starts a comment at the start of a line or after a space, never inside a key.
+        line = re.split(r"(?:^|\s)#", raw, maxsplit=1)[0].strip()
         if line:
-            hexd, role, name = parse_key_entry(line, f"{p}:{number}")
+            hexd, role, name = parse_key_entry(line, f"{p}:{number}", default_role=None)
             entries.append(" ".join([HASH_PREFIX + hexd, role, *([name] if name else [])]))
     if not entries:
         raise KeyConfigError(f"API keys file {p} has no keys; remove the setting to serve without keys")
@@ -212,6 +218,13 @@ def presented_key(headers: dict[bytes, bytes]) -> str | None:
 PROBES = ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready")
 DOCS = ("/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json")
 ADMIN_PREFIXES = ("/v2/repository", "/v1/admin")
+
+
+def route_path(scope: dict[str, Any]) -> str:
+    """The path the routes see: without the root path an application's route prefix (or http_options.root_path)
+    puts in front, which Starlette strips before routing too."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return path[len(root):] or "/" if root and path.startswith(root) else path
 
 
 def access_rule(path: str, config: AuthConfig) -> Role | Literal["open", "any"]:
@@ -378,7 +391,13 @@ def access_record(**fields: Any) -> dict[str, Any]:
     return {k: fields[k] for k in order if fields.get(k) is not None}
 
 
+PLAIN_VALUE = re.compile(r"[\w./{}:@+-]*")
+
+
 def format_access(record: dict[str, Any], fmt: str) -> str:
+    """One line: JSON, or key=value pairs with any value that is not plain (a client-sent path with spaces or
+    line breaks) JSON-quoted, so no request can forge a line or a field."""
     if fmt == "json":
         return json.dumps({"event": "access", **record}, separators=(",", ":"))
-    return "access " + " ".join(f"{k}={v}" for k, v in record.items())
+    shown = (f"{k}={v}" if PLAIN_VALUE.fullmatch(str(v)) else f"{k}={json.dumps(str(v))}" for k, v in record.items())
+    return "access " + " ".join(shown)

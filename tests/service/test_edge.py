@@ -23,6 +23,7 @@ from service.edge import (
     hashed_entries,
     parse_key_entry,
     presented_key,
+    route_path,
     valid_request_id,
 )
 
@@ -45,7 +46,8 @@ def test_entries_plain_or_hashed_with_roles_and_names():
 
 @pytest.mark.parametrize(("line", "says"), [
     ("short infer", "at least 8 characters"),
-    (f"{INFER_KEY} root", "role 'root' is not one of infer, admin"),
+    (f"{INFER_KEY} root", "must be a role, one of infer, admin"),
+    (f"infer {INFER_KEY}", "must be a role"),  # the key where the role belongs: not repeated in the error
     ("sha256:abc infer", "64 hex digits"),
     (f"{INFER_KEY} infer name extra", "expected 'KEY ROLE [NAME]'"),
 ])
@@ -54,6 +56,16 @@ def test_bad_entries_say_where_and_why_without_the_key(line: str, says: str):
         parse_key_entry(line, "keys.txt:3")
     assert says in str(e.value)
     assert INFER_KEY not in str(e.value)
+
+
+def test_keys_file_hash_inside_a_key_and_roles_required(tmp_path):
+    path = tmp_path / "keys"
+    path.write_text("pass#word-123 infer ci  # a '#' inside a key is part of it\n")
+    ring = KeyRing(hashed_entries(AuthConfig(api_keys_file=str(path))))
+    assert ring.authenticate("pass#word-123").role == "infer" and ring.authenticate("pass") is None
+    path.write_text(f"{INFER_KEY}\n")  # the role may be left out on the command line only
+    with pytest.raises(KeyConfigError, match="expected 'KEY ROLE"):
+        hashed_entries(AuthConfig(api_keys_file=str(path)))
 
 
 def test_keys_file_comments_and_hashing(tmp_path, monkeypatch):
@@ -91,6 +103,15 @@ def test_presented_key_bearer_basic_and_header():
     assert presented_key({b"authorization": b"Basic not-base64!"}) is None
     assert presented_key({b"authorization": b"Bearer "}) is None
     assert presented_key({}) is None
+
+
+def test_rules_apply_to_the_path_the_routes_see():
+    """Behind a route prefix (root_path), the rules see the path without it, as Starlette's routing does."""
+    scope = {"path": "/genserve/v2/repository/index", "root_path": "/genserve"}
+    assert route_path(scope) == "/v2/repository/index"
+    assert access_rule(route_path(scope), AuthConfig()) == "admin"
+    assert route_path({"path": "/genserve", "root_path": "/genserve"}) == "/"
+    assert route_path({"path": "/healthz", "root_path": ""}) == "/healthz"
 
 
 def test_access_rules():
@@ -192,3 +213,6 @@ def test_access_line_text_and_json_never_hold_the_key():
     assert text == ("access method=POST route=/v1/models/{name}/log_prob model=wine version=1 status=200 "
                     "latency_ms=3.25 items=2 request_id=r1 key_id=analytics")
     assert json.loads(format_access(record, "json")) == {"event": "access", **record}
+    forged = format_access(access_record(method="GET", route="/x\naccess method=POST status=200 key_id=ops",
+                                         status=401, request_id="r2"), "text")
+    assert "\n" not in forged and 'route="/x\\naccess method=POST status=200 key_id=ops"' in forged

@@ -312,3 +312,16 @@ def test_playground_asks_for_a_key_then_works(edge: Server):
         assert not script_errors(driver)
     finally:
         driver.quit()
+
+
+def test_failed_key_checks_spend_the_addresss_rate_limit(edge: Server):
+    """Last in this module: it spends this machine's address bucket, which every keyless request shares."""
+    statuses = []
+    with httpx.Client(base_url=edge.url, headers=bearer("guess-00000000"), timeout=30) as client:
+        for _ in range(80):
+            statuses.append(client.get(f"/v1/models/{GMM}").status_code)
+            if statuses[-1] == 429:
+                break
+    assert statuses[0] == 401 and statuses[-1] == 429, statuses
+    # A valid key is its own caller, not slowed by the guesses from its address.
+    assert httpx.get(f"{edge.url}/v1/models/{GMM}", headers=bearer(INFER_KEY), timeout=30).status_code == 200
