@@ -402,6 +402,7 @@ def _timestamp(iso: str) -> int:
 api = FastAPI(
     title="genserve",
     version="0.1.0",
+    docs_url=None,  # service.ui.mount_ui serves /docs from a vendored Swagger UI, not a CDN
     description="Exact-likelihood generative models served on Ray Serve: log-densities, calibrated "
     "anomaly scores and samples. Errors are JSON: {\"error\": {\"type\", \"message\"}}.",
 )

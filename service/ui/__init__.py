@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from fastapi import APIRouter, FastAPI
-from fastapi.responses import RedirectResponse, Response
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 from service.errors import AUTH, ApiError, responses
@@ -25,12 +26,24 @@ router = APIRouter()
 
 
 def mount_ui(api: FastAPI) -> None:
-    """/ui: the playground's files; GET / redirects there (neither is part of the OpenAPI schema)."""
+    """/ui: the playground's files; GET / redirects there; /docs: Swagger UI from the vendored copy (none of them
+    part of the OpenAPI schema). The app must be made with docs_url=None."""
     api.mount("/ui", StaticFiles(directory=STATIC, html=True), name="ui")
 
     @api.get("/", include_in_schema=False)
     async def _root() -> RedirectResponse:
         return RedirectResponse("/ui/")
+
+    @api.get("/docs", include_in_schema=False)
+    async def _docs(request: Request) -> HTMLResponse:
+        # FastAPI's own /docs loads Swagger UI from a CDN, which machines without internet cannot reach: this one
+        # serves the copy vendored in static/vendor/swagger-ui (Swagger UI 5, which reads OpenAPI 3.1).
+        root = request.scope.get("root_path", "")
+        vendor = f"{root}/ui/vendor/swagger-ui"
+        return get_swagger_ui_html(openapi_url=f"{root}{api.openapi_url}", title=f"{api.title} - API docs",
+                                   swagger_js_url=f"{vendor}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{vendor}/swagger-ui.css",
+                                   swagger_favicon_url=f"{vendor}/favicon-32x32.png")
 
 
 def picture_files(contents: dict[str, bytes]) -> dict[str, bytes]:

@@ -515,3 +515,24 @@ if __name__ == "__main__":
     folder = Path(sys.argv[2]) if len(sys.argv) > 2 else ROOT / "docs" / "images"
     for p in capture_default_screenshots(target, folder):
         print(p)
+
+
+def test_docs_page_loads_swagger_ui_from_the_server(server):
+    """/docs is Swagger UI from the vendored copy: the page names no outside URL, and its files are served."""
+    page = httpx.get(f"{server.url}/docs", timeout=30)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    scripts = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+    assert "/ui/vendor/swagger-ui/swagger-ui-bundle.js" in scripts and "/ui/vendor/swagger-ui/swagger-ui.css" in scripts
+    assert not [u for u in scripts if u.startswith(("http:", "https:", "//"))], scripts
+    for url in scripts:
+        assert httpx.get(f"{server.url}{url}", timeout=30).status_code == 200, url
+
+
+@needs_browser
+def test_docs_page_renders_the_schema(server, browser):
+    browser.get(f"{server.url}/docs")
+    title = wait(browser, lambda d: next((e for e in d.find_elements(By.CSS_SELECTOR, ".swagger-ui .info .title")
+                                          if "genserve" in e.text), None), 60, "Swagger UI's title")
+    assert "genserve" in title.text
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, ".opblock")) > 20, 30, "the operations")
+    assert not script_errors(browser)
