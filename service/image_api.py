@@ -116,13 +116,13 @@ class ImageRoutes:
         failed on this request alone (its batch-mates were answered; a retry fails the same way), 503 overloaded
         when the replica's queue is over a limit (400 limit_exceeded when the request alone is), else 503
         model_unavailable (the replica failed or is gone; Serve retries elsewhere when it can)."""
+        if is_replica_busy(e):  # first: a replica out of memory on one request is busy, not the request's fault
+            return ApiError(503, "overloaded", f"{failure_message(e)}; retry shortly")
         if is_request_failure(e):
             return ApiError(500, "model_error", f"model {name!r} could not {action} this request: "
                             f"{failure_message(e)}")
         if is_over_limit(e):
             return ApiError(400, "limit_exceeded", failure_message(e))
-        if is_replica_busy(e):
-            return ApiError(503, "overloaded", f"{failure_message(e)}; retry shortly")
         return ApiError(503, "model_unavailable", f"model {name!r} could not {action} this request: "
                         f"{type(e).__name__}; retry shortly")
 

@@ -65,6 +65,14 @@ class ReplicaBusy(RuntimeError):
     """The replica's queue is over a configured limit (named in the message); the Gateway answers 503."""
 
 
+class OutOfResources(RequestFailed, ReplicaBusy):
+    """The replica ran out of memory on this request alone: not the request's fault (a retry, or another replica,
+    may serve it), so the Gateway answers 503 overloaded rather than 500; its batch-mates were still answered."""
+
+
+RESOURCE_ERRORS: tuple[type[BaseException], ...] = (MemoryError, torch.OutOfMemoryError)
+
+
 def is_replica_busy(error: BaseException) -> bool:
     return isinstance(error, ReplicaBusy) or isinstance(getattr(error, "cause", None), ReplicaBusy)
 
@@ -109,6 +117,8 @@ def run_isolated(fn: Callable[[list[T]], list[R]], requests: list[T]) -> list[R 
     except Exception as e:
         if len(requests) == 1:
             log.warning("a request failed alone in its batch: %s: %s", type(e).__name__, e)
+            if isinstance(e, RESOURCE_ERRORS):
+                return [OutOfResources(f"the replica ran out of memory on this request ({type(e).__name__})")]
             return [RequestFailed(f"the model failed on this request: {type(e).__name__}: {e}")]
     return [result for request in requests for result in run_isolated(fn, [request])]
 

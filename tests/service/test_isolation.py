@@ -25,11 +25,13 @@ from service.image_api import ImageRoutes
 from service.image_runtime import TorchImageRuntime
 from service.runtime import (
     LOG_PROB_FLOOR,
+    OutOfResources,
     OverLimit,
     ReplicaBusy,
     RequestFailed,
     finite_log_probs,
     finite_responsibilities,
+    is_replica_busy,
     is_request_failure,
     run_isolated,
 )
@@ -207,6 +209,20 @@ def test_run_isolated_gives_the_guilty_request_the_error_and_the_others_their_re
     assert got[:2] == [2, 4] and got[3] == 8
     assert isinstance(got[2], RequestFailed) and "ValueError: negative input" in str(got[2])
     assert is_request_failure(got[2]) and run_isolated(double, [5]) == [10]
+
+
+def test_running_out_of_memory_on_one_request_is_busy_not_its_fault() -> None:
+    """A request the replica runs out of memory on alone gets OutOfResources (503 overloaded at the Gateway,
+    which checks busy first), not a 500 model_error; its batch-mates still get their results."""
+
+    def hungry(batch):
+        if sum(batch) > 100:
+            raise MemoryError()
+        return [x + 1 for x in batch]
+
+    got = run_isolated(hungry, [1, 200, 3])
+    assert got[0] == 2 and got[2] == 4
+    assert isinstance(got[1], OutOfResources) and is_replica_busy(got[1]) and is_request_failure(got[1])
 
 
 def test_image_scoring_batches_isolate_a_failing_request() -> None:
