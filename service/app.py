@@ -185,6 +185,8 @@ class RequestEdge:
     """What the middleware learnt about one request, for its checks, its metrics and its access log line."""
 
     request_id: str
+    path: str  # as the routes see it (service.edge.route_path)
+    rule: str  # what the path needs when keys are on (service.edge.access_rule)
     caller: str = ""
     key_id: str | None = None
     reason: str | None = None
@@ -208,7 +210,10 @@ class GatewayMiddleware:
         headers = dict(scope.get("headers") or [])
         # Serve's proxy puts one in every request's headers (the client's, or one it made up).
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")
-        edge = RequestEdge(request_id=request_id if valid_request_id(request_id) else uuid.uuid4().hex)
+        request_id_ok = not request_id or valid_request_id(request_id)
+        path = route_path(scope)
+        edge = RequestEdge(request_id=request_id if request_id and request_id_ok else uuid.uuid4().hex, path=path,
+                           rule=access_rule(path, GatewaySettings.auth))
         REQUEST_ID.set(edge.request_id)
         GENERATED_TOKENS.set(edge.generated)
 
@@ -219,21 +224,21 @@ class GatewayMiddleware:
             await send(message)
 
         try:
-            rejection = None if not request_id or valid_request_id(request_id) else Rejection(
+            rejection = None if request_id_ok else Rejection(
                 400, "invalid_request", f"X-Request-ID {request_id[:40]!r} is not a valid request id: use "
                 f"{REQUEST_ID_RULE}, or send none and one is generated")
             rejection = rejection or self._authorize(scope, headers, edge)
             if rejection is None or rejection.status == 401:
                 # A failed key check spends its address's requests too, so keys cannot be guessed at full speed.
-                rejection = await self._admit(scope, edge) or rejection
+                rejection = await self._admit(edge) or rejection
             if rejection is None and scope["method"] in ("POST", "PUT", "PATCH"):
-                rejection, receive = await self._read_json_body(scope, headers, receive)
+                rejection, receive = await self._read_json_body(edge.path, headers, receive)
                 if receive is None:
                     status = 499  # the client went away mid-body: nobody to answer
                     return
             if rejection is not None:
                 edge.reason = REJECTION_REASONS.get(rejection.status)
-                await self._send_error(scope, tracking_send, rejection)
+                await self._send_error(edge.path, tracking_send, rejection)
             else:
                 await self.app(scope, receive, tracking_send)
         finally:
@@ -247,7 +252,7 @@ class GatewayMiddleware:
         keys = GatewaySettings.keys
         if not keys.enabled:
             return None
-        needed = access_rule(route_path(scope), GatewaySettings.auth)
+        needed = edge.rule
         key = presented_key(headers)
         principal = None if key is None else keys.authenticate(key)
         if principal is not None:
@@ -263,14 +268,14 @@ class GatewayMiddleware:
                              "check for a missing or extra character)", challenge)
         if not allows(principal, needed):
             return Rejection(403, "permission_error", f"key {principal.key_id!r} has role {principal.role!r}; "
-                             f"{scope['method']} {scope['path']} needs role {needed!r}")
+                             f"{scope['method']} {edge.path} needs role {needed!r}")
         return None
 
     @staticmethod
-    async def _admit(scope, edge: RequestEdge) -> Rejection | None:
-        if access_rule(route_path(scope), GatewaySettings.auth) == "open" or not edge.caller:
+    async def _admit(edge: RequestEdge) -> Rejection | None:
+        if edge.rule == "open" or not edge.caller:
             return None
-        generates = GENERATION_ROUTES.match(route_path(scope)) is not None
+        generates = GENERATION_ROUTES.match(edge.path) is not None
         if GatewaySettings.shared_limiter is not None:
             try:
                 refusal = await asyncio.wait_for(GatewaySettings.shared_limiter.admit.remote(edge.caller, generates),
@@ -299,12 +304,12 @@ class GatewayMiddleware:
 
     # ---- the body ---------------------------------------------------------------------------------------------
 
-    async def _read_json_body(self, scope, headers: dict[bytes, bytes], receive):
+    async def _read_json_body(self, path: str, headers: dict[bytes, bytes], receive):
         """(rejection, receive): a 415/413 rejection, or the buffered body replayed; receive None if the client
         left mid-body."""
         content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
         # /v2 (Open Inference Protocol) bodies may be JSON then binary tensors; tritonclient sends none.
-        v2_body = route_path(scope).startswith("/v2/") and content_type in (b"", b"application/octet-stream")
+        v2_body = path.startswith("/v2/") and content_type in (b"", b"application/octet-stream")
         if content_type != b"application/json" and not v2_body:
             shown = content_type.decode("latin-1") or "none"
             return Rejection(415, "unsupported_media_type", f"Content-Type must be application/json, got {shown} "
@@ -349,8 +354,8 @@ class GatewayMiddleware:
         return replay
 
     @staticmethod
-    async def _send_error(scope, send, rejection: Rejection) -> None:
-        body = json.dumps(render_error(route_path(scope), rejection.type, rejection.message)).encode()
+    async def _send_error(path: str, send, rejection: Rejection) -> None:
+        body = json.dumps(render_error(path, rejection.type, rejection.message)).encode()
         await send({"type": "http.response.start", "status": rejection.status,
                     "headers": [(b"content-type", b"application/json"),
                                 (b"content-length", str(len(body)).encode()), *rejection.headers]})
@@ -381,7 +386,7 @@ class GatewayMiddleware:
         config = GatewaySettings.access_log
         if config.enabled:
             record = access_record(
-                method=scope["method"], route=getattr(route, "path", None) or route_path(scope), model=model or None,
+                method=scope["method"], route=getattr(route, "path", None) or edge.path, model=model or None,
                 version=GatewaySettings.versions.get(model), status=status, latency_ms=round(latency * 1000, 2),
                 items=int(sum(e[2] for e in metric_events)) or None, tokens=tokens or None,
                 request_id=edge.request_id, key_id=edge.key_id, reason=edge.reason)

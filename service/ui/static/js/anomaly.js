@@ -3,7 +3,7 @@
 // false-positive rate, the flagged items, and the results as a CSV download.
 
 import { postJSON } from "./api.js";
-import { busy, download, el, errorBox, field, fill, fmt, numberInput, select, table } from "./dom.js";
+import { busy, download, el, errorBox, field, fill, fmt, modelPage, numberInput, select, table } from "./dom.js";
 import { fileToLevels, imageCanvas, scoreHistogram } from "./draw.js";
 import { recordsFromCSV, toCSV } from "./csv.js";
 
@@ -237,31 +237,12 @@ function modelView(model) {
 }
 
 export function renderAnomaly(node, { models }) {
-  const scorable = models.filter((m) => m.density !== "none" && m.calibration);
-  if (!scorable.length) {
-    node.append(el("h1", {}, "Anomaly"), el("p", {}, "No served model is calibrated for anomaly scores."));
-    return;
-  }
-  const picker = select(scorable.map((m) => [m.name, `${m.name} (${m.input.type}, ${m.kind})`]),
-    { name: "model", id: "anomaly-model" });
-  const info = el("p", { class: "muted" });
-  const holder = el("div");
-  const views = new Map();
-  const sync = () => {
-    const m = scorable.find((x) => x.name === picker.value);
-    const c = m.calibration;
-    info.textContent = `Calibrated on ${c.n_heldout} held-out items; default score ${c.score}, threshold ` +
-      `${fmt(c.threshold)} at a false-positive rate of ${fmt(c.false_positive_rate)}.`;
-    if (!views.has(m.name)) views.set(m.name, modelView(m));
-    fill(holder, views.get(m.name));
-  };
-  picker.addEventListener("change", sync);
-  node.selectModel = (name) => {
-    if (scorable.some((m) => m.name === name)) {
-      picker.value = name;
-      sync();
-    }
-  };
-  sync();
-  node.append(el("div", { class: "page-head" }, el("h1", {}, "Anomaly"), field("model", picker)), info, holder);
+  modelPage(node, {
+    title: "Anomaly", models: models.filter((m) => m.density !== "none" && m.calibration),
+    empty: "No served model is calibrated for anomaly scores.", id: "anomaly-model",
+    label: (m) => `${m.name} (${m.input.type}, ${m.kind})`,
+    describe: ({ calibration: c }) => `Calibrated on ${c.n_heldout} held-out items; default score ${c.score}, ` +
+      `threshold ${fmt(c.threshold)} at a false-positive rate of ${fmt(c.false_positive_rate)}.`,
+    view: modelView,
+  });
 }

@@ -61,6 +61,39 @@ export function select(options, attrs = {}) {
   return s;
 }
 
+/** A page of one kind of model with a picker at its head: `models` (those of the kind; `empty` says so when there
+ * are none), each labelled `label(m)`. Choosing one writes `describe(m)` under the head and shows `view(m)` (built
+ * once per model and kept) or calls `show(m)`; `body` follows the line. `node.selectModel(name)` chooses one. */
+export function modelPage(node, { title, models, empty, id, label, describe, view, show, body = [] }) {
+  if (!models.length) {
+    node.append(el("h1", {}, title), el("p", {}, empty));
+    return;
+  }
+  const picker = select(models.map((m) => [m.name, label(m)]), { name: "model", id });
+  const info = el("p", { class: "muted" });
+  const holder = el("div");
+  const views = new Map();
+  const sync = () => {
+    const m = models.find((x) => x.name === picker.value);
+    info.textContent = describe(m);
+    if (view) {
+      if (!views.has(m.name)) views.set(m.name, view(m));
+      fill(holder, views.get(m.name));
+    }
+    if (show) show(m);
+  };
+  picker.addEventListener("change", sync);
+  node.selectModel = (name) => {
+    if (models.some((m) => m.name === name)) {
+      picker.value = name;
+      sync();
+    }
+  };
+  sync();
+  node.append(el("div", { class: "page-head" }, el("h1", {}, title), field("model", picker)), info,
+    ...(view ? [holder] : []), ...body);
+}
+
 /** An error box: shows an ApiError's description (or any Error's message), as text. */
 export function errorBox() {
   const box = el("div", { class: "error", role: "alert", hidden: true });

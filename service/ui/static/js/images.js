@@ -3,7 +3,7 @@
 // log-likelihood heat map, reconstructed or interpolated (VAEs); GANs sample only.
 
 import { postJSON } from "./api.js";
-import { busy, el, errorBox, field, fill, fmt, numberInput, select } from "./dom.js";
+import { busy, el, errorBox, field, fill, fmt, modelPage, numberInput, select } from "./dom.js";
 import { fileToLevels, heatMap, imageCanvas, paintImage } from "./draw.js";
 
 const LATENT = new Set(["vae", "gan", "realnvp"]); // latent-variable image kinds: no completion, no per-pixel
@@ -317,30 +317,11 @@ function modelView(model) {
 }
 
 export function renderImages(node, { models }) {
-  const images = models.filter((m) => m.input.type === "image");
-  if (!images.length) {
-    node.append(el("h1", {}, "Images"), el("p", {}, "No image models are served."));
-    return;
-  }
-  const picker = select(images.map((m) => [m.name, `${m.name} (${m.kind}, ${m.input.height}x${m.input.width})`]),
-    { name: "model", id: "image-model" });
-  const info = el("p", { class: "muted" });
-  const holder = el("div");
-  const views = new Map();
-  const sync = () => {
-    const m = images.find((x) => x.name === picker.value);
-    info.textContent = `${m.kind}, density ${m.density}: ${m.input.height}x${m.input.width} pixels, ` +
-      `${m.input.levels} grey levels, ${m.input.n_classes ? `${m.input.n_classes} classes` : "unconditional"}`;
-    if (!views.has(m.name)) views.set(m.name, modelView(m));
-    fill(holder, views.get(m.name));
-  };
-  picker.addEventListener("change", sync);
-  node.selectModel = (name) => {
-    if (images.some((m) => m.name === name)) {
-      picker.value = name;
-      sync();
-    }
-  };
-  sync();
-  node.append(el("div", { class: "page-head" }, el("h1", {}, "Images"), field("model", picker)), info, holder);
+  modelPage(node, {
+    title: "Images", models: models.filter((m) => m.input.type === "image"), empty: "No image models are served.",
+    id: "image-model", label: (m) => `${m.name} (${m.kind}, ${m.input.height}x${m.input.width})`,
+    describe: (m) => `${m.kind}, density ${m.density}: ${m.input.height}x${m.input.width} pixels, ` +
+      `${m.input.levels} grey levels, ${m.input.n_classes ? `${m.input.n_classes} classes` : "unconditional"}`,
+    view: modelView,
+  });
 }

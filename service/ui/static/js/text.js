@@ -3,7 +3,7 @@
 // shows how surprising each character was.
 
 import { postJSON, postStream } from "./api.js";
-import { busy, el, errorBox, field, fill, fmt, numberInput, select } from "./dom.js";
+import { busy, el, errorBox, field, fill, fmt, modelPage, numberInput, select } from "./dom.js";
 
 const LN2 = Math.log(2);
 
@@ -251,30 +251,20 @@ function scoreView(getModel) {
 }
 
 export function renderText(node, { models }) {
-  const texts = models.filter((m) => m.input.type === "text");
-  if (!texts.length) {
-    node.append(el("h1", {}, "Text"), el("p", {}, "No text models are served."));
-    return;
-  }
-  const picker = select(texts.map((m) => [m.name, `${m.name} (${m.kind})`]), { name: "model", id: "text-model" });
-  const current = () => texts.find((m) => m.name === picker.value);
+  let chosen = null;
+  const current = () => chosen;
   const gen = generateView(current);
   const sc = scoreView(current);
-  const info = el("p", { class: "muted" });
-  const sync = () => {
-    const m = current();
-    info.textContent = `${m.kind}, ${m.input.tokenizer} tokenizer, context ${m.input.context_length || "unbounded"}` +
-      ` tokens; at most ${m.limits.max_new_tokens} new tokens per request`;
-    gen.setModel(m);
-    sc.setModel(m);
-  };
-  picker.addEventListener("change", sync);
-  node.selectModel = (name) => {
-    if (texts.some((m) => m.name === name)) {
-      picker.value = name;
-      sync();
-    }
-  };
-  sync();
-  node.append(el("div", { class: "page-head" }, el("h1", {}, "Text"), field("model", picker)), info, gen, sc);
+  modelPage(node, {
+    title: "Text", models: models.filter((m) => m.input.type === "text"), empty: "No text models are served.",
+    id: "text-model", label: (m) => `${m.name} (${m.kind})`,
+    describe: (m) => `${m.kind}, ${m.input.tokenizer} tokenizer, context ${m.input.context_length || "unbounded"}` +
+      ` tokens; at most ${m.limits.max_new_tokens} new tokens per request`,
+    show: (m) => {
+      chosen = m;
+      gen.setModel(m);
+      sc.setModel(m);
+    },
+    body: [gen, sc],
+  });
 }
