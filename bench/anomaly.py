@@ -37,14 +37,14 @@ from sklearn.datasets import load_breast_cancer, load_wine
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from bench.common import load_note, machine
-from service.local import LocalScorer
-from training import artifact as art
-from training.data import Tabular
-from training.gmm_pipeline import GMMTrainConfig, train_gmm
-from training.image_data import ImageDataset, load_image_dataset
-from training.image_pipeline import ImageTrainConfig, train_image
-from training.text_data import load_shakespeare, split_by_play
-from training.text_pipeline import TextTrainConfig, train_text
+from genserve.artifacts import artifact as art
+from genserve.service.local import LocalScorer
+from genserve.training.data import Tabular
+from genserve.training.gmm_pipeline import GMMTrainConfig, train_gmm
+from genserve.training.image_data import ImageDataset, load_image_dataset
+from genserve.training.image_pipeline import ImageTrainConfig, train_image
+from genserve.training.text_data import load_shakespeare, split_by_play
+from genserve.training.text_pipeline import TextTrainConfig, train_text
 
 COMMAND = ".venv/bin/python -m bench.anomaly --out docs/anomaly.md"
 SEED = 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib.util
+import re
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,19 @@ class _SilentTokenizer:
         return ""
 
 
+# Where modules of the old top-level packages live now that they install under one `genserve` namespace.
+MOVED = {"training.tokenizer": "artifacts.tokenizer", "training.artifact": "artifacts.artifact",
+         "training.store": "artifacts.store", "training.calibration": "artifacts.calibration",
+         "training.reference": "artifacts.reference", "training.anomaly": "artifacts.scores"}
+
+
+def namespaced(source: str) -> str:
+    """Old source with its imports of `models`, `training` and `service` modules pointed at genserve's."""
+    for old, new in MOVED.items():
+        source = re.sub(rf"^(\s*)from {re.escape(old)} import", rf"\1from genserve.{new} import", source, flags=re.M)
+    return re.sub(r"^(\s*)(from|import) (models|training|service)\b", r"\1\2 genserve.\3", source, flags=re.M)
+
+
 def load_revision(base: str, files: dict[str, str]) -> dict[str, ModuleType]:
     """The modules in `files` (key -> path) as of `base`, under private names. Their imports of one another
     resolve to the old versions (in the order given); their other imports of project modules resolve to today's,
@@ -78,13 +92,13 @@ def load_revision(base: str, files: dict[str, str]) -> dict[str, ModuleType]:
                 source = subprocess.run(["git", "-C", str(ROOT), "show", f"{base}:{path}"], check=True,
                                         capture_output=True, text=True).stdout
                 file = Path(tmp) / f"{key}_{base}.py"
-                file.write_text(source)
+                file.write_text(namespaced(source))
                 spec = importlib.util.spec_from_file_location(f"_before_{key}", file)
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[spec.name] = module
                 spec.loader.exec_module(module)
                 modules[key] = module
-                name = path.removesuffix(".py").replace("/", ".")
+                name = "genserve." + path.removesuffix(".py").replace("/", ".")
                 swapped.setdefault(name, sys.modules.get(name))
                 sys.modules[name] = module  # for the next old files' imports
     finally:
@@ -108,8 +122,8 @@ def _run(decoding: ModuleType, model, vocab: int, batch: int, beams: int, new_to
 
 
 def decoding_section(before: dict[str, ModuleType], base: str, quick: bool) -> list[str]:
-    from models import gpt as gpt_now
-    from service import decoding as decoding_now
+    from genserve.models import gpt as gpt_now
+    from genserve.service import decoding as decoding_now
 
     new_tokens, repeats = (16, 2) if quick else (64, 5)
     rows = []
@@ -143,7 +157,7 @@ def em_section(before: dict[str, ModuleType], base: str, quick: bool) -> list[st
     the same number of iterations; the final log-likelihoods must agree."""
     from sklearn.datasets import load_breast_cancer, load_digits
 
-    from training import em as em_now
+    from genserve.training import em as em_now
 
     iterations, repeats = (10, 2) if quick else (50, 5)
     datasets = [("breast_cancer", load_breast_cancer().data, 4, 0.0)]

@@ -34,11 +34,11 @@ import transformers
 from bench import common
 from bench.common import Report
 from bench.hardware import matmul_flops, peak_bandwidth
-from models.gpt import GPT, GPTConfig
-from service.decoding import Engine, GenerationParams, generate
-from training.hf_import import load_hf_weights
-from training.text_data import markdown_to_text, shakespeare_files
-from training.tokenizer import TextTokenizer, train_bpe_tokenizer, train_char_tokenizer
+from genserve.artifacts.tokenizer import TextTokenizer, train_bpe_tokenizer, train_char_tokenizer
+from genserve.models.gpt import GPT, GPTConfig
+from genserve.service.decoding import Engine, GenerationParams, generate
+from genserve.training.hf_import import load_hf_weights
+from genserve.training.text_data import markdown_to_text, shakespeare_files
 
 PLAY = "hamlet"  # the real text that prompts come from
 BPE_VOCAB = 4096  # our byte-level BPE for the GPT-2-vocabulary models (no GPT-2 tokenizer without a download)

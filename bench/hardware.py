@@ -15,7 +15,7 @@ import argparse
 import torch
 
 from bench.common import median_seconds
-from models.linear import ONEDNN
+from genserve.models.linear import ONEDNN
 
 
 def matmul_flops(n: int = 2048, repeats: int = 5) -> dict[str, float]:

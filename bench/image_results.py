@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from bench.common import load_note, machine
-from models.registry import build_image_model
-from training import artifact as art
-from training.image_data import load_image_dataset
-from training.image_pipeline import ImageTrainConfig, grid_png, train_image
+from genserve.artifacts import artifact as art
+from genserve.models.registry import build_image_model
+from genserve.training.image_data import load_image_dataset
+from genserve.training.image_pipeline import ImageTrainConfig, grid_png, train_image
 
 COMMAND = ".venv/bin/python -m bench.image_results --out docs/image-models.md"
 FAMILIES = ("fvsbn", "nade", "made", "pixelcnn")

@@ -22,9 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.common import load_note, machine
-from training import artifact as art
-from training.image_data import load_image_dataset
-from training.vae_pipeline import VAETrainConfig, train_vae
+from genserve.artifacts import artifact as art
+from genserve.training.image_data import load_image_dataset
+from genserve.training.vae_pipeline import VAETrainConfig, train_vae
 
 COMMAND = ".venv/bin/python -m bench.latent_results --out docs/latent-models.md"
 

@@ -30,14 +30,14 @@ from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 from bench.common import Goal, Report, interleaved_seconds, load_average, load_note, ratio, table
-from models.image import ImageModel
-from models.registry import IMAGE_KINDS, build_image_model
-from service.image_runtime import OnnxImageRuntime, TorchImageRuntime, image_probe
-from service.runtime import OnnxDensityRuntime, TorchDensityRuntime, choose_faster, density_probe
-from training.em import EMSettings, initial_model, run_em
-from training.image_data import load_image_dataset
-from training.image_pipeline import PRESETS
-from training.onnx_export import export_image_onnx, export_onnx
+from genserve.models.image import ImageModel
+from genserve.models.registry import IMAGE_KINDS, build_image_model
+from genserve.service.image_runtime import OnnxImageRuntime, TorchImageRuntime, image_probe
+from genserve.service.runtime import OnnxDensityRuntime, TorchDensityRuntime, choose_faster, density_probe
+from genserve.training.em import EMSettings, initial_model, run_em
+from genserve.training.image_data import load_image_dataset
+from genserve.training.image_pipeline import PRESETS
+from genserve.training.onnx_export import export_image_onnx, export_onnx
 
 SETTLE_S = 0.3  # pause between EM turns: numpy's OpenBLAS threads spin ~0.1 s after a call (common.interleaved_seconds)
 

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from bench.common import Goal, Report, load_average, load_note, ratio, table
-from service.metrics import FLUSH_INTERVAL_S
+from genserve.service.metrics import FLUSH_INTERVAL_S
 
 # The names deploy/serve/genserve.yaml configures, so the shipped per-deployment options apply.
 RECORDS, TEXT, IMAGES = "breast-cancer", "shakespeare", "digits"
@@ -132,8 +132,8 @@ Results = dict[tuple[str, bool, int], Load]  # (endpoint key, batching, clients)
 
 def build_store(store: Path) -> dict[str, Path]:
     """Train the three models into `store`, each with its batching-off copy; returns each model's directory."""
-    from training.gmm_pipeline import GMMTrainConfig, train_gmm
-    from training.image_pipeline import ImageTrainConfig, train_image
+    from genserve.training.gmm_pipeline import GMMTrainConfig, train_gmm
+    from genserve.training.image_pipeline import ImageTrainConfig, train_image
 
     # As DEFAULT_MODELS trains breast-cancer, but 2 components and one EM start instead of a BIC search.
     gmm = train_gmm(GMMTrainConfig(dataset="sklearn:breast_cancer", name=RECORDS, covariance_type="full",
@@ -161,9 +161,9 @@ def write_text_model(store: Path) -> Path:
     after a few steps on Shakespeare. train_text would also evaluate the whole validation split and
     calibrate (a minute here), which generation speed does not depend on; the text runtime decodes with
     torch (its KV cache is the faster here), so no ONNX graphs are exported."""
-    from training import artifact as art
-    from training.text_data import random_windows
-    from training.text_pipeline import TextTrainConfig, build_module, prepare_data
+    from genserve.artifacts import artifact as art
+    from genserve.training.text_data import random_windows
+    from genserve.training.text_pipeline import TextTrainConfig, build_module, prepare_data
 
     cfg = TextTrainConfig(name=TEXT, preset="default").resolved()
     data = prepare_data(cfg)
@@ -215,7 +215,7 @@ def free_port() -> int:
 def deployment_options() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
     """(app args, per-deployment overrides): the shipped Serve config's, batching on for each model and off for
     its copy."""
-    from service.cli import read_serve_config
+    from genserve.service.cli import read_serve_config
 
     _, args, shipped = read_serve_config(CONFIG)
     overrides = {"Gateway": shipped["Gateway"]}
@@ -238,7 +238,7 @@ def ray_started(ray_serve_defaults: bool = False) -> Iterator[None]:
 
     if ray.is_initialized():
         raise RuntimeError("bench.served starts its own Ray; this process already has one")
-    from service.cli import SERVE_ENV, apply_serve_env
+    from genserve.service.cli import SERVE_ENV, apply_serve_env
 
     if ray_serve_defaults:
         os.environ.update(RAY_SERVE_DEFAULTS)
@@ -273,7 +273,7 @@ def deploy(url: str, store: Path) -> None:
     import httpx
     from ray import serve
 
-    from service.app import AppArgs, build
+    from genserve.service.app import AppArgs, build
 
     args, overrides = deployment_options()
     models = [m for name in (RECORDS, TEXT, IMAGES) for m in (name, name + UNBATCHED)]
@@ -422,10 +422,10 @@ def measure_loads(url: str, eps: list[Endpoint], plan: Plan) -> Results:
 def in_process_calls(paths: dict[str, Path], eps: list[Endpoint]) -> dict[str, Callable[[], object]]:
     """The work each endpoint's replica does for one request, called in this process: the same runtime call on
     the same artifact (GMM and MADE: ONNX Runtime; GPT: the continuous-batching Engine with the served slots)."""
-    from service.decoding import Engine, GenerationParams
-    from service.image_runtime import load_image_model
-    from service.runtime import load_model
-    from service.text_runtime import load_text_model
+    from genserve.service.decoding import Engine, GenerationParams
+    from genserve.service.image_runtime import load_image_model
+    from genserve.service.runtime import load_model
+    from genserve.service.text_runtime import load_text_model
 
     bodies = {e.key: json.loads(e.body) for e in eps}
     density = load_model(str(paths[RECORDS]), "auto")

@@ -20,9 +20,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from bench.common import load_note, machine
-from training import artifact as art
-from training.text_data import VALIDATION_PLAYS
-from training.text_pipeline import TextTrainConfig, train_text
+from genserve.artifacts import artifact as art
+from genserve.training.text_data import VALIDATION_PLAYS
+from genserve.training.text_pipeline import TextTrainConfig, train_text
 
 COMMAND = ".venv/bin/python -m bench.text_baselines --out docs/text-models.md"
 
@@ -48,8 +48,8 @@ def describe(manifest: art.Manifest) -> str:
 def sample(path: Path, prompt: str = "ROMEO:\n", chars: int = 400, seed: int = 0) -> str:
     """About `chars` tokens at temperature 0.8. A fixed-context model continues from the last half of its context
     each time it fills it (one `generate` call per piece, seeds seed, seed+1, ...)."""
-    from service.decoding import GenerationParams, generate
-    from service.text_runtime import load_text_model
+    from genserve.service.decoding import GenerationParams, generate
+    from genserve.service.text_runtime import load_text_model
 
     loaded = load_text_model(path, runtime="torch", device="cpu")
     tok, context = loaded.tokenizer, loaded.model.context_length

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.image import ImageModel, ImageShape, draw_pixel
+from genserve.models.image import ImageModel, ImageShape, draw_pixel
 
 
 @dataclass

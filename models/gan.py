@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from models.image import ImageShape
+from genserve.models.image import ImageShape
 
 LEAKY_SLOPE = 0.2
 MIN_SIDE = 4  # two stride-2 convolutions in the discriminator
@@ -307,6 +307,3 @@ def build_generator(config: GANConfig | dict[str, Any]) -> Generator:
     """The untrained generator for a config (a manifest's `config`), ready for the artifact's weights."""
     return Generator(config)
 
-
-def build_gan(config: GANConfig | dict[str, Any]) -> GAN:
-    return GAN(config)

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.linear import linear, uses_onednn
-from models.lm import next_token_loss
+from genserve.models.linear import linear, uses_onednn
+from genserve.models.lm import next_token_loss
 
 
 @dataclass

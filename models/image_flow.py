@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from models.image import ImageShape
+from genserve.models.image import ImageShape
 
 LOG_2PI = math.log(2 * math.pi)
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from models.lm import next_token_loss
+from genserve.models.lm import next_token_loss
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,6 @@ class CharLSTM(nn.Module):
         model = cls(config if isinstance(config, LSTMConfig) else LSTMConfig(**config))
         model.load_state_dict(state_dict)
         return model
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """(B, T) ids -> (B, T, V) logits, and the mean cross-entropy when targets (B, T) are given

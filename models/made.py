@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.image import ImageModel, ImageShape, draw_pixel, pixel_log_likelihood
+from genserve.models.image import ImageModel, ImageShape, draw_pixel, pixel_log_likelihood
 
 
 @dataclass

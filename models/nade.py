@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from models.image import ImageModel, ImageShape, draw_pixel
+from genserve.models.image import ImageModel, ImageShape, draw_pixel
 
 # Pixels per block of the parallel pass. Fixed (not per batch), so the exported graph has no shape-dependent
 # control flow.

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.image import ImageModel, ImageShape, draw_pixel
+from genserve.models.image import ImageModel, ImageShape, draw_pixel
 
 
 class MaskedConv2d(nn.Conv2d):

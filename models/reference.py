@@ -10,7 +10,7 @@ learned. The reference has to be fitted on the same data and be clearly simpler.
   predictive image coder knows;
 - text: a bigram (order-2 Kneser-Ney) model of the same tokens (models/ngram.py), with `sequence_log_prob`.
 
-Each is fitted in closed form (counting, or one M-step) by training/reference.py and stored in the artifact as
+Each is fitted in closed form (counting, or one M-step) by artifacts/reference.py and stored in the artifact as
 reference.safetensors, with reference.json holding its kind and config.
 """
 
@@ -21,8 +21,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
-from models.gmm import GaussianMixture, GMMConfig
-from models.ngram import NGramConfig, NGramLM
+from genserve.models.gmm import GaussianMixture, GMMConfig
+from genserve.models.ngram import NGramConfig, NGramLM
 
 TABLE_LIMIT = 1 << 20  # entries of a LocalPixelModel table (4 bytes each) before it drops a neighbour
 

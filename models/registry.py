@@ -7,14 +7,14 @@ import importlib
 from dataclasses import fields
 from typing import Any
 
-from models.image import ImageModel
+from genserve.models.image import ImageModel
 
 # kind -> (module, config class, model class); imported on first use.
 IMAGE_MODELS: dict[str, tuple[str, str, str]] = {
-    "pixelcnn": ("models.pixelcnn", "PixelCNNConfig", "GatedPixelCNN"),
-    "made": ("models.made", "MADEConfig", "MADE"),
-    "nade": ("models.nade", "NADEConfig", "NADE"),
-    "fvsbn": ("models.fvsbn", "FVSBNConfig", "FVSBN"),
+    "pixelcnn": ("genserve.models.pixelcnn", "PixelCNNConfig", "GatedPixelCNN"),
+    "made": ("genserve.models.made", "MADEConfig", "MADE"),
+    "nade": ("genserve.models.nade", "NADEConfig", "NADE"),
+    "fvsbn": ("genserve.models.fvsbn", "FVSBNConfig", "FVSBN"),
 }
 IMAGE_KINDS = frozenset(IMAGE_MODELS)
 
@@ -50,9 +50,9 @@ def _build(registry: dict[str, tuple[str, str, str]], family: str, kind: str, co
 # raw float64 records, stores its standardisation, and returns (log p(x), responsibilities) from forward, the
 # responsibilities (N, K) for a mixture and (N, 0) otherwise.
 RECORDS_MODELS: dict[str, tuple[str, str, str]] = {
-    "gmm": ("models.gmm", "GMMConfig", "GaussianMixture"),
-    "realnvp": ("models.flow", "RealNVPConfig", "RealNVP"),
-    "made-mog": ("models.made_mog", "MADEMoGConfig", "MADEMoG"),
+    "gmm": ("genserve.models.gmm", "GMMConfig", "GaussianMixture"),
+    "realnvp": ("genserve.models.flow", "RealNVPConfig", "RealNVP"),
+    "made-mog": ("genserve.models.made_mog", "MADEMoGConfig", "MADEMoG"),
 }
 RECORDS_KINDS = frozenset(RECORDS_MODELS)
 
@@ -65,11 +65,11 @@ def build_records_model(kind: str, config: dict[str, Any]) -> Any:
 # Latent-variable image models: no per-pixel factorisation, so no completion; a VAE bounds log p(x) (density
 # `bound`), a GAN only samples (`none`). kind -> (module, config class, the served module's class).
 LATENT_MODELS: dict[str, tuple[str, str, str]] = {
-    "vae": ("models.vae", "VAEConfig", "ConvVAE"),
-    "gan": ("models.gan", "GANConfig", "Generator"),  # the artifact's weights are the generator's
+    "vae": ("genserve.models.vae", "VAEConfig", "ConvVAE"),
+    "gan": ("genserve.models.gan", "GANConfig", "Generator"),  # the artifact's weights are the generator's
     # RealNVP on dequantised images: an image artifact of kind realnvp (a records one is in RECORDS_MODELS; the
     # artifact's input type tells them apart). Exact for the continuous variable, a bound for discrete images.
-    "realnvp": ("models.image_flow", "ImageFlowConfig", "ImageRealNVP"),
+    "realnvp": ("genserve.models.image_flow", "ImageFlowConfig", "ImageRealNVP"),
 }
 LATENT_KINDS = frozenset(LATENT_MODELS)
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from models.image import ImageShape, draw_pixel, pixel_log_likelihood
+from genserve.models.image import ImageShape, draw_pixel, pixel_log_likelihood
 
 LOG_2PI = math.log(2 * math.pi)
 

@@ -1,6 +1,6 @@
 """Calibrated anomaly results from raw scores: one implementation for the gateway and the in-process scorer.
 
-The score types themselves are defined in training/anomaly.py. Here a request's score type is resolved
+The score types themselves are defined in artifacts/scores.py. Here a request's score type is resolved
 (the model kind's default unless asked), checked against the artifact's calibration, and every item gets its
 score, its percentile among held-out normal items, the threshold for the requested false-positive rate
 (default: the one calibrated at training time, 1%) and a flag.
@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.errors import ApiError
-from service.schemas import AnomalyResponse, AnomalyResult
-from training.anomaly import NEEDS_REFERENCE, check_score, text_lines
-from training.calibration import Calibration, CalibrationSet
-from training.tokenizer import TextTokenizer, UnknownCharactersError
+from genserve.artifacts.calibration import Calibration, CalibrationSet
+from genserve.artifacts.scores import NEEDS_REFERENCE, check_score, text_lines
+from genserve.artifacts.tokenizer import TextTokenizer, UnknownCharactersError
+from genserve.service.errors import ApiError
+from genserve.service.schemas import AnomalyResponse, AnomalyResult
 
 KIND_PHRASE = {"records": "a model of records", "image": "an image model", "text": "a text model"}
 

@@ -13,7 +13,10 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 
-from service.anomaly import (
+from genserve.artifacts import artifact as art
+from genserve.artifacts.calibration import CalibrationSet
+from genserve.artifacts.scores import compute_scores, png_bits
+from genserve.service.anomaly import (
     TextItem,
     anomaly_response,
     gmm_extras,
@@ -23,11 +26,8 @@ from service.anomaly import (
     text_items,
     text_token_lists,
 )
-from service.errors import ERRORS, ApiError, model_kind_phrase, require_density
-from service.schemas import AnomalyRequest, AnomalyResponse
-from training import artifact as art
-from training.anomaly import compute_scores, png_bits
-from training.calibration import CalibrationSet
+from genserve.service.errors import ERRORS, ApiError, model_kind_phrase, require_density
+from genserve.service.schemas import AnomalyRequest, AnomalyResponse
 
 router = APIRouter()
 INPUT_FIELD = {"records": "records", "image": "images", "text": "texts"}

@@ -1,7 +1,7 @@
 """The Ray Serve application: a FastAPI ingress (`Gateway`) in front of one deployment per model.
 
 `build_app` is the Serve application builder named by the Serve config file
-(`import_path: service.app:build_app`), so `genserve serve`, `serve run`, `serve deploy` and a
+(`import_path: genserve.service.app:build_app`), so `genserve serve`, `serve run`, `serve deploy` and a
 KubeRay RayService all build the same application from the same file.
 
 Every input is checked at the ingress, before it reaches a model replica: a bad request is
@@ -30,11 +30,16 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from models.registry import IMAGE_KINDS, LATENT_KINDS
-from service.anomaly_api import AnomalyRoutes
-from service.anomaly_api import router as anomaly_router
-from service.density import DensityModel
-from service.edge import (
+from genserve.artifacts import artifact as art
+from genserve.artifacts.calibration import CalibrationSet
+from genserve.artifacts.scores import DEFAULT_SCORE
+from genserve.artifacts.store import load_artifact_at, open_store
+from genserve.artifacts.tokenizer import TextTokenizer
+from genserve.models.registry import IMAGE_KINDS, LATENT_KINDS
+from genserve.service.anomaly_api import AnomalyRoutes
+from genserve.service.anomaly_api import router as anomaly_router
+from genserve.service.density import DensityModel
+from genserve.service.edge import (
     GENERATED_TOKENS,
     REQUEST_ID,
     REQUEST_ID_RULE,
@@ -54,7 +59,7 @@ from service.edge import (
     shared_rate_limiter,
     valid_request_id,
 )
-from service.errors import (
+from genserve.service.errors import (
     AUTH_ERRORS,
     ERRORS,
     GET_ERRORS,
@@ -65,13 +70,13 @@ from service.errors import (
     render_error,
     responses,
 )
-from service.image import ImageModelDeployment
-from service.image_api import ImageRoutes
-from service.image_api import router as image_router
-from service.latent import LatentImageDeployment
-from service.metrics import CONTENT_TYPE, MetricsClient
-from service.openapi import install as install_openapi
-from service.schemas import (
+from genserve.service.image import ImageModelDeployment
+from genserve.service.image_api import ImageRoutes
+from genserve.service.image_api import router as image_router
+from genserve.service.latent import LatentImageDeployment
+from genserve.service.metrics import CONTENT_TYPE, MetricsClient
+from genserve.service.openapi import install as install_openapi
+from genserve.service.schemas import (
     AnomalyRequest,
     CalibrationInfo,
     ErrorResponse,
@@ -89,18 +94,13 @@ from service.schemas import (
     SampleRequest,
     SampleResponse,
 )
-from service.text import TextModelDeployment
-from service.text_api import TextError, TextLimits, TextRoutes, router, text_error_response
-from service.text_runtime import TEXT_KINDS
-from service.ui import UIRoutes, mount_ui, picture_files, quantiles
-from service.ui import router as ui_router
-from service.v2_api import V2Routes
-from service.v2_api import router as v2_router
-from training import artifact as art
-from training.anomaly import DEFAULT_SCORE
-from training.calibration import CalibrationSet
-from training.store import open_store
-from training.tokenizer import TextTokenizer
+from genserve.service.text import TextModelDeployment
+from genserve.service.text_api import TextError, TextLimits, TextRoutes, router, text_error_response
+from genserve.service.text_runtime import TEXT_KINDS
+from genserve.service.ui import UIRoutes, mount_ui, picture_files, quantiles
+from genserve.service.ui import router as ui_router
+from genserve.service.v2_api import V2Routes
+from genserve.service.v2_api import router as v2_router
 
 LN2 = math.log(2.0)
 log = logging.getLogger(__name__)
@@ -726,7 +726,7 @@ def build(args: AppArgs, overrides: dict[str, dict[str, Any]] | None = None):
         name, version = parse_model_ref(ref)
         # A path, or a URI each replica fetches on its own node: a store on a volume every node mounts, or in S3.
         location = store.location(name, version)
-        loaded = art.load_artifact(location)  # verify here, so a bad artifact fails the deploy loudly
+        loaded = load_artifact_at(location)  # verify here, so a bad artifact fails the deploy loudly
         path = loaded.path
         manifests[name] = loaded.manifest.model_dump()
         pictures[name] = picture_files(loaded.contents)
@@ -765,5 +765,5 @@ def edge_args(args: AppArgs, gateway_options: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_app(args: dict[str, Any]):
-    """Serve application builder: `import_path: service.app:build_app` in a Serve config file."""
+    """Serve application builder: `import_path: genserve.service.app:build_app` in a Serve config file."""
     return build(AppArgs.model_validate(args or {}))

@@ -14,8 +14,8 @@ from typing import Annotated, Any
 import typer
 import yaml
 
-from training import artifact as art
-from training.store import LocalStore, open_store
+from genserve.artifacts import artifact as art
+from genserve.artifacts.store import LocalStore, open_store
 
 app = typer.Typer(no_args_is_help=True, add_completion=False,
                   help="genserve: exact-likelihood generative models, trained and served on Ray Serve.")
@@ -62,7 +62,7 @@ def train_gmm_command(
     onnx: Annotated[bool, typer.Option(help="also export the scoring function to ONNX")] = True,
 ) -> None:
     """Gaussian mixture by EM on tabular data, with a held-out calibration for anomaly scoring."""
-    from training.gmm_pipeline import GMMTrainConfig, train_gmm
+    from genserve.training.gmm_pipeline import GMMTrainConfig, train_gmm
 
     if covariance not in ("full", "diag"):
         raise typer.BadParameter("use full or diag", param_hint="--covariance")
@@ -86,7 +86,7 @@ def train_gmm_command(
 @contextlib.contextmanager
 def writable_store(store: str | None) -> Iterator[Path]:
     """The local directory a training command writes its artifact into: the store itself, or for an object store
-    a local mirror whose new versions are uploaded when the command's block ends (training/store.py)."""
+    a local mirror whose new versions are uploaded when the command's block ends (artifacts/store.py)."""
     opened = open_store(store)
     try:
         root = opened.begin_writing()
@@ -144,7 +144,7 @@ def train_text_command(
                                                      "checkpoints go to STORE/.checkpoints/ray/NAME/")] = 0,
 ) -> None:
     """A language model on text: GPT, char LSTM or n-gram, with an exact validation NLL in bits per character."""
-    from training.text_pipeline import MODEL_KINDS, PRESETS, TextTrainConfig, train_text
+    from genserve.training.text_pipeline import MODEL_KINDS, PRESETS, TextTrainConfig, train_text
 
     for option, value, allowed in (("--tokenizer", tokenizer, ("char", "bpe")), ("--model", model, MODEL_KINDS),
                                    ("--preset", preset, tuple(PRESETS))):
@@ -194,7 +194,7 @@ def _train_image(
     resume: bool = False,
     workers: int = 0,
 ) -> None:
-    from training.image_pipeline import ImageTrainConfig, train_image
+    from genserve.training.image_pipeline import ImageTrainConfig, train_image
 
     overrides = _arch_overrides(arch)
     cfg = ImageTrainConfig(model=kind, dataset=dataset, name=name, conditional=conditional, preset=preset,
@@ -294,8 +294,8 @@ def _records_command(kind: str, summary: str) -> None:
         preset: Annotated[str, typer.Option(help="realnvp on images: tiny (seconds) or default (minutes on "
                                                   "CPU)")] = "default",
     ) -> None:
-        from training.image_data import DATASETS as IMAGE_DATASETS
-        from training.records_pipeline import RecordsTrainConfig, train_records
+        from genserve.training.image_data import DATASETS as IMAGE_DATASETS
+        from genserve.training.records_pipeline import RecordsTrainConfig, train_records
 
         if dataset in IMAGE_DATASETS:
             if kind != "realnvp":
@@ -326,7 +326,7 @@ def _records_command(kind: str, summary: str) -> None:
 def _train_image_flow(dataset: str, name: str, store: str | None, preset: str, epochs: int | None,
                       batch_size: int | None, lr: float | None, arch: list[str] | None,
                       exclude_class: list[int] | None, seed: int) -> None:
-    from training.image_flow_pipeline import ImageFlowTrainConfig, train_image_flow
+    from genserve.training.image_flow_pipeline import ImageFlowTrainConfig, train_image_flow
 
     cfg = ImageFlowTrainConfig(dataset=dataset, name=name, preset=preset, epochs=epochs, batch_size=batch_size,
                                learning_rate=lr, architecture=_arch_overrides(arch) or None,
@@ -373,7 +373,7 @@ def train_vae_command(
 ) -> None:
     """Convolutional VAE on binarised MNIST or digits: ELBO with a KL warm-up; test ELBO and importance-weighted
     bounds (K = 1..1000); served with density `bound`."""
-    from training.vae_pipeline import VAETrainConfig, train_vae
+    from genserve.training.vae_pipeline import VAETrainConfig, train_vae
 
     cfg = VAETrainConfig(dataset=dataset, name=name, preset=preset, epochs=epochs, batch_size=batch_size,
                          learning_rate=lr, warmup_epochs=warmup_epochs, architecture=_arch_overrides(arch) or None,
@@ -414,7 +414,7 @@ def train_gan_command(
 ) -> None:
     """DCGAN-style GAN with spectral normalisation and the non-saturating loss; served for sampling only
     (density `none`)."""
-    from training.gan_pipeline import GANTrainConfig, train_gan
+    from genserve.training.gan_pipeline import GANTrainConfig, train_gan
 
     cfg = GANTrainConfig(dataset=dataset, name=name, conditional=conditional, preset=preset, epochs=epochs,
                          batch_size=batch_size, learning_rate=lr, d_steps=d_steps,
@@ -439,7 +439,7 @@ def import_hf_command(
     onnx: Annotated[bool, typer.Option(help="also export the prefill and decode graphs for ONNX Runtime")] = True,
 ) -> None:
     """A GPT-2 checkpoint saved by Hugging Face transformers (safetensors only; nothing is downloaded)."""
-    from training.hf_import import import_hf_gpt2
+    from genserve.training.hf_import import import_hf_gpt2
 
     try:
         with writable_store(store) as root:
@@ -497,7 +497,7 @@ def score_command(
     quiet: Annotated[bool, typer.Option("--quiet", help="no progress bar")] = False,
 ) -> None:
     """Anomaly scores for every row of a CSV or JSONL file, streamed in chunks; resumable."""
-    from service.file_scorer import ScoreFileError, score_file
+    from genserve.service.file_scorer import ScoreFileError, score_file
 
     try:
         summary = score_file(input, model, out, url=url, api_key=api_key, local=local, store=store, score=score,
@@ -526,22 +526,25 @@ def _train_models(models: dict[str, dict[str, Any]], store: Path) -> None:
         settings = {k: v for k, v in spec.items() if k != "kind"}
         typer.echo(f"training default model {name!r} ({settings['dataset']}) into {store}")
         if spec["kind"] == "gmm":
-            from training.gmm_pipeline import GMMTrainConfig, train_gmm
+            from genserve.training.gmm_pipeline import GMMTrainConfig, train_gmm
 
             _print_summary(train_gmm(GMMTrainConfig(name=name, **settings), store))
         elif spec["kind"] == "image":
-            from training.image_pipeline import ImageTrainConfig, train_image
+            from genserve.training.image_pipeline import ImageTrainConfig, train_image
 
             path = train_image(ImageTrainConfig(name=name, **settings), store)
             metrics = art.load_artifact(path).manifest.metrics
             typer.echo(f"wrote {path}: test NLL {metrics['test_nll_nats']:.2f} nats "
                        f"({metrics['test_bits_per_dim']:.4f} bits/dim)")
         else:
-            from training.text_pipeline import TextTrainConfig, train_text
+            from genserve.training.text_pipeline import TextTrainConfig, train_text
 
             path = train_text(TextTrainConfig(name=name, **settings), store)
             metrics = art.load_artifact(path).manifest.metrics
             typer.echo(f"wrote {path}: validation {metrics['validation_bits_per_char']:.3f} bits/char")
+
+
+APP_IMPORT_PATH = "genserve.service.app:build_app"
 
 
 def read_serve_config(path: Path | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]]:
@@ -554,9 +557,11 @@ def read_serve_config(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]
         config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
     except Exception as e:
         raise typer.BadParameter(f"{path} is not a valid Serve config file: {e}", param_hint="--config") from None
-    apps = [a for a in config.applications if a.import_path == "service.app:build_app"]
+    # "service.app:build_app" is the import path from before genserve became one namespace: configs that name it
+    # keep working with `genserve serve` (it only reads their args; Ray is given the current path).
+    apps = [a for a in config.applications if a.import_path in (APP_IMPORT_PATH, "service.app:build_app")]
     if len(apps) != 1:
-        raise typer.BadParameter(f"{path} must have one application with import_path service.app:build_app",
+        raise typer.BadParameter(f"{path} must have one application with import_path {APP_IMPORT_PATH}",
                                  param_hint="--config")
     http = config.http_options.model_dump(exclude_unset=True) if config.http_options else {}
     overrides = {d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in apps[0].deployments}
@@ -605,8 +610,8 @@ def serve_command(
     import ray
     from ray import serve
 
-    from service.app import AppArgs, build
-    from service.edge import KeyConfigError, hashed_entries, parse_key_entry
+    from genserve.service.app import AppArgs, build
+    from genserve.service.edge import KeyConfigError, hashed_entries, parse_key_entry
 
     http, args, overrides = read_serve_config(config)
     if store is not None:

@@ -1,6 +1,6 @@
 """Typed Python client for the genserve REST API (httpx; sync and async).
 
-    from service.client import GenserveClient
+    from genserve.service.client import GenserveClient
 
     with GenserveClient("http://127.0.0.1:8000") as client:
         scores = client.anomaly("breast-cancer", records)  # score="bits_per_dim", false_positive_rate=0.01, ...
@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel
 
-from service.schemas import (
+from genserve.service.schemas import (
     AnomalyResponse,
     CompleteResponse,
     ImageSampleResponse,
@@ -35,7 +35,7 @@ from service.schemas import (
     Readiness,
     SampleResponse,
 )
-from service.text_schemas import GenerateResponse, ScoreResponse, StreamChunk
+from genserve.service.text_schemas import GenerateResponse, ScoreResponse, StreamChunk
 
 T = TypeVar("T", bound=BaseModel)
 Records = Sequence[Sequence[float]]

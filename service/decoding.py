@@ -41,9 +41,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from models.lm import LanguageModel
-from service.runtime import LOG_PROB_FLOOR, RequestFailed
-from training.tokenizer import TextTokenizer
+from genserve.artifacts.tokenizer import TextTokenizer
+from genserve.models.lm import LanguageModel
+from genserve.service.runtime import LOG_PROB_FLOOR, RequestFailed
 
 log = logging.getLogger("ray.serve")
 

@@ -20,8 +20,8 @@ import torch
 from pydantic import BaseModel, Field
 from ray import serve
 
-from service.metrics import MetricsClient
-from service.runtime import (
+from genserve.service.metrics import MetricsClient
+from genserve.service.runtime import (
     RequestFailed,
     RuntimeName,
     finite_log_probs,

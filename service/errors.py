@@ -7,10 +7,10 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from service.edge import REQUEST_ID, REQUEST_ID_RULE
-from service.schemas import ErrorResponse, V2ErrorResponse
-from service.text_schemas import openai_error, v2_error
-from training import artifact as art
+from genserve.artifacts import artifact as art
+from genserve.service.edge import REQUEST_ID, REQUEST_ID_RULE
+from genserve.service.schemas import ErrorResponse, V2ErrorResponse
+from genserve.service.text_schemas import openai_error, v2_error
 
 # ---- the responses routes declare in the OpenAPI schema --------------------------------------------------
 # Every status a route can answer, each with its body in the route's protocol: genserve's ErrorResponse on /v1,

@@ -48,8 +48,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Protocol
 
-from service.client import DEFAULT_URL
-from service.schemas import AnomalyResponse, AnomalyResult
+from genserve.service.client import DEFAULT_URL
+from genserve.service.schemas import AnomalyResponse, AnomalyResult
 
 FORMATS = ("csv", "jsonl")
 EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
@@ -147,7 +147,7 @@ class HttpBackend:
     def __init__(self, url: str, name: str, timeout: float = 300.0, api_key: str | None = None):
         import httpx
 
-        from service.client import GenserveClient, GenserveError
+        from genserve.service.client import GenserveClient, GenserveError
 
         self._transport_error, self._api_error = httpx.TransportError, GenserveError
         self.client = GenserveClient(url, timeout=timeout, api_key=api_key)
@@ -188,8 +188,8 @@ class LocalBackend:
     """The model loaded in this process from the store; no request limits."""
 
     def __init__(self, store: str | Path | None, name: str, runtime: str = "auto"):
-        from service.local import LocalScorer  # loads torch: only for --local
-        from training.artifact import ArtifactError
+        from genserve.artifacts.artifact import ArtifactError
+        from genserve.service.local import LocalScorer  # loads torch: only for --local
 
         try:
             self.scorer = LocalScorer.from_store(store, name, runtime=runtime)
@@ -199,7 +199,7 @@ class LocalBackend:
         self.spec = ModelSpec.from_input(m.name, m.version, m.kind, m.input, None)
 
     def anomaly(self, items: list[Any], labels: list[int] | None, options: ScoreOptions) -> AnomalyResponse:
-        from service.errors import ApiError
+        from genserve.service.errors import ApiError
 
         key = {"records": "records", "image": "images", "text": "texts"}[self.spec.input_type]
         try:
@@ -351,7 +351,7 @@ class Parser:
         return fast if fast is not None else [_number(v, n) for v, n in zip(values, names, strict=True)]
 
     def _image(self, value: Any) -> tuple[Any, int | None]:
-        from service.image_codec import ImageInputError, decode_image
+        from genserve.service.image_codec import ImageInputError, decode_image
 
         s = self.spec
         label = None
@@ -801,7 +801,7 @@ def check_options(options: ScoreOptions, chunk_size: int) -> None:
 
 
 def _score_type(spec: ModelSpec, score: str | None) -> str:
-    from training.anomaly import check_score
+    from genserve.artifacts.scores import check_score
 
     try:
         return check_score(spec.input_type, score)

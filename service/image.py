@@ -29,10 +29,10 @@ import torch
 from pydantic import BaseModel, Field
 from ray import serve
 
-from models.image import ImageModel, SamplingCancelled, cancellable
-from service.image_runtime import ImageScore, LoadedImageModel, load_image_model
-from service.metrics import MetricsClient
-from service.runtime import (
+from genserve.models.image import ImageModel, SamplingCancelled, cancellable
+from genserve.service.image_runtime import ImageScore, LoadedImageModel, load_image_model
+from genserve.service.metrics import MetricsClient
+from genserve.service.runtime import (
     OverLimit,
     ReplicaBusy,
     RequestFailed,

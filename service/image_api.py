@@ -12,11 +12,12 @@ from typing import Any
 import numpy as np
 from fastapi import APIRouter, Request
 
-from models.registry import LATENT_KINDS
-from service.errors import ERRORS, ApiError, model_kind_phrase, require_density
-from service.image_codec import MAX_PNG_LEVELS, ImageInputError, decode_image, encode_png
-from service.runtime import failure_message, is_over_limit, is_replica_busy, is_request_failure
-from service.schemas import (
+from genserve.artifacts import artifact as art
+from genserve.models.registry import LATENT_KINDS
+from genserve.service.errors import ERRORS, ApiError, model_kind_phrase, require_density
+from genserve.service.image_codec import MAX_PNG_LEVELS, ImageInputError, decode_image, encode_png
+from genserve.service.runtime import failure_message, is_over_limit, is_replica_busy, is_request_failure
+from genserve.service.schemas import (
     AnomalyRequest,
     CompleteRequest,
     CompleteResponse,
@@ -29,7 +30,6 @@ from service.schemas import (
     ReconstructResponse,
     SampleRequest,
 )
-from training import artifact as art
 
 router = APIRouter()
 

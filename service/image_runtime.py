@@ -19,12 +19,13 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from models.image import ImageModel, marginalise_labels
-from models.registry import IMAGE_KINDS, build_image_model
-from service.runtime import PROBE_BATCHES, RuntimeChoice, RuntimeName, load_runtime, pick_device
-from training import artifact as art
-from training.calibration import CalibrationSet, read_calibration
-from training.reference import load_reference
+from genserve.artifacts import artifact as art
+from genserve.artifacts.calibration import CalibrationSet, read_calibration
+from genserve.artifacts.reference import load_reference
+from genserve.artifacts.store import load_artifact_at
+from genserve.models.image import ImageModel, marginalise_labels
+from genserve.models.registry import IMAGE_KINDS, build_image_model
+from genserve.service.runtime import PROBE_BATCHES, RuntimeChoice, RuntimeName, load_runtime, pick_device
 
 ImageScore = tuple[np.ndarray, np.ndarray]  # log p (N,), per-pixel conditionals (N, H, W), float64
 
@@ -144,7 +145,7 @@ def load_image_model(path: str | Path, runtime: RuntimeName = "auto", device: st
     """Verify an image artifact and load it: the torch module on `device` (default CUDA when available, else
     the CPU) and the scoring runtime; 'auto' is the faster of torch and ONNX Runtime on this machine, measured
     at load, when the artifact has model.onnx, else torch."""
-    loaded = art.load_artifact(str(path))
+    loaded = load_artifact_at(str(path))
     device = device or pick_device()
     module = build_image_module(loaded).to(device)
     build: dict[str, Callable[[], ImageRuntime]] = {

@@ -26,18 +26,19 @@ import torch
 from pydantic import BaseModel, Field
 from ray import serve
 
-from models.registry import build_latent_model
-from service.image import (
+from genserve.artifacts import artifact as art
+from genserve.artifacts.reference import load_reference
+from genserve.artifacts.store import load_artifact_at
+from genserve.models.registry import build_latent_model
+from genserve.service.image import (
     DEFAULT_QUEUED_PIXELS,
     QUEUED_PIXELS_DESCRIPTION,
     SamplingBudget,
     make_generator,
     run_sampling_job,
 )
-from service.metrics import MetricsClient
-from service.runtime import finite_log_probs, pick_device
-from training import artifact as art
-from training.reference import load_reference
+from genserve.service.metrics import MetricsClient
+from genserve.service.runtime import finite_log_probs, pick_device
 
 log = logging.getLogger("ray.serve")
 MAX_IMPORTANCE_SAMPLES = 1000  # K per image at most; also the API's limit
@@ -57,7 +58,7 @@ class LatentModel:
     name = "torch"  # what `runtime.name` reports
 
     def __init__(self, artifact_path: str, device: str | None = None):
-        loaded = art.load_artifact(artifact_path)
+        loaded = load_artifact_at(artifact_path)
         self.artifact = loaded
         self.manifest = loaded.manifest
         self.device = device or pick_device()

@@ -18,42 +18,49 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.lm import score_token_lists
-from models.registry import LATENT_KINDS
-from service.anomaly import anomaly_response, gmm_extras, resolve_score, text_extras, text_items, text_token_lists
-from service.errors import ApiError, require_density
-from service.image_codec import ImageInputError, decode_image
-from service.runtime import finite_log_probs, finite_responsibilities
-from service.schemas import AnomalyResponse
-from training import artifact as art
-from training.anomaly import compute_scores, png_bits
-from training.calibration import CalibrationSet, read_calibration
+from genserve.artifacts.calibration import CalibrationSet, read_calibration
+from genserve.artifacts.scores import compute_scores, png_bits
+from genserve.artifacts.store import load_artifact_at
+from genserve.models.lm import score_token_lists
+from genserve.models.registry import LATENT_KINDS
+from genserve.service.anomaly import (
+    anomaly_response,
+    gmm_extras,
+    resolve_score,
+    text_extras,
+    text_items,
+    text_token_lists,
+)
+from genserve.service.errors import ApiError, require_density
+from genserve.service.image_codec import ImageInputError, decode_image
+from genserve.service.runtime import finite_log_probs, finite_responsibilities
+from genserve.service.schemas import AnomalyResponse
 
 
 class LocalScorer:
     """One model of any kind, loaded from its artifact for scoring on this process's device."""
 
     def __init__(self, path: str | Path, runtime: str = "auto", device: str | None = None):
-        loaded = art.load_artifact(str(path))
+        loaded = load_artifact_at(str(path))
         require_density(loaded.manifest.name, loaded.manifest, "anomaly scores")  # a GAN: nothing to score
         self.manifest = loaded.manifest
         self.name = loaded.manifest.name
         self.input_type = loaded.manifest.input.type
         self.calibrations: CalibrationSet | None = read_calibration(loaded)
         if self.input_type == "records":
-            from service.runtime import load_model
+            from genserve.service.runtime import load_model
 
             self._model: Any = load_model(str(path), runtime, device)
         elif self.input_type == "image" and self.manifest.kind in LATENT_KINDS:
-            from service.latent import LatentModel
+            from genserve.service.latent import LatentModel
 
             self._model = LatentModel(str(path), device)  # a VAE's bound, at its calibration's K and seed
         elif self.input_type == "image":
-            from service.image_runtime import load_image_model
+            from genserve.service.image_runtime import load_image_model
 
             self._model = load_image_model(path, runtime, device)
         else:
-            from service.text_runtime import load_text_model
+            from genserve.service.text_runtime import load_text_model
 
             self._model = load_text_model(path, "torch", device)
         self.reference = self._model.reference
@@ -62,7 +69,7 @@ class LocalScorer:
     @classmethod
     def from_store(cls, store: str | Path | None, name: str, version: str = "latest", runtime: str = "auto",
                    device: str | None = None) -> LocalScorer:
-        from training.store import open_store
+        from genserve.artifacts.store import open_store
 
         return cls(open_store(store).location(name, version), runtime, device)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from models.gpt import GPTConfig
+from genserve.models.gpt import GPTConfig
 
 
 def _numpy(x: Tensor | np.ndarray | list[int], dtype: type = np.int64) -> np.ndarray:

@@ -14,7 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from service.edge import REQUEST_ID_PATTERN
+from genserve.service.edge import REQUEST_ID_PATTERN
 
 REQUEST_ID_PARAMETER = {
     "name": "X-Request-ID", "in": "header", "required": False,

@@ -25,11 +25,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 
-from models.registry import RECORDS_KINDS
-from models.registry import build_records_model as build_records_model_of_kind
-from training import artifact as art
-from training.calibration import CalibrationSet, read_calibration
-from training.reference import load_reference
+from genserve.artifacts import artifact as art
+from genserve.artifacts.calibration import CalibrationSet, read_calibration
+from genserve.artifacts.reference import load_reference
+from genserve.artifacts.store import load_artifact_at
+from genserve.models.registry import RECORDS_KINDS
+from genserve.models.registry import build_records_model as build_records_model_of_kind
 
 log = logging.getLogger("ray.serve")
 RuntimeName = Literal["torch", "onnx", "auto"]
@@ -300,7 +301,7 @@ class LoadedModel:
 
 def load_model(path: str, runtime: RuntimeName = "auto", device: str | None = None) -> LoadedModel:
     """Verify and load an artifact directory into the requested runtime."""
-    loaded = art.load_artifact(str(path))
+    loaded = load_artifact_at(str(path))
     device = device or pick_device()
     module = build_records_model(loaded)
     build: dict[str, Callable[[], DensityRuntime]] = {

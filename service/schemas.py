@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema, model_validator
 
-from training.artifact import DensityCapability
+from genserve.artifacts.artifact import DensityCapability
 
 # JSON numbers only: strict mode refuses strings and booleans, allow_inf_nan=False refuses the
 # NaN/Infinity literals that Python's JSON parser would otherwise accept.

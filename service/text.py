@@ -32,11 +32,11 @@ import torch
 from pydantic import BaseModel, Field
 from ray import serve
 
-from models.lm import score_token_lists
-from service.decoding import Engine, GenerationParams, SequenceOutput, Update
-from service.metrics import MetricsClient
-from service.runtime import RequestFailed, RuntimeName, finite_log_probs
-from service.text_runtime import LoadedTextModel, load_text_model, resolve_text_runtime
+from genserve.models.lm import score_token_lists
+from genserve.service.decoding import Engine, GenerationParams, SequenceOutput, Update
+from genserve.service.metrics import MetricsClient
+from genserve.service.runtime import RequestFailed, RuntimeName, finite_log_probs
+from genserve.service.text_runtime import LoadedTextModel, load_text_model, resolve_text_runtime
 
 log = logging.getLogger("ray.serve")
 SCORE_LOGITS_BUDGET = 256 * 1024 * 1024  # bytes of float32 logits one scoring forward pass may hold

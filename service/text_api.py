@@ -18,13 +18,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
-from service.decoding import DEFAULT_MAX_LEN, GenerationParams
-from service.edge import count_generated
-from service.errors import AUTH, POST, error_body, responses
-from service.runtime import is_request_failure
-from service.schemas import ErrorResponse, event_stream
-from service.text import Overloaded
-from service.text_schemas import (
+from genserve.artifacts import artifact as art
+from genserve.artifacts.tokenizer import TextTokenizer, UnknownCharactersError
+from genserve.service.decoding import DEFAULT_MAX_LEN, GenerationParams
+from genserve.service.edge import count_generated
+from genserve.service.errors import AUTH, POST, error_body, responses
+from genserve.service.runtime import is_request_failure
+from genserve.service.schemas import ErrorResponse, event_stream
+from genserve.service.text import Overloaded
+from genserve.service.text_schemas import (
     Completion,
     CompletionChoice,
     CompletionLogprobs,
@@ -41,8 +43,6 @@ from service.text_schemas import (
     Usage,
     openai_error,
 )
-from training import artifact as art
-from training.tokenizer import TextTokenizer, UnknownCharactersError
 
 LN2 = math.log(2.0)
 DEFAULT_NEW_TOKENS = 64

@@ -9,12 +9,13 @@ from typing import Any
 
 import torch
 
-from models.gpt import GPT, GPTConfig
-from models.lm import LanguageModel
-from service.runtime import RuntimeName, pick_device
-from training import artifact as art
-from training.reference import load_reference
-from training.tokenizer import TextTokenizer
+from genserve.artifacts import artifact as art
+from genserve.artifacts.reference import load_reference
+from genserve.artifacts.store import load_artifact_at
+from genserve.artifacts.tokenizer import TextTokenizer
+from genserve.models.gpt import GPT, GPTConfig
+from genserve.models.lm import LanguageModel
+from genserve.service.runtime import RuntimeName, pick_device
 
 TEXT_KINDS = ("gpt", "lstm", "ngram")
 
@@ -27,7 +28,7 @@ class LoadedTextModel:
     tokenizer: TextTokenizer
     runtime: str
     device: str
-    reference: torch.nn.Module | None = None  # likelihood-ratio reference (training/reference.py), on CPU
+    reference: torch.nn.Module | None = None  # likelihood-ratio reference (artifacts/reference.py), on CPU
 
     @property
     def spec(self) -> art.TextInputSpec:
@@ -41,13 +42,13 @@ def build_text_module(loaded: art.Artifact) -> torch.nn.Module:
         if kind == "gpt":
             module: torch.nn.Module = GPT(GPTConfig(**config))
         elif kind == "lstm":
-            from models.lstm import CharLSTM, LSTMConfig
+            from genserve.models.lstm import CharLSTM, LSTMConfig
 
             module = CharLSTM(LSTMConfig(**config))
         elif kind == "ngram":
             from safetensors.torch import load
 
-            from models.ngram import NGramConfig, NGramLM
+            from genserve.models.ngram import NGramConfig, NGramLM
 
             return NGramLM.from_state_dict(NGramConfig(**config), load(loaded.contents[art.WEIGHTS])).eval()
         else:
@@ -82,7 +83,7 @@ def resolve_text_runtime(runtime: RuntimeName) -> str:
 
 
 def load_text_model(path: str | Path, runtime: RuntimeName = "auto", device: str | None = None) -> LoadedTextModel:
-    loaded = art.load_artifact(str(path))
+    loaded = load_artifact_at(str(path))
     tokenizer = load_tokenizer(loaded)
     device = device or pick_device()
     module = build_text_module(loaded).to(device)
@@ -93,7 +94,7 @@ def load_text_model(path: str | Path, runtime: RuntimeName = "auto", device: str
         if not has_onnx:
             raise art.ArtifactError(f"{loaded.path}: runtime 'onnx' asked for, but the artifact has no "
                                     f"{art.ONNX_PREFILL} and {art.ONNX_DECODE}")
-        from service.onnx_text import OnnxGPT
+        from genserve.service.onnx_text import OnnxGPT
 
         model = OnnxGPT(loaded.contents[art.ONNX_PREFILL], loaded.contents[art.ONNX_DECODE],
                         GPTConfig(**loaded.manifest.config), device)

@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.edge import REQUEST_ID
+from genserve.service.edge import REQUEST_ID
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 StopStrings = Annotated[list[Annotated[str, Field(min_length=1, max_length=64)]], Field(max_length=8)]

@@ -56,14 +56,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
-from service.anomaly import gmm_extras
-from service.errors import AUTH, REQUEST_ID_HEADER, V2_ERRORS, V2_GET_ERRORS, ApiError, responses
-from service.schemas import AnomalyRequest, LogProbRequest, V2ErrorResponse, inline_schema
-from service.text_api import TextError
-from service.text_schemas import ScoreRequest, v2_error
-from training import artifact as art
-from training.gmm_pipeline import GMM_KIND
-from training.store import open_store
+from genserve.artifacts import artifact as art
+from genserve.artifacts.store import open_store
+from genserve.service.anomaly import gmm_extras
+from genserve.service.errors import AUTH, REQUEST_ID_HEADER, V2_ERRORS, V2_GET_ERRORS, ApiError, responses
+from genserve.service.schemas import AnomalyRequest, LogProbRequest, V2ErrorResponse, inline_schema
+from genserve.service.text_api import TextError
+from genserve.service.text_schemas import ScoreRequest, v2_error
 
 router = APIRouter()
 
@@ -230,7 +229,7 @@ def input_specs(manifest: art.Manifest) -> list[InputSpec]:
 
 def output_names(manifest: art.Manifest) -> list[str]:
     names = ["log_prob", "anomaly_score", "percentile", "is_anomaly"]
-    if manifest.kind == GMM_KIND:
+    if manifest.kind == "gmm":  # a mixture: also each component's responsibility
         return names + list(GMM_OUTPUTS)
     return names + list(LINE_OUTPUTS) if manifest.input.type == "text" else names
 

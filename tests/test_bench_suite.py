@@ -10,7 +10,7 @@ import torch
 
 from bench import __main__ as suite
 from bench import before_after, hardware
-from models.linear import ONEDNN
+from genserve.models.linear import ONEDNN
 
 torch.set_num_threads(1)
 

@@ -22,7 +22,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
-from training import artifact
+from genserve.artifacts import artifact
 
 STATE = "state.json"
 MODEL = "model.safetensors"

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from training import artifact
-from training.checkpoints import MODEL, read_checkpoint
+from genserve.artifacts import artifact
+from genserve.training.checkpoints import MODEL, read_checkpoint
 
 CHECKPOINT = "checkpoint"  # our checkpoint directory inside each Ray Train checkpoint
 MAX_FAILURES = 2  # restarts from the latest checkpoint after a worker or node is lost
@@ -96,8 +96,8 @@ def _text_worker(config: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker: one worker's share of a text run."""
     import ray.train.torch
 
-    from training import text_pipeline as tp
-    from training.runs import threads_for
+    from genserve.training import text_pipeline as tp
+    from genserve.training.runs import threads_for
 
     cfg, data = config["cfg"], config["data"]
     saved, saved_files = _worker_checkpoint()
@@ -110,8 +110,8 @@ def _image_worker(config: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker: one worker's share of an image run (no sample grids on the way)."""
     import ray.train.torch
 
-    from training import image_pipeline as ip
-    from training.runs import threads_for
+    from genserve.training import image_pipeline as ip
+    from genserve.training.runs import threads_for
 
     cfg, data, train = config["cfg"], config["data"], config["train"]
     saved, saved_files = _worker_checkpoint()
@@ -143,7 +143,7 @@ def _delete_run(storage: str, name: str) -> None:
     """Forget an earlier run of the same name, so this one starts over instead of Ray Train resuming it."""
     import pyarrow.fs as pafs
 
-    from training.store import is_remote
+    from genserve.artifacts.store import is_remote
 
     uri = _experiment(storage, name)
     fs, path = pafs.FileSystem.from_uri(uri if is_remote(uri) else Path(uri).resolve().as_uri())
@@ -199,7 +199,7 @@ def train_text_data_parallel(cfg: Any, data: Any, device: torch.device, storage:
                              resume: bool) -> tuple[nn.Module, dict[str, Any], float]:
     """Train `cfg`'s network on `cfg.workers` Ray Train workers; the trained module on `device`, its history and
     the training seconds, as `text_pipeline._train_network` returns them."""
-    from training.text_pipeline import build_module
+    from genserve.training.text_pipeline import build_module
 
     saved, files = _fit(_text_worker, {"cfg": cfg, "data": data}, cfg, storage, resume)
     module = build_module(cfg, data.tokenizer.vocab_size).to(device)
@@ -213,7 +213,7 @@ def train_image_data_parallel(cfg: Any, data: Any, train: Any, device: torch.dev
                               resume: bool) -> tuple[nn.Module, dict[str, Any], float]:
     """Train an image model on `cfg.workers` Ray Train workers; the module with its best epoch's weights, on
     `device`, its history and the training seconds, as `image_pipeline._fit` returns them."""
-    from training.image_pipeline import BEST, image_module
+    from genserve.training.image_pipeline import BEST, image_module
 
     saved, files = _fit(_image_worker, {"cfg": cfg, "data": data, "train": train}, cfg, storage, resume)
     module = image_module(cfg, data, train, device)

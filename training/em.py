@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models.gmm import (
+from genserve.models.gmm import (
     LOG_2PI,
     CovarianceType,
     EStep,

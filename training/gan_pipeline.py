@@ -53,11 +53,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.gan import GAN, GANConfig, Generator, unit_images
-from training import artifact
-from training.image_data import DATASETS, ImageDataset, ImageSplit, training_data
-from training.image_pipeline import grid_png, training_dir
-from training.runs import figure_png, pick_device, progress_bar, threads_for
+from genserve.artifacts import artifact
+from genserve.models.gan import GAN, GANConfig, Generator, unit_images
+from genserve.training.image_data import DATASETS, ImageDataset, ImageSplit, training_data
+from genserve.training.image_pipeline import grid_png, training_dir
+from genserve.training.runs import figure_png, pick_device, progress_bar, threads_for
 
 KIND = "gan"
 DISCRIMINATOR_WEIGHTS = "discriminator.safetensors"

@@ -14,14 +14,14 @@ import numpy as np
 import torch
 from safetensors.torch import save as save_safetensors
 
-from models.gmm import CovarianceType, GaussianMixture
-from training import artifact
-from training.anomaly import compute_scores
-from training.calibration import CalibrationSet
-from training.data import Tabular, exclude_classes, load_tabular, split
-from training.em import EMSettings, select_components
-from training.onnx_export import check_onnx, export_onnx
-from training.reference import fit_gaussian, reference_files
+from genserve.artifacts import artifact
+from genserve.artifacts.calibration import CalibrationSet
+from genserve.artifacts.reference import fit_gaussian, reference_files
+from genserve.artifacts.scores import compute_scores
+from genserve.models.gmm import CovarianceType, GaussianMixture
+from genserve.training.data import Tabular, exclude_classes, load_tabular, split
+from genserve.training.em import EMSettings, select_components
+from genserve.training.onnx_export import check_onnx, export_onnx
 
 GMM_KIND = "gmm"
 EM_HISTORY = "em_history.json"

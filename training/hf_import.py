@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from models.gpt import GPT, GPTConfig
-from training import artifact as art
-from training.tokenizer import TextTokenizer
+from genserve.artifacts import artifact as art
+from genserve.artifacts.tokenizer import TextTokenizer
+from genserve.models.gpt import GPT, GPTConfig
 
 CONFIG = "config.json"
 SAFETENSORS = "model.safetensors"
@@ -230,7 +230,7 @@ def import_hf_gpt2(directory: Path, name: str, store: Path, export_onnx: bool = 
         raise ValueError(f"{config_path}: {metrics['parameters']:,} parameters do not fit a single-file ONNX graph "
                          "(2 GB); import without ONNX (--no-onnx) and serve with the torch runtime")
     if export_onnx:
-        from training.onnx_export import check_gpt_onnx, export_gpt_onnx
+        from genserve.training.onnx_export import check_gpt_onnx, export_gpt_onnx
 
         files[art.ONNX_PREFILL], files[art.ONNX_DECODE] = export_gpt_onnx(model)
         metrics["onnx_max_rel_error"] = check_gpt_onnx(model, files[art.ONNX_PREFILL], files[art.ONNX_DECODE],

@@ -27,15 +27,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.image_flow import ImageFlowConfig, ImageRealNVP
-from training import artifact
-from training.anomaly import compute_scores, png_bits
-from training.calibration import CalibrationSet
-from training.image_data import DATASETS, ImageSplit, training_data
-from training.image_pipeline import grid_png
-from training.reference import fit_local_pixels, reference_files
-from training.runs import figure_png, pick_device, progress_bar, threads_for
-from training.text_pipeline import LOSS_CURVE, TRAINING_LOG
+from genserve.artifacts import artifact
+from genserve.artifacts.calibration import CalibrationSet
+from genserve.artifacts.reference import fit_local_pixels, reference_files
+from genserve.artifacts.scores import compute_scores, png_bits
+from genserve.models.image_flow import ImageFlowConfig, ImageRealNVP
+from genserve.training.image_data import DATASETS, ImageSplit, training_data
+from genserve.training.image_pipeline import grid_png
+from genserve.training.runs import figure_png, pick_device, progress_bar, threads_for
+from genserve.training.text_pipeline import LOSS_CURVE, TRAINING_LOG
 
 KIND = "realnvp"  # the artifact's kind
 SCORE_SEED = 0  # the dequantisation noise of evaluation, calibration (and served requests that give no seed)

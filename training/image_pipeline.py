@@ -25,16 +25,16 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
-from models.image import ImageModel
-from models.registry import IMAGE_KINDS, build_image_model, image_classes
-from training import artifact
-from training.anomaly import compute_scores, png_bits
-from training.calibration import CalibrationSet
-from training.checkpoints import LocalRun, read_checkpoint, restore_checkpoint, write_checkpoint
-from training.image_data import DATASETS, ImageDataset, ImageSplit, training_data
-from training.reference import fit_local_pixels, reference_files
-from training.runs import figure_png, pick_device, progress_bar, threads_for
-from training.text_pipeline import LOSS_CURVE, TRAINING_LOG
+from genserve.artifacts import artifact
+from genserve.artifacts.calibration import CalibrationSet
+from genserve.artifacts.reference import fit_local_pixels, reference_files
+from genserve.artifacts.scores import compute_scores, png_bits
+from genserve.models.image import ImageModel
+from genserve.models.registry import IMAGE_KINDS, build_image_model, image_classes
+from genserve.training.checkpoints import LocalRun, read_checkpoint, restore_checkpoint, write_checkpoint
+from genserve.training.image_data import DATASETS, ImageDataset, ImageSplit, training_data
+from genserve.training.runs import figure_png, pick_device, progress_bar, threads_for
+from genserve.training.text_pipeline import LOSS_CURVE, TRAINING_LOG
 
 TRAINING_DIR = ".training"  # STORE/.training/NAME/: sample grids written during training
 CHECKPOINTS = ".checkpoints"  # STORE/.checkpoints/NAME/: the last epoch's checkpoint (training/checkpoints.py)
@@ -196,11 +196,6 @@ def draw_mask(model: ImageModel, generator: torch.Generator) -> int | None:
     return int(torch.randint(n_masks, (1,), generator=generator)) if n_masks else None
 
 
-def batch_nll(model: ImageModel, x: Tensor, labels: Tensor | None, generator: torch.Generator) -> Tensor:
-    """Mean -log p(x | y) over the batch, nats per image; MADE on one of its orderings, drawn per batch."""
-    return ImageNLL(model)(x, labels, draw_mask(model, generator))
-
-
 @torch.no_grad()
 def split_log_probs(model: ImageModel, split: ImageSplit, device: torch.device, given_labels: bool) -> np.ndarray:
     """log p(x | y) (given_labels) or log p(x) for every image of a split, nats, in batches."""
@@ -253,7 +248,7 @@ def _train_image(cfg: ImageTrainConfig, store: Path, device: torch.device, progr
     saved = saved_files = None
     if cfg.resume:
         if cfg.workers:
-            from training.distributed import latest_checkpoint
+            from genserve.training.distributed import latest_checkpoint
 
             saved, saved_files = latest_checkpoint(checkpoints, cfg.name)
         else:
@@ -269,7 +264,7 @@ def _train_image(cfg: ImageTrainConfig, store: Path, device: torch.device, progr
     out_dir.mkdir(parents=True, exist_ok=True)
 
     if cfg.workers:
-        from training.distributed import train_image_data_parallel
+        from genserve.training.distributed import train_image_data_parallel
 
         model, history, train_seconds = train_image_data_parallel(cfg, data, train, device, checkpoints,
                                                                   resume=saved is not None)
@@ -308,7 +303,7 @@ def _train_image(cfg: ImageTrainConfig, store: Path, device: torch.device, progr
         TRAINING_LOG: json.dumps(history, indent=1).encode(),
     }
     if cfg.export_onnx:
-        from training.onnx_export import check_image_onnx, export_image_onnx
+        from genserve.training.onnx_export import check_image_onnx, export_image_onnx
 
         files[artifact.ONNX] = export_image_onnx(model)
         metrics["onnx_max_abs_error"] = check_image_onnx(model, files[artifact.ONNX])

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.export import Dim
 
-from models.gpt import GPT
+from genserve.models.gpt import GPT
 
 
 def export_onnx(

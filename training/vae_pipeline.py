@@ -25,15 +25,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.vae import ConvVAE, VAEConfig, beta_elbo_loss, kl_weight
-from training import artifact
-from training.anomaly import compute_scores, png_bits
-from training.calibration import CalibrationSet
-from training.image_data import DATASETS, ImageSplit, training_data
-from training.image_pipeline import grid_png
-from training.reference import fit_local_pixels, reference_files
-from training.runs import figure_png, pick_device, progress_bar, threads_for
-from training.text_pipeline import LOSS_CURVE, TRAINING_LOG
+from genserve.artifacts import artifact
+from genserve.artifacts.calibration import CalibrationSet
+from genserve.artifacts.reference import fit_local_pixels, reference_files
+from genserve.artifacts.scores import compute_scores, png_bits
+from genserve.models.vae import ConvVAE, VAEConfig, beta_elbo_loss, kl_weight
+from genserve.training.image_data import DATASETS, ImageSplit, training_data
+from genserve.training.image_pipeline import grid_png
+from genserve.training.runs import figure_png, pick_device, progress_bar, threads_for
+from genserve.training.text_pipeline import LOSS_CURVE, TRAINING_LOG
 
 SCORE_SEED = 0  # the importance samples of calibration (and of served requests that give no seed)
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {

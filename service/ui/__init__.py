@@ -16,8 +16,8 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 
-from service.errors import AUTH, ApiError, responses
-from service.schemas import ErrorResponse
+from genserve.service.errors import AUTH, ApiError, responses
+from genserve.service.schemas import ErrorResponse
 
 STATIC = Path(__file__).parent / "static"
 QUANTILE_LEVELS = np.linspace(0.0, 1.0, 101)  # what /v1/models reports of each held-out score distribution

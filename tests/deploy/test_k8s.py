@@ -16,7 +16,7 @@ import ray
 import typer.main
 import yaml
 
-from service.cli import DEFAULT_MODELS, SERVE_ENV
+from genserve.service.cli import DEFAULT_MODELS, SERVE_ENV
 from tests.deploy.manifests import (
     CRDS,
     K8S,
@@ -79,7 +79,7 @@ def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[
 
 @pytest.fixture(scope="module")
 def routes() -> set[str]:
-    from service.app import api
+    from genserve.service.app import api
 
     return set(api.openapi()["paths"])
 
@@ -436,7 +436,7 @@ def test_rayjob_distributes_text_training_over_its_workers():
 
 
 def test_rayjob_commands_parse_with_the_cli():
-    cli = typer.main.get_command(__import__("service.cli", fromlist=["app"]).app)
+    cli = typer.main.get_command(__import__("genserve.service.cli", fromlist=["app"]).app)
     text = cli.commands["train"].commands["text"]
     if "workers" not in {p.name for p in text.params}:
         pytest.skip("`genserve train text` has no --workers yet (being added to service/cli.py in parallel)")

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from service.metrics import DEFINITIONS
+from genserve.service.metrics import DEFINITIONS
 from tests.deploy.manifests import K8S, KUBECTL, kustomize_build
 
 DASHBOARD = K8S / "monitoring" / "dashboards" / "genserve.json"

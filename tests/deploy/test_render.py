@@ -10,7 +10,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
-from service.cli import read_serve_config
+from genserve.service.cli import read_serve_config
 from tests.deploy.manifests import K8S, ROOT, load_all, serve_config
 
 SOURCE = ROOT / "deploy" / "serve" / "genserve.yaml"

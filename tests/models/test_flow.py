@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from models.flow import RealNVP, RealNVPConfig
-from models.made_mog import MADEMoG, MADEMoGConfig
+from genserve.models.flow import RealNVP, RealNVPConfig
+from genserve.models.made_mog import MADEMoG, MADEMoGConfig
 
 
 def perturbed(model: torch.nn.Module, seed: int = 0, scale: float = 0.3) -> torch.nn.Module:

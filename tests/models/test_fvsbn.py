@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.fvsbn import FVSBN, FVSBNConfig
+from genserve.models.fvsbn import FVSBN, FVSBNConfig
 from tests.models.test_image import (
     check_autoregressive,
     check_onnx,

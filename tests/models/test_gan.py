@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from models.gan import GAN, Discriminator, GANConfig, Generator, build_generator, to_levels, unit_images
-from training import artifact as art
+from genserve.artifacts import artifact as art
+from genserve.models.gan import GAN, Discriminator, GANConfig, Generator, build_generator, to_levels, unit_images
 
 torch.set_num_threads(1)
 

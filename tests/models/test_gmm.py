@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.distributions import MultivariateNormal, Normal
 
-from models.gmm import GaussianMixture, GMMConfig, e_step, elbo, m_step
+from genserve.models.gmm import GaussianMixture, GMMConfig, e_step, elbo, m_step
 
 K, D = 3, 4
 FEATURE_MEAN = torch.tensor([10.0, -3.0, 0.5, 250.0], dtype=torch.float64)

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from models.gpt import GPT, GPTConfig
-from models.lm import LanguageModel, sequence_log_probs
-from training.artifact import load_module_weights, module_weights
+from genserve.artifacts.artifact import load_module_weights, module_weights
+from genserve.models.gpt import GPT, GPTConfig
+from genserve.models.lm import LanguageModel, sequence_log_probs
 
 V = 37
 

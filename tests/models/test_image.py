@@ -9,11 +9,11 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from models.fvsbn import FVSBN, FVSBNConfig
-from models.image import ImageModel, draw_pixel, marginalise_labels
-from models.registry import build_image_model
-from training.artifact import load_module_weights, module_weights
-from training.onnx_export import check_image_onnx, export_image_onnx
+from genserve.artifacts.artifact import load_module_weights, module_weights
+from genserve.models.fvsbn import FVSBN, FVSBNConfig
+from genserve.models.image import ImageModel, draw_pixel, marginalise_labels
+from genserve.models.registry import build_image_model
+from genserve.training.onnx_export import check_image_onnx, export_image_onnx
 
 torch.set_num_threads(1)
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from models.image_flow import (
+from genserve.models.image_flow import (
     ConvCoupling,
     ImageFlowConfig,
     ImageRealNVP,

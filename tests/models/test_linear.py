@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models.linear as ml
-from models.gpt import GPT, GPTConfig
+import genserve.models.linear as ml
+from genserve.models.gpt import GPT, GPTConfig
 
 pytestmark = pytest.mark.skipif(not ml.ONEDNN, reason="this torch build has no oneDNN linear")
 

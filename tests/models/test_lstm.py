@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from models.lm import LanguageModel
-from models.lstm import CharLSTM, LSTMConfig
+from genserve.models.lm import LanguageModel
+from genserve.models.lstm import CharLSTM, LSTMConfig
 
 VOCAB = 11
 

@@ -3,9 +3,9 @@ import math
 import pytest
 import torch
 
-from models.image import ImageModel
-from models.made import MADE, MADEConfig, made_degrees
-from models.registry import build_image_model
+from genserve.models.image import ImageModel
+from genserve.models.made import MADE, MADEConfig, made_degrees
+from genserve.models.registry import build_image_model
 from tests.models.test_image import (
     all_images,
     check_autoregressive,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from models.nade import NADE, NADEConfig
+from genserve.models.nade import NADE, NADEConfig
 from tests.models.test_image import (
     check_autoregressive,
     check_onnx,

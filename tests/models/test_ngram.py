@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
-from models.lm import LanguageModel, sequence_log_probs
-from models.ngram import NGramConfig, NGramLM
+from genserve.models.lm import LanguageModel, sequence_log_probs
+from genserve.models.ngram import NGramConfig, NGramLM
 
 
 @pytest.fixture(autouse=True)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
-from models.image import ImageModel
-from models.pixelcnn import GatedPixelCNN, MaskedConv2d, PixelCNNConfig
-from models.registry import build_image_model
-from training.onnx_export import check_image_onnx, export_image_onnx
+from genserve.models.image import ImageModel
+from genserve.models.pixelcnn import GatedPixelCNN, MaskedConv2d, PixelCNNConfig
+from genserve.models.registry import build_image_model
+from genserve.training.onnx_export import check_image_onnx, export_image_onnx
 
 torch.set_num_threads(1)
 

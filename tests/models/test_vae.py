@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.vae import ConvVAE, VAEConfig, beta_elbo_loss, kl_weight
+from genserve.models.vae import ConvVAE, VAEConfig, beta_elbo_loss, kl_weight
 
 
 def vae(height: int = 8, width: int = 8, levels: int = 17, seed: int = 0) -> ConvVAE:

@@ -23,21 +23,21 @@ import pytest
 import torch
 import yaml
 
-from models.fvsbn import FVSBN, FVSBNConfig
-from models.gpt import GPT, GPTConfig
-from models.ngram import NGramConfig, NGramLM
-from training import artifact as art
-from training.anomaly import compute_scores, png_bits
-from training.calibration import CalibrationSet
-from training.gan_pipeline import GANTrainConfig, train_gan
-from training.gmm_pipeline import GMMTrainConfig, train_gmm
-from training.image_flow_pipeline import ImageFlowTrainConfig, train_image_flow
-from training.onnx_export import export_gpt_onnx, export_image_onnx
-from training.records_pipeline import RecordsTrainConfig, train_records
-from training.reference import fit_bigram, fit_local_pixels, reference_files
-from training.text_pipeline import calibrate_text
-from training.tokenizer import train_char_tokenizer
-from training.vae_pipeline import VAETrainConfig, train_vae
+from genserve.artifacts import artifact as art
+from genserve.artifacts.calibration import CalibrationSet
+from genserve.artifacts.reference import fit_bigram, fit_local_pixels, reference_files
+from genserve.artifacts.scores import compute_scores, png_bits
+from genserve.artifacts.tokenizer import train_char_tokenizer
+from genserve.models.fvsbn import FVSBN, FVSBNConfig
+from genserve.models.gpt import GPT, GPTConfig
+from genserve.models.ngram import NGramConfig, NGramLM
+from genserve.training.gan_pipeline import GANTrainConfig, train_gan
+from genserve.training.gmm_pipeline import GMMTrainConfig, train_gmm
+from genserve.training.image_flow_pipeline import ImageFlowTrainConfig, train_image_flow
+from genserve.training.onnx_export import export_gpt_onnx, export_image_onnx
+from genserve.training.records_pipeline import RecordsTrainConfig, train_records
+from genserve.training.text_pipeline import calibrate_text
+from genserve.training.vae_pipeline import VAETrainConfig, train_vae
 
 REPLICATED = "bc"  # breast_cancer, full covariances, ONNX Runtime, 2 replicas
 SINGLE = "wine"  # wine, diagonal covariances, torch, 1 replica
@@ -81,7 +81,7 @@ def write_config(path: Path, port: int) -> None:
         "applications": [{
             "name": "genserve",
             "route_prefix": "/",
-            "import_path": "service.app:build_app",
+            "import_path": "genserve.service.app:build_app",
             "args": {"limits": {"max_records_per_request": 500, "max_samples_per_request": 1000,
                                 "max_body_bytes": 1_000_000, "max_new_tokens": 40, "max_num_beams": 4, "max_n": 4,
                                 "max_texts_per_request": 8, "max_images_per_request": MAX_IMAGES}},
@@ -143,7 +143,7 @@ def start_server(config: Path, store: Path, port: int, log: Path, extra_args: tu
     """`genserve serve` with `config` on `port` in a subprocess, once /readyz answers 200."""
     with log.open("wb") as out:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--config", str(config), "--store", str(store),
+            [sys.executable, "-m", "genserve.service.cli", "serve", "--config", str(config), "--store", str(store),
              "--no-train-defaults", *extra_args],
             stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             start_new_session=True,

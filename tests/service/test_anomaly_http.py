@@ -9,8 +9,9 @@ import pytest
 import torch
 from sklearn.datasets import load_breast_cancer
 
-from service.client import GenserveClient
-from service.local import LocalScorer
+from genserve.artifacts.scores import DEFAULT_SCORE, SCORE_TYPES
+from genserve.service.client import GenserveClient
+from genserve.service.local import LocalScorer
 from tests.service.conftest import (
     DIGITS_TRAIN,
     IMAGE_BIN,
@@ -25,7 +26,6 @@ from tests.service.conftest import (
     Server,
     digits,
 )
-from training.anomaly import DEFAULT_SCORE, SCORE_TYPES
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)

@@ -9,10 +9,10 @@ import yaml
 from ray.serve.schema import ServeDeploySchema
 from typer.testing import CliRunner
 
-from service.app import AppArgs
-from service.cli import DEFAULT_MODELS, app, read_serve_config
-from service.density import ModelOptions
-from training import artifact as art
+from genserve.artifacts import artifact as art
+from genserve.service.app import AppArgs
+from genserve.service.cli import DEFAULT_MODELS, app, read_serve_config
+from genserve.service.density import ModelOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE_CONFIG = ROOT / "deploy" / "serve" / "genserve.yaml"
@@ -22,7 +22,7 @@ runner = CliRunner()
 def test_serve_config_is_a_valid_serve_config_for_the_default_models() -> None:
     config = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG.read_text()))
     (application,) = config.applications
-    assert application.import_path == "service.app:build_app"
+    assert application.import_path == "genserve.service.app:build_app"
     AppArgs.model_validate(application.args)
     names = {d.name for d in application.deployments}
     assert names == {"Gateway", *DEFAULT_MODELS}

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from models.gpt import GPT, GPTConfig
-from service.decoding import Engine, GenerationParams, filter_logits, generate
-from training.tokenizer import TextTokenizer, train_char_tokenizer
+from genserve.artifacts.tokenizer import TextTokenizer, train_char_tokenizer
+from genserve.models.gpt import GPT, GPTConfig
+from genserve.service.decoding import Engine, GenerationParams, filter_logits, generate
 
 TEXT = "abcdefgh ijk\nlmnop"
 
@@ -216,8 +216,8 @@ def test_impossible_requests_are_refused_up_front(model, tokenizer, prompt_len, 
 
 @pytest.fixture(scope="module")
 def baselines(tokenizer):
-    from models.lstm import CharLSTM, LSTMConfig
-    from models.ngram import NGramConfig, NGramLM
+    from genserve.models.lstm import CharLSTM, LSTMConfig
+    from genserve.models.ngram import NGramConfig, NGramLM
 
     torch.manual_seed(0)
     stream = torch.tensor(tokenizer.encode(TEXT * 5))

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from service.edge import (
+from genserve.service.edge import (
     AuthConfig,
     KeyConfigError,
     KeyRing,

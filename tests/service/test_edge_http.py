@@ -23,11 +23,11 @@ from sklearn.datasets import load_wine
 from tritonclient.http.auth import BasicAuth
 from tritonclient.utils import InferenceServerException
 
-from service.client import GenserveClient, GenserveError
-from service.file_scorer import score_file
+from genserve.service.client import GenserveClient, GenserveError
+from genserve.service.file_scorer import score_file
+from genserve.training.gmm_pipeline import GMMTrainConfig, train_gmm
 from tests.service.conftest import TEXT, Server, free_port, metric, start_server, stop, write_text_models
 from tests.service.test_ui import make_driver, needs_browser, open_page, script_errors, set_value, wait
-from training.gmm_pipeline import GMMTrainConfig, train_gmm
 
 pytestmark = pytest.mark.integration
 
@@ -61,7 +61,7 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Server:
     config.write_text(yaml.safe_dump({
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{
-            "name": "genserve", "route_prefix": "/", "import_path": "service.app:build_app",
+            "name": "genserve", "route_prefix": "/", "import_path": "genserve.service.app:build_app",
             "args": {"models": [GMM, TEXT], "limits": {"max_new_tokens": 40},
                      "auth": {"protect_metrics": True}, "rate_limits": RATE, "access_log": {"format": "json"}},
             "deployments": [

@@ -13,10 +13,10 @@ import pytest
 from sklearn.datasets import load_breast_cancer
 from typer.testing import CliRunner
 
-from service import file_scorer
-from service.cli import app
-from service.client import GenserveClient
-from service.file_scorer import HttpBackend, ScoreFileError, score_file
+from genserve.service import file_scorer
+from genserve.service.cli import app
+from genserve.service.client import GenserveClient
+from genserve.service.file_scorer import HttpBackend, ScoreFileError, score_file
 from tests.service.conftest import (
     DIGITS_TRAIN,
     IMAGE_COND,

@@ -14,10 +14,10 @@ import torch
 from sklearn.datasets import load_wine
 from typer.testing import CliRunner
 
-from service.cli import app
-from service.file_scorer import ScoreFileError, score_file, sidecar_path
-from service.local import LocalScorer
-from training.gmm_pipeline import GMMTrainConfig, train_gmm
+from genserve.service.cli import app
+from genserve.service.file_scorer import ScoreFileError, score_file, sidecar_path
+from genserve.service.local import LocalScorer
+from genserve.training.gmm_pipeline import GMMTrainConfig, train_gmm
 
 NAME = "w"
 runner = CliRunner()

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_breast_cancer, load_wine
 
-from service.client import AsyncGenserveClient, GenserveClient, GenserveError
-from service.runtime import load_model
+from genserve.artifacts import artifact as art
+from genserve.service.client import AsyncGenserveClient, GenserveClient, GenserveError
+from genserve.service.runtime import load_model
 from tests.service.conftest import (
     FLOW,
     GAN,
@@ -30,7 +31,6 @@ from tests.service.conftest import (
     stop,
     wait_for_metric,
 )
-from training import artifact as art
 
 pytestmark = pytest.mark.integration
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from service.client import AsyncGenserveClient, GenserveClient, GenserveError
-from service.image_codec import encode_png, png_to_levels
-from service.image_runtime import load_image_model
+from genserve.artifacts import artifact as art
+from genserve.service.client import AsyncGenserveClient, GenserveClient, GenserveError
+from genserve.service.image_codec import encode_png, png_to_levels
+from genserve.service.image_runtime import load_image_model
 from tests.service.conftest import DIGITS_TRAIN, IMAGE_BIN, IMAGE_COND, MAX_IMAGES, SINGLE, TEXT, Server, digits
-from training import artifact as art
 
 pytestmark = pytest.mark.integration
 torch.set_num_threads(1)

@@ -14,9 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from models.fvsbn import FVSBN, FVSBNConfig
-from service.image import draw_images, score_requests
-from service.image_codec import (
+from genserve.artifacts import artifact as art
+from genserve.artifacts.calibration import Calibration
+from genserve.models.fvsbn import FVSBN, FVSBNConfig
+from genserve.service.image import draw_images, score_requests
+from genserve.service.image_codec import (
     DATA_URL_PREFIX,
     ImageInputError,
     bytes_from_levels,
@@ -25,10 +27,8 @@ from service.image_codec import (
     levels_from_bytes,
     png_to_levels,
 )
-from service.image_runtime import load_image_model
-from training import artifact as art
-from training.calibration import Calibration
-from training.onnx_export import export_image_onnx
+from genserve.service.image_runtime import load_image_model
+from genserve.training.onnx_export import export_image_onnx
 
 torch.set_num_threads(1)
 
@@ -273,7 +273,7 @@ TINY_ARCHITECTURES = {
 
 @pytest.mark.parametrize("kind", sorted(TINY_ARCHITECTURES))
 def test_every_kind_scores_alike_in_torch_and_onnx_and_samples(tmp_path, kind: str) -> None:
-    from models.registry import build_image_model
+    from genserve.models.registry import build_image_model
 
     torch.manual_seed(0)
     model = build_image_model(kind, {"height": H, "width": W, "levels": LEVELS, "n_classes": CLASSES,

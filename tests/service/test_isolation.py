@@ -15,15 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from models.fvsbn import FVSBN, FVSBNConfig
-from models.gpt import GPT, GPTConfig
-from models.image import SamplingCancelled, cancellable, draw_pixel
-from service.decoding import Engine, GenerationParams, filter_logits, generate
-from service.errors import ApiError
-from service.image import SamplingBudget, run_sampling_job, score_requests
-from service.image_api import ImageRoutes
-from service.image_runtime import TorchImageRuntime
-from service.runtime import (
+from genserve.artifacts.tokenizer import train_char_tokenizer
+from genserve.models.fvsbn import FVSBN, FVSBNConfig
+from genserve.models.gpt import GPT, GPTConfig
+from genserve.models.image import SamplingCancelled, cancellable, draw_pixel
+from genserve.service.decoding import Engine, GenerationParams, filter_logits, generate
+from genserve.service.errors import ApiError
+from genserve.service.image import SamplingBudget, run_sampling_job, score_requests
+from genserve.service.image_api import ImageRoutes
+from genserve.service.image_runtime import TorchImageRuntime
+from genserve.service.runtime import (
     LOG_PROB_FLOOR,
     OutOfResources,
     OverLimit,
@@ -35,7 +36,6 @@ from service.runtime import (
     is_request_failure,
     run_isolated,
 )
-from training.tokenizer import train_char_tokenizer
 
 TEXT = "abcdefgh ijk\nlmnop"
 POISON_CHAR = "z"  # in the tokenizer's alphabet, never in an innocent prompt

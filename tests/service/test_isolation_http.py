@@ -22,9 +22,13 @@ import torch
 import yaml
 from sklearn.datasets import load_wine
 
-from models.lstm import CharLSTM, LSTMConfig
-from models.pixelcnn import GatedPixelCNN, PixelCNNConfig
-from service.runtime import LOG_PROB_FLOOR
+from genserve.artifacts import artifact as art
+from genserve.artifacts.tokenizer import train_char_tokenizer
+from genserve.models.lstm import CharLSTM, LSTMConfig
+from genserve.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
+from genserve.service.runtime import LOG_PROB_FLOOR
+from genserve.training.gmm_pipeline import GMMTrainConfig, train_gmm
+from genserve.training.records_pipeline import RecordsTrainConfig, train_records
 from tests.service.conftest import (
     DIGITS_TRAIN,
     TEXT,
@@ -38,10 +42,6 @@ from tests.service.conftest import (
     write_image_artifact,
     write_text_models,
 )
-from training import artifact as art
-from training.gmm_pipeline import GMMTrainConfig, train_gmm
-from training.records_pipeline import RecordsTrainConfig, train_records
-from training.tokenizer import train_char_tokenizer
 
 pytestmark = pytest.mark.integration
 
@@ -101,7 +101,7 @@ def iso(tmp_path_factory: pytest.TempPathFactory) -> Server:
     config.write_text(yaml.safe_dump({
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{
-            "name": "genserve", "route_prefix": "/", "import_path": "service.app:build_app",
+            "name": "genserve", "route_prefix": "/", "import_path": "genserve.service.app:build_app",
             "args": {"models": [TEXT, BROKEN, GMM, FLOW, IMAGES, SLOW],
                      "limits": {"max_new_tokens": 40, "max_images_per_request": 64,
                                 "max_image_pixels_per_request": MAX_PIXELS}},

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.registry import build_latent_model
+from genserve.artifacts import artifact as art
+from genserve.models.registry import build_latent_model
 from tests.service.conftest import DIGITS_TRAIN, FLOW, GAN, IMAGE_COND, IMAGE_FLOW, VAE, Server, digits
-from training import artifact as art
 
 pytestmark = pytest.mark.integration
 

@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 
-from service.errors import ApiError
-from service.local import LocalScorer
-from training.anomaly import SCORE_TYPES, png_bits
-from training.data import Tabular
-from training.gmm_pipeline import GMMTrainConfig, train_gmm
-from training.image_data import load_digits
-from training.image_pipeline import ImageTrainConfig, train_image
-from training.text_pipeline import TextTrainConfig, train_text
+from genserve.artifacts.scores import SCORE_TYPES, png_bits
+from genserve.service.errors import ApiError
+from genserve.service.local import LocalScorer
+from genserve.training.data import Tabular
+from genserve.training.gmm_pipeline import GMMTrainConfig, train_gmm
+from genserve.training.image_data import load_digits
+from genserve.training.image_pipeline import ImageTrainConfig, train_image
+from genserve.training.text_pipeline import TextTrainConfig, train_text
 
 MEANS = np.array([[0.0, 0.0, 0.0, 0.0], [4.0, -2.0, 1.0, 3.0]])
 SCALES = np.array([[1.0, 0.5, 2.0, 1.0], [0.7, 1.5, 1.0, 0.3]])

@@ -12,10 +12,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from genserve.artifacts.store import open_store
+from genserve.training.gmm_pipeline import GMMTrainConfig, train_gmm
 from tests.s3 import s3_server
 from tests.service.conftest import free_port
-from training.gmm_pipeline import GMMTrainConfig, train_gmm
-from training.store import open_store
 
 pytestmark = pytest.mark.integration
 
@@ -71,7 +71,7 @@ def test_requests_survive_a_removed_worker_node_and_replicas_come_back_elsewhere
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from service.app import AppArgs, build
+    from genserve.service.app import AppArgs, build
 
     with s3_server("multinode", tmp_path / "cache") as bucket:
         store = f"{bucket}/models"

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from models.gpt import GPTConfig
-from service.decoding import GenerationParams, generate
-from service.onnx_text import OnnxGPT
-from service.text_runtime import LoadedTextModel, load_text_model
-from training import artifact as art
-from training.hf_import import import_hf_gpt2
-from training.tokenizer import train_bpe_tokenizer
+from genserve.artifacts import artifact as art
+from genserve.artifacts.tokenizer import train_bpe_tokenizer
+from genserve.models.gpt import GPTConfig
+from genserve.service.decoding import GenerationParams, generate
+from genserve.service.onnx_text import OnnxGPT
+from genserve.service.text_runtime import LoadedTextModel, load_text_model
+from genserve.training.hf_import import import_hf_gpt2
 
 transformers = pytest.importorskip("transformers")
 

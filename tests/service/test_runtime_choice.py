@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from models.gmm import GaussianMixture, GMMConfig
-from service.image_runtime import load_image_model
-from service.runtime import PROBE_BATCHES, RuntimeChoice, choose_faster, load_model, needs_reload
+from genserve.artifacts import artifact as art
+from genserve.artifacts.calibration import Calibration
+from genserve.models.gmm import GaussianMixture, GMMConfig
+from genserve.service.image_runtime import load_image_model
+from genserve.service.runtime import PROBE_BATCHES, RuntimeChoice, choose_faster, load_model, needs_reload
+from genserve.training.onnx_export import export_onnx
 from tests.service.test_image_runtime import random_fvsbn
 from tests.service.test_image_runtime import write as write_image
-from training import artifact as art
-from training.calibration import Calibration
-from training.onnx_export import export_onnx
 
 torch.set_num_threads(1)
 

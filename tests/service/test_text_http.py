@@ -14,10 +14,10 @@ import openai
 import pytest
 import torch
 
-from models.lm import sequence_log_probs
-from service.client import GenserveClient, GenserveError
-from service.decoding import GenerationParams, generate
-from service.text_runtime import load_text_model
+from genserve.models.lm import sequence_log_probs
+from genserve.service.client import GenserveClient, GenserveError
+from genserve.service.decoding import GenerationParams, generate
+from genserve.service.text_runtime import load_text_model
 from tests.service.conftest import TEXT, TEXT_CONTEXT, TEXT_NGRAM, TEXT_ONNX, Server, metric, wait_for_metric
 
 pytestmark = pytest.mark.integration

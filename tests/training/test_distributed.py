@@ -12,11 +12,11 @@ import torch
 from safetensors.torch import load as load_safetensors
 from typer.testing import CliRunner
 
-from service.cli import app
+from genserve.artifacts import artifact as art
+from genserve.service.cli import app
+from genserve.training.distributed import latest_checkpoint
+from genserve.training.text_pipeline import TextTrainConfig, train_text
 from tests.training.test_text_pipeline import write_corpus
-from training import artifact as art
-from training.distributed import latest_checkpoint
-from training.text_pipeline import TextTrainConfig, train_text
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_bad_worker_settings_are_refused_before_ray_starts(corpus: Path, tmp_pat
 
 
 def test_an_image_model_on_two_workers_matches_one_process(local_ray, tmp_path: Path) -> None:
-    from training.image_pipeline import ImageTrainConfig, train_image
+    from genserve.training.image_pipeline import ImageTrainConfig, train_image
 
     # 320 training images: 10 batches of 32 an epoch, each split 16 + 16 between the workers.
     settings = dict(model="made", dataset="digits", name="m", preset="tiny", max_train_images=320, threads=1,

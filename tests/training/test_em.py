@@ -11,8 +11,8 @@ import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.mixture import GaussianMixture as SklearnGMM
 
-from models.gmm import GaussianMixture, GMMConfig
-from training.em import EMSettings, fit_gmm, initial_model, kmeans_plus_plus, run_em, select_components
+from genserve.models.gmm import GaussianMixture, GMMConfig
+from genserve.training.em import EMSettings, fit_gmm, initial_model, kmeans_plus_plus, run_em, select_components
 
 SLACK = 1e-10
 

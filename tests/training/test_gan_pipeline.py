@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load as load_safetensors
 
-from models.gan import Discriminator, GANConfig, build_generator
-from training import artifact as art
-from training.gan_pipeline import (
+from genserve.artifacts import artifact as art
+from genserve.models.gan import Discriminator, GANConfig, build_generator
+from genserve.training.gan_pipeline import (
     DISCRIMINATOR_WEIGHTS,
     LOSS_CURVE,
     PRESETS,
@@ -19,7 +19,7 @@ from training.gan_pipeline import (
     sample_grid,
     train_gan,
 )
-from training.image_data import DATASETS, load_digits
+from genserve.training.image_data import DATASETS, load_digits
 
 torch.set_num_threads(1)
 

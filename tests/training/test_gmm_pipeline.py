@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from service.runtime import load_model
-from training import artifact as art
-from training.calibration import Calibration, CalibrationSet
-from training.data import SKLEARN_DATASETS, load_tabular, split
-from training.gmm_pipeline import EM_HISTORY, GMMTrainConfig, train_gmm
-from training.reference import REFERENCE_CONFIG, REFERENCE_WEIGHTS
+from genserve.artifacts import artifact as art
+from genserve.artifacts.calibration import Calibration, CalibrationSet
+from genserve.artifacts.reference import REFERENCE_CONFIG, REFERENCE_WEIGHTS
+from genserve.service.runtime import load_model
+from genserve.training.data import SKLEARN_DATASETS, load_tabular, split
+from genserve.training.gmm_pipeline import EM_HISTORY, GMMTrainConfig, train_gmm
 
 FEATURES = ["alpha", "beta", "gamma"]
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from service.cli import app
-from service.decoding import GenerationParams, generate
-from service.text_runtime import LoadedTextModel, load_text_model
-from training import artifact as art
-from training.hf_import import import_hf_gpt2
-from training.tokenizer import TextTokenizer, train_bpe_tokenizer
+from genserve.artifacts import artifact as art
+from genserve.artifacts.tokenizer import TextTokenizer, train_bpe_tokenizer
+from genserve.service.cli import app
+from genserve.service.decoding import GenerationParams, generate
+from genserve.service.text_runtime import LoadedTextModel, load_text_model
+from genserve.training.hf_import import import_hf_gpt2
 
 transformers = pytest.importorskip("transformers")
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from training.image_data import load_digits, load_image_dataset, load_mnist5k, stratified_split
+from genserve.training.image_data import load_digits, load_image_dataset, load_mnist5k, stratified_split
 
 
 def test_mnist5k_is_binarised_28x28_with_a_fixed_stratified_split():

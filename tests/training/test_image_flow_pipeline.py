@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from models.image_flow import ImageFlowConfig, ImageRealNVP
-from training import artifact as art
-from training.image_flow_pipeline import ImageFlowTrainConfig, train_image_flow
+from genserve.artifacts import artifact as art
+from genserve.models.image_flow import ImageFlowConfig, ImageRealNVP
+from genserve.training.image_flow_pipeline import ImageFlowTrainConfig, train_image_flow
 
 
 def test_a_tiny_run_on_digits_writes_a_complete_artifact_and_learns(tmp_path) -> None:

@@ -6,11 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from models.registry import build_image_model
-from training import artifact as art
-from training.calibration import CalibrationSet
-from training.image_data import load_digits
-from training.image_pipeline import ImageTrainConfig, grid_png, train_image
+from genserve.artifacts import artifact as art
+from genserve.artifacts.calibration import CalibrationSet
+from genserve.models.registry import build_image_model
+from genserve.training.image_data import load_digits
+from genserve.training.image_pipeline import ImageTrainConfig, grid_png, train_image
 
 torch.set_num_threads(1)
 
@@ -77,8 +77,8 @@ def test_grid_png_scales_levels_to_8_bits():
 
 @pytest.mark.parametrize("preset", ["tiny", "default", "gpu"])
 def test_every_preset_builds_every_model(preset):
-    from training.image_data import DATASETS
-    from training.image_pipeline import PRESETS
+    from genserve.training.image_data import DATASETS
+    from genserve.training.image_pipeline import PRESETS
 
     for dataset in DATASETS:
         shape = {"mnist5k": (28, 28, 2), "digits": (8, 8, 17)}[dataset]

@@ -9,11 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from service.cli import app
-from service.local import LocalScorer
-from service.runtime import load_model
-from training import artifact as art
-from training.records_pipeline import RecordsTrainConfig, train_records
+from genserve.artifacts import artifact as art
+from genserve.service.cli import app
+from genserve.service.local import LocalScorer
+from genserve.service.runtime import load_model
+from genserve.training.records_pipeline import RecordsTrainConfig, train_records
 
 
 @pytest.fixture(scope="module")

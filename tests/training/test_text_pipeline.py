@@ -13,13 +13,13 @@ import torch
 from safetensors.torch import load as load_safetensors
 from typer.testing import CliRunner
 
-import training.text_pipeline as tp
-from models.lm import sequence_log_probs
-from service.cli import app
-from service.text_runtime import load_text_model
-from training import artifact as art
-from training.reference import REFERENCE_CONFIG, REFERENCE_WEIGHTS
-from training.text_pipeline import TextTrainConfig, train_text
+import genserve.training.text_pipeline as tp
+from genserve.artifacts import artifact as art
+from genserve.artifacts.reference import REFERENCE_CONFIG, REFERENCE_WEIGHTS
+from genserve.models.lm import sequence_log_probs
+from genserve.service.cli import app
+from genserve.service.text_runtime import load_text_model
+from genserve.training.text_pipeline import TextTrainConfig, train_text
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 METRICS = ("validation_nll_nats_per_token", "validation_bits_per_char", "train_loss", "parameters",
@@ -174,9 +174,9 @@ def test_transformer_windows_score_every_token_once():
 
 
 def test_whole_stream_scores_match_a_single_pass():
-    from models.gpt import GPT, GPTConfig
-    from models.lstm import CharLSTM, LSTMConfig
-    from models.ngram import NGramConfig, NGramLM
+    from genserve.models.gpt import GPT, GPTConfig
+    from genserve.models.lstm import CharLSTM, LSTMConfig
+    from genserve.models.ngram import NGramConfig, NGramLM
 
     torch.manual_seed(0)
     stream = torch.randint(0, 7, (40,))

@@ -9,10 +9,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from models.registry import build_latent_model
-from service.cli import app
-from training import artifact as art
-from training.vae_pipeline import VAETrainConfig, train_vae
+from genserve.artifacts import artifact as art
+from genserve.models.registry import build_latent_model
+from genserve.service.cli import app
+from genserve.training.vae_pipeline import VAETrainConfig, train_vae
 
 
 def test_the_cli_writes_a_vae_whose_density_is_a_bound(tmp_path) -> None:
@@ -57,9 +57,9 @@ def test_training_lowers_the_bound_and_k_tightens_it(tmp_path) -> None:
 
 
 def test_genserve_score_local_scores_images_with_the_vaes_bound(tmp_path) -> None:
-    from service.latent import LatentModel
-    from service.local import LocalScorer
-    from training.image_data import load_digits
+    from genserve.service.latent import LatentModel
+    from genserve.service.local import LocalScorer
+    from genserve.training.image_data import load_digits
 
     path = train_vae(VAETrainConfig(dataset="digits", name="dv", preset="tiny"), tmp_path, progress=False)
     images = load_digits().test.images[:5]

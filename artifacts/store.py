@@ -1,6 +1,6 @@
 """Model stores by URI: a local directory (a plain path or `file:///abs/path`) or an object store (`s3://bucket/prefix`).
 
-The layout is the same everywhere: `STORE/<name>/<version>/` holding the artifact's files (training/artifact.py),
+The layout is the same everywhere: `STORE/<name>/<version>/` holding the artifact's files (artifacts/artifact.py),
 and a version exists once its `manifest.json` does. A local store is read and written in place. An object store is
 reached through `pyarrow.fs` (credentials and endpoint from the usual AWS variables: AWS_ACCESS_KEY_ID,
 AWS_SECRET_ACCESS_KEY, AWS_REGION, and AWS_ENDPOINT_URL for an S3-compatible server such as MinIO):
@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlparse
 
-from training import artifact as art
+from genserve.artifacts import artifact as art
 
 REMOTE_SCHEMES = ("s3",)
 
@@ -258,3 +258,8 @@ def fetch_artifact(location: str | os.PathLike) -> Path:
     uri = location.rstrip("/")
     head, name, version = uri.rsplit("/", 2)
     return RemoteStore(head).download(name, version)
+
+
+def load_artifact_at(location: str | os.PathLike) -> art.Artifact:
+    """The verified artifact at `location` (a path, file:// or s3:// URI), fetched into the local cache if remote."""
+    return art.load_artifact(fetch_artifact(location))

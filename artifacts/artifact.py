@@ -243,13 +243,12 @@ def write_artifact(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_artifact(path: Path | str) -> Artifact:
-    """Read and verify an artifact directory; raise ArtifactError naming the file and the problem. `path` may also
-    be a file:// or s3:// URI of a version directory, fetched into the local cache first (training/store.py)."""
-    if isinstance(path, str):
-        from training.store import fetch_artifact
-
-        path = fetch_artifact(path)
+def load_artifact(path: Path) -> Artifact:
+    """Read and verify an artifact directory; raise ArtifactError naming the file and the problem. A file:// or
+    s3:// URI of a version directory is store.load_artifact_at's (it fetches into the local cache first)."""
+    if "://" in str(path):
+        raise ArtifactError(f"{path}: a URI; store.load_artifact_at fetches and loads it")
+    path = Path(path)
     manifest_path = path / MANIFEST
     try:
         raw = json.loads(manifest_path.read_bytes())

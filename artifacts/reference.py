@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.gmm import GaussianMixture, GMMConfig, m_step
-from models.ngram import NGramConfig, NGramLM
-from models.reference import LocalPixelConfig, LocalPixelModel, build_reference
-from training import artifact
+from genserve.artifacts import artifact
+from genserve.models.gmm import GaussianMixture, GMMConfig, m_step
+from genserve.models.ngram import NGramConfig, NGramLM
+from genserve.models.reference import LocalPixelConfig, LocalPixelModel, build_reference
 
 REFERENCE_WEIGHTS = "reference.safetensors"
 REFERENCE_CONFIG = "reference.json"

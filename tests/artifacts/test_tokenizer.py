@@ -4,7 +4,7 @@ import random
 import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from training.tokenizer import (
+from genserve.artifacts.tokenizer import (
     SPECIAL_TOKEN,
     IncrementalDecoder,
     TextTokenizer,

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from training.calibration import N_LEVELS, Calibration
+from genserve.artifacts.calibration import N_LEVELS, Calibration
 
 
 @pytest.fixture(scope="module")

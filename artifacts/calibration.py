@@ -1,6 +1,6 @@
 """Calibration of anomaly scores on held-out in-distribution data.
 
-Every score type (training/anomaly.py: nll, bits_per_dim, complexity, likelihood_ratio, ...; higher =
+Every score type (artifacts/scores.py: nll, bits_per_dim, complexity, likelihood_ratio, ...; higher =
 more anomalous) is calibrated on its own. A `Calibration` keeps one score's held-out quantiles at 1,001
 evenly spaced levels, which gives any score its percentile (the share of held-out items scoring at or
 below it) and any false-positive rate its threshold. A `CalibrationSet` holds one per score type (text
@@ -111,8 +111,8 @@ class CalibrationSet:
 
 
 def read_calibration(loaded) -> CalibrationSet | None:
-    """The calibration.json of a loaded artifact (training.artifact.Artifact), or None when it has none."""
-    from training import artifact
+    """The calibration.json of a loaded artifact (genserve.artifacts.artifact.Artifact), or None when it has none."""
+    from genserve.artifacts import artifact
 
     if artifact.CALIBRATION not in loaded.contents:
         return None

@@ -183,9 +183,6 @@ class TextTokenizer:
         (token_id,) = self._check_ids([token_id])
         return self._tokenizer.decode([token_id], skip_special_tokens=False)
 
-    def is_special(self, token_id: int) -> bool:
-        return int(token_id) in self._special_ids
-
     def incremental_decoder(self) -> IncrementalDecoder:
         return IncrementalDecoder(self)
 

@@ -10,11 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from models.reference import LocalPixelConfig, LocalPixelModel, build_reference
-from training import artifact as art
-from training.anomaly import DEFAULT_SCORE, SCORE_TYPES, check_score, compute_scores, paragraphs, png_bits, text_lines
-from training.calibration import LINE, Calibration, CalibrationSet, read_calibration
-from training.reference import fit_bigram, fit_gaussian, fit_local_pixels, load_reference, reference_files
+from genserve.artifacts import artifact as art
+from genserve.artifacts.calibration import LINE, Calibration, CalibrationSet, read_calibration
+from genserve.artifacts.reference import fit_bigram, fit_gaussian, fit_local_pixels, load_reference, reference_files
+from genserve.artifacts.scores import (
+    DEFAULT_SCORE,
+    SCORE_TYPES,
+    check_score,
+    compute_scores,
+    paragraphs,
+    png_bits,
+    text_lines,
+)
+from genserve.models.reference import LocalPixelConfig, LocalPixelModel, build_reference
 
 
 def test_score_definitions():

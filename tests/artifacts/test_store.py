@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from service.cli import app
-from service.local import LocalScorer
+from genserve.artifacts import artifact as art
+from genserve.artifacts.store import LocalStore, RemoteStore, fetch_artifact, load_artifact_at, open_store
+from genserve.service.cli import app
+from genserve.service.local import LocalScorer
+from genserve.training.gmm_pipeline import GMMTrainConfig, train_gmm
 from tests.s3 import s3_server
-from training import artifact as art
-from training.gmm_pipeline import GMMTrainConfig, train_gmm
-from training.store import LocalStore, RemoteStore, fetch_artifact, open_store
 
 BUCKET = "genserve-test"
 
@@ -61,7 +61,7 @@ def test_training_into_s3_uploads_a_complete_version_and_serving_reads_it_back(s
                                       "--components", "3", "--restarts", "1", "--no-onnx", "--store", uri])
     assert result.exit_code == 0, result.output
     assert store.versions("wine") == ["1", "2"]
-    loaded = art.load_artifact(store.location("wine"))  # downloaded into the cache, every sha256 checked
+    loaded = load_artifact_at(store.location("wine"))  # downloaded into the cache, every sha256 checked
     assert loaded.manifest.version == "2" and loaded.manifest.metrics["n_components"] == 3
     assert str(loaded.path).startswith(os.environ["GENSERVE_CACHE"])
 
@@ -85,7 +85,7 @@ def test_a_corrupt_download_is_refused_by_its_hash(s3: str) -> None:
     assert result.exit_code == 0, result.output
     boto3.client("s3").put_object(Bucket=BUCKET, Key="runs/corrupt/wine/1/calibration.json", Body=b"{}")
     with pytest.raises(art.ArtifactError, match=r"calibration\.json: sha256 .* does not match"):
-        art.load_artifact(open_store(uri).location("wine"))
+        load_artifact_at(open_store(uri).location("wine"))
 
 
 def test_missing_models_and_versions_in_s3_are_clear_errors(s3: str) -> None:

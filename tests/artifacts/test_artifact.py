@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from training import artifact as art
-from training.artifact import ArtifactError, InputSpec, load_artifact, resolve, store_path, write_artifact
+from genserve.artifacts import artifact as art
+from genserve.artifacts.artifact import ArtifactError, InputSpec, load_artifact, resolve, store_path, write_artifact
 
 WEIGHTS_BYTES = b"\x00weights\xff" * 10
 CALIBRATION_BYTES = json.dumps({"threshold": 1.5}).encode()
@@ -88,7 +88,7 @@ def test_numbered_directory_without_manifest_is_skipped(tmp_path):
 HANG_SCRIPT = """
 import sys
 from pathlib import Path
-from training import artifact as art
+from genserve.artifacts import artifact as art
 store = Path(sys.argv[1])
 art.write_artifact(store, kind="gmm", name="demo", config={}, training={}, metrics={},
                    input_spec=art.InputSpec(n_features=1, feature_names=["a"]), files={art.WEIGHTS: b"w"})
