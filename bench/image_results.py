@@ -27,7 +27,8 @@ from bench.common import load_note, machine
 from genserve.artifacts import artifact as art
 from genserve.models.registry import build_image_model
 from genserve.training.image_data import load_image_dataset
-from genserve.training.image_pipeline import ImageTrainConfig, grid_png, train_image
+from genserve.training.image_pipeline import ImageTrainConfig, train_image
+from genserve.training.reporting import grid_png
 
 COMMAND = ".venv/bin/python -m bench.image_results --out docs/image-models.md"
 FAMILIES = ("fvsbn", "nade", "made", "pixelcnn")

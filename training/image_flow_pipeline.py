@@ -17,28 +17,21 @@ The model's density is exact for the continuous dequantised variable only, so th
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from genserve.artifacts import artifact
-from genserve.artifacts.calibration import CalibrationSet
-from genserve.artifacts.reference import fit_local_pixels, reference_files
-from genserve.artifacts.scores import compute_scores, png_bits
 from genserve.models.image_flow import ImageFlowConfig, ImageRealNVP
-from genserve.training.image_data import DATASETS, ImageSplit, training_data
-from genserve.training.image_pipeline import grid_png
-from genserve.training.runs import figure_png, pick_device, progress_bar, threads_for
-from genserve.training.text_pipeline import LOSS_CURVE, TRAINING_LOG
+from genserve.training.image_data import DATASETS, ImageSplit
+from genserve.training.latent import BoundImageRun, importance_bound
+from genserve.training.loop import BestEpoch, Fitted, cosine_decay, optimizer_step, pick_device, run_family, threads_for
+from genserve.training.reporting import flow_loss_curve, progress_bar
 
-KIND = "realnvp"  # the artifact's kind
-SCORE_SEED = 0  # the dequantisation noise of evaluation, calibration (and served requests that give no seed)
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {d: dict(arch=dict(n_blocks=2, channels=8, n_scales=1), epochs=2, batch_size=64, learning_rate=3e-3,
                      eval_ks=(1, 10)) for d in DATASETS},
@@ -96,90 +89,56 @@ def train_image_flow(cfg: ImageFlowTrainConfig, store: Path, progress: bool = Tr
     cfg = cfg.resolved()
     device = pick_device(cfg.device)
     with threads_for(device, cfg.threads):
-        return _train(cfg, store, device, progress)
+        return run_family(ImageFlowRun(cfg, store, device, progress))
 
 
-def _bound(model: ImageRealNVP, images: np.ndarray, k: int, device: torch.device,
-           seed: int = SCORE_SEED) -> np.ndarray:
-    """The importance-weighted bound (N,) in nats with k dequantisation draws per image, from a fixed seed."""
-    generator = torch.Generator(device=device).manual_seed(seed)
-    x = torch.from_numpy(images).to(device)
-    return model.importance_bound(x, k, generator).double().cpu().numpy()
+class ImageFlowRun(BoundImageRun):
+    """The image RealNVP's pieces of the shared run (training/loop.py); the rest are latent.BoundImageRun's."""
 
+    kind = "realnvp"  # the artifact's kind: a latent image model (a records RealNVP is records_pipeline.py's)
 
-def _train(cfg: ImageFlowTrainConfig, store: Path, device: torch.device, progress: bool) -> Path:
-    started = time.perf_counter()
-    data, train = training_data(cfg.dataset, cfg.exclude_classes, cfg.max_train_images)
-    torch.manual_seed(cfg.seed)
-    config = ImageFlowConfig(height=data.height, width=data.width, levels=data.levels, **cfg.architecture)
-    model = ImageRealNVP(config).to(device)
-    history, seconds = _fit(cfg, model, train, data.validation, device, progress)
+    def fit(self) -> Fitted:
+        cfg, data = self.cfg, self.data
+        torch.manual_seed(cfg.seed)
+        config = ImageFlowConfig(height=data.height, width=data.width, levels=data.levels, **cfg.architecture)
+        model = ImageRealNVP(config).to(self.device)
+        history, seconds = _fit(cfg, model, self.train, data.validation, self.device, self.progress)
+        return Fitted(model, history, seconds)
 
-    model.eval()
-    n_pixels = model.n_pixels
-    bits = n_pixels * math.log(2)
-    test = data.test.images
-    bounds = {k: _bound(model, test, k, device) for k in sorted(set(cfg.eval_ks) | {1})}
-    metrics: dict[str, Any] = {
-        "test_dequantised_nats": float(bounds[1].mean()),
-        "test_bits_per_dim": -float(bounds[1].mean()) / bits,  # the standard dequantised bits/dim (k = 1)
-        "test_importance_weighted_nats": {str(k): float(bounds[k].mean()) for k in cfg.eval_ks},
-    }
-    best_k = max(cfg.eval_ks)
-    metrics["test_nll_bound_nats"] = -float(bounds[best_k].mean())  # an upper bound on -log P(x)
-    metrics["test_bits_per_dim_bound"] = metrics["test_nll_bound_nats"] / bits
-    val = data.validation.images
-    val_lp = _bound(model, val, cfg.score_samples, device)
-    reference = fit_local_pixels(train.images, data.levels)
-    calibration = CalibrationSet.fit(compute_scores(
-        "image", val_lp, n_pixels, reference_log_prob=reference.log_prob(torch.from_numpy(val)).numpy(),
-        complexity_bits=png_bits(val, data.levels)))
-    model = model.cpu()
-    grid = grid_png(model.sample(cfg.grid_size**2, torch.Generator().manual_seed(cfg.seed)).numpy(), data.levels,
-                    cfg.grid_size)
-    metrics.update({
-        "validation_bound_nats": float(val_lp.mean()),
-        "score_samples": cfg.score_samples,
-        "anomaly_thresholds": {k: c.threshold for k, c in calibration.scores.items()},
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "epochs": cfg.epochs,
-        "best_epoch": history["best_epoch"],
-        "training_seconds": round(seconds, 2),
-        "train_images": len(train.images),
-        "total_seconds": round(time.perf_counter() - started, 2),
-    })
-    files = {
-        artifact.WEIGHTS: artifact.module_weights(model),
-        artifact.CALIBRATION: json.dumps(calibration.to_dict()).encode(),
-        **reference_files(reference),
-        artifact.SAMPLES_PNG: grid,
-        LOSS_CURVE: loss_curve_png(history, cfg),
-        TRAINING_LOG: json.dumps(history, indent=1).encode(),
-    }
-    return artifact.write_artifact(
-        store, kind=KIND, name=cfg.name, config=asdict(config),
-        input_spec=artifact.ImageInputSpec(height=data.height, width=data.width, levels=data.levels, n_classes=0),
-        training={"settings": {**asdict(cfg), "eval_ks": list(cfg.eval_ks)}, "data": data.description,
-                  "split": {"train": len(train.images), "validation": len(val), "test": len(test),
-                            "rule": "stratified 80/10/10, seed 0"},
-                  "device": str(device), "torch_threads": torch.get_num_threads()},
-        metrics=metrics, files=files, density="bound",
-    )
+    def evaluate(self, fitted: Fitted) -> dict[str, Any]:
+        """The test split's dequantised bits/dim and importance-weighted bounds, then the validation bound."""
+        cfg, model = self.cfg, fitted.module
+        bits = model.n_pixels * math.log(2)
+        test = self.data.test.images
+        bounds = {k: importance_bound(model, test, k, self.device) for k in sorted(set(cfg.eval_ks) | {1})}
+        metrics: dict[str, Any] = {
+            "test_dequantised_nats": float(bounds[1].mean()),
+            "test_bits_per_dim": -float(bounds[1].mean()) / bits,  # the standard dequantised bits/dim (k = 1)
+            "test_importance_weighted_nats": {str(k): float(bounds[k].mean()) for k in cfg.eval_ks},
+        }
+        metrics["test_nll_bound_nats"] = -float(bounds[max(cfg.eval_ks)].mean())  # an upper bound on -log P(x)
+        metrics["test_bits_per_dim_bound"] = metrics["test_nll_bound_nats"] / bits
+        return {**metrics, **self.validation_metrics(model)}
+
+    def loss_curve(self, history: dict[str, Any]) -> bytes:
+        arch = self.cfg.architecture
+        return flow_loss_curve(history, f"{self.cfg.name}: RealNVP, {arch['n_blocks']} blocks x "
+                                        f"{arch['n_scales'] + 1} stages, {arch['channels']} channels")
 
 
 def _fit(cfg: ImageFlowTrainConfig, model: ImageRealNVP, train: ImageSplit, validation: ImageSplit,
          device: torch.device, progress: bool) -> tuple[dict[str, Any], float]:
+    """Adam on the dequantised NLL, a fresh noise draw every batch; ends with the best epoch's weights."""
     images = torch.from_numpy(train.images).to(device)
     order_generator = torch.Generator().manual_seed(cfg.seed)
     noise_generator = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     steps_per_epoch = math.ceil(len(images) / cfg.batch_size)
     total_steps = cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)) if cfg.cosine else 1.0)
+    scheduler = cosine_decay(optimizer, total_steps, floor=0.0) if cfg.cosine else None
     bits = model.n_pixels * math.log(2)
     history: dict[str, Any] = {"n_pixels": model.n_pixels, "train": [], "epochs": [], "best_epoch": 0}
-    best_state, best_val, seconds, step = None, math.inf, 0.0, 0
+    best, seconds, step = BestEpoch(history, keep_first=True), 0.0, 0
     shown = {"loss": ("train bits/dim {}", ".3f"), "val": ("val bits/dim {}", ".3f")}
     with progress_bar(progress, f"realnvp {cfg.name}", total_steps, shown) as bar:
         for epoch in range(1, cfg.epochs + 1):
@@ -189,46 +148,20 @@ def _fit(cfg: ImageFlowTrainConfig, model: ImageRealNVP, train: ImageSplit, vali
             for i in range(steps_per_epoch):
                 batch = images[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]
                 nll = -model.dequantised_log_prob(batch, noise_generator).mean()  # nats per image
-                loss = nll / model.n_pixels
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
-                scheduler.step()
+                optimizer_step(optimizer, nll / model.n_pixels, model.parameters(), cfg.grad_clip)
+                if scheduler is not None:
+                    scheduler.step()
                 step += 1
                 train_bpd = float(nll.detach()) / bits
                 history["train"].append([step, train_bpd])
                 bar(step, {"loss": train_bpd})
             seconds += time.perf_counter() - epoch_started
             model.eval()
-            val = -float(_bound(model, validation.images, 1, device).mean()) / bits
+            val = -float(importance_bound(model, validation.images, 1, device).mean()) / bits
             history["epochs"].append({"epoch": epoch, "step": step, "validation_bits_per_dim": val,
                                       "seconds": round(seconds, 2)})
             bar(step, {"val": val})
-            if val < best_val or best_state is None:
-                best_val, history["best_epoch"] = val, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
+            best.offer(model, epoch, val)
+    best.restore(model)
     history["training_seconds"] = round(seconds, 2)
     return history, seconds
-
-
-def loss_curve_png(history: dict[str, Any], cfg: ImageFlowTrainConfig) -> bytes:
-    """Training bits/dim by step (one dequantisation draw per batch) and validation bits/dim by epoch."""
-
-    def draw(ax) -> None:
-        rows = np.array(history["train"], dtype=float).reshape(-1, 2)
-        if len(rows):
-            ax.plot(rows[:, 0], rows[:, 1], lw=0.6, alpha=0.6, label="train (dequantised)")
-        epochs = history["epochs"]
-        ax.plot([e["step"] for e in epochs], [e["validation_bits_per_dim"] for e in epochs], "o-", ms=3,
-                label="validation (dequantised)")
-        ax.set_xlabel("step")
-        ax.set_ylabel("bits/dim")
-        arch = cfg.architecture
-        ax.set_title(f"{cfg.name}: RealNVP, {arch['n_blocks']} blocks x {arch['n_scales'] + 1} stages, "
-                     f"{arch['channels']} channels", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-
-    return figure_png(draw)

@@ -11,10 +11,10 @@ reported likelihood is the ensemble over all of them.
 
 from __future__ import annotations
 
-import io
-import json
+import functools
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -26,18 +26,45 @@ from safetensors.torch import save as save_safetensors
 from torch import Tensor, nn
 
 from genserve.artifacts import artifact
-from genserve.artifacts.calibration import CalibrationSet
-from genserve.artifacts.reference import fit_local_pixels, reference_files
-from genserve.artifacts.scores import compute_scores, png_bits
+from genserve.artifacts.families import IMAGE_KINDS
 from genserve.models.image import ImageModel
-from genserve.models.registry import IMAGE_KINDS, build_image_model, image_classes
-from genserve.training.checkpoints import LocalRun, read_checkpoint, restore_checkpoint, write_checkpoint
-from genserve.training.image_data import DATASETS, ImageDataset, ImageSplit, training_data
-from genserve.training.runs import figure_png, pick_device, progress_bar, threads_for
-from genserve.training.text_pipeline import LOSS_CURVE, TRAINING_LOG
+from genserve.models.registry import build_image_model, image_classes
+from genserve.training.checkpoints import (
+    LocalRun,
+    checkpoint_dir,
+    ray_storage,
+    restore_checkpoint,
+    write_checkpoint,
+)
+from genserve.training.distributed import CheckpointedRun, RayTrainRun, fit_data_parallel
+from genserve.training.image_data import (
+    DATASETS,
+    ImageDataset,
+    ImageSplit,
+    calibrate_images,
+    split_sizes,
+    training_data,
+)
+from genserve.training.loop import (
+    BestEpoch,
+    Fitted,
+    calibration_files,
+    comparable_settings,
+    cosine_decay,
+    pick_device,
+    refuse_other_settings,
+    run_family,
+    threads_for,
+)
+from genserve.training.reporting import (
+    class_grid_png,
+    image_loss_curve,
+    log_files,
+    progress_bar,
+    training_dir,
+    write_epoch_samples,
+)
 
-TRAINING_DIR = ".training"  # STORE/.training/NAME/: sample grids written during training
-CHECKPOINTS = ".checkpoints"  # STORE/.checkpoints/NAME/: the last epoch's checkpoint (training/checkpoints.py)
 BEST = "best.safetensors"  # in a checkpoint: the weights of the best epoch so far
 # Fields that may differ between a checkpoint and the run resuming it: none of them changes what is trained.
 RESUME_MAY_DIFFER = frozenset({"epochs", "device", "threads", "resume", "export_onnx", "workers", "sample_every",
@@ -212,11 +239,7 @@ def nll_metrics(log_probs: np.ndarray, n_pixels: int, prefix: str) -> dict[str, 
     return {f"{prefix}_nll_nats": nll, f"{prefix}_bits_per_dim": nll / (n_pixels * math.log(2))}
 
 
-# ---- training -----------------------------------------------------------------------------------------------------
-
-
-def training_dir(store: Path, name: str) -> Path:
-    return store / TRAINING_DIR / name
+# ---- the run ------------------------------------------------------------------------------------------------------
 
 
 def train_image(cfg: ImageTrainConfig, store: Path, progress: bool = True, checkpoints: str | None = None) -> Path:
@@ -224,13 +247,8 @@ def train_image(cfg: ImageTrainConfig, store: Path, progress: bool = True, check
     `cfg.workers`, Ray Train keeps its checkpoints under `checkpoints` (default STORE/.checkpoints/ray)."""
     cfg = cfg.resolved()
     device = pick_device(None if cfg.workers else cfg.device)  # distributed: `device` is the workers'
-    checkpoints = checkpoints or str((store / CHECKPOINTS / "ray").resolve())
     with threads_for(device, cfg.threads):
-        return _train_image(cfg, store, device, progress, checkpoints)
-
-
-def _comparable(cfg: ImageTrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in json.loads(json.dumps(asdict(cfg))).items() if k not in RESUME_MAY_DIFFER}
+        return run_family(ImageRun(cfg, store, device, progress, checkpoints or ray_storage(store)))
 
 
 def image_module(cfg: ImageTrainConfig, data: ImageDataset, train: ImageSplit, device: torch.device) -> ImageModel:
@@ -242,228 +260,209 @@ def image_module(cfg: ImageTrainConfig, data: ImageDataset, train: ImageSplit, d
     return model
 
 
-def _train_image(cfg: ImageTrainConfig, store: Path, device: torch.device, progress: bool, checkpoints: str) -> Path:
-    started = time.perf_counter()
-    data, train = training_data(cfg.dataset, cfg.exclude_classes, cfg.max_train_images)
-    saved = saved_files = None
-    if cfg.resume:
-        if cfg.workers:
-            from genserve.training.distributed import latest_checkpoint
+class ImageRun(CheckpointedRun):
+    """The autoregressive image family's pieces of the shared run (training/loop.py)."""
 
-            saved, saved_files = latest_checkpoint(checkpoints, cfg.name)
-        else:
-            saved, saved_files = read_checkpoint(store / CHECKPOINTS / cfg.name)
-        differ = [f"{k} (checkpoint {saved['config'].get(k)!r}, now {v!r})"
-                  for k, v in _comparable(cfg).items() if saved["config"].get(k) != v]
-        if differ:
-            raise ValueError(f"cannot resume {cfg.name!r}: the configuration differs from the checkpoint's in "
-                             f"{'; '.join(differ)}. Run with the checkpoint's settings, or without --resume")
-    model = image_module(cfg, data, train, device)
-    n_parameters = sum(p.numel() for p in model.parameters())
-    out_dir = training_dir(store, cfg.name)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    def prepare(self) -> None:
+        cfg = self.cfg
+        self.data, self.train = training_data(cfg.dataset, cfg.exclude_classes, cfg.max_train_images)
+        if cfg.resume:
+            self.read_saved()
+            refuse_other_settings(cfg.name, self.saved["config"], comparable_settings(cfg, RESUME_MAY_DIFFER))
+        self.out_dir = training_dir(self.store, cfg.name)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
 
-    if cfg.workers:
-        from genserve.training.distributed import train_image_data_parallel
+    def fit(self) -> Fitted:
+        cfg, data, train, device = self.cfg, self.data, self.train, self.device
+        model = image_module(cfg, data, train, device)
+        self.parameters = sum(p.numel() for p in model.parameters())
+        if not cfg.workers:
+            run_here = LocalRun(checkpoint_dir(self.store, cfg.name))
+            return fit_image_model(cfg, model, data, train, device, self.out_dir, self.progress, run_here, self.saved,
+                                   self.saved_files)
+        worker = functools.partial(fit_on_worker, cfg, data, train)
+        history, files = fit_data_parallel(worker, cfg, self.checkpoints, resume=self.saved is not None)
+        model = image_module(cfg, data, train, device)
+        artifact.load_module_weights(model, files[BEST], f"checkpoint {BEST}")
+        return Fitted(model, history, history["training_seconds"])
 
-        model, history, train_seconds = train_image_data_parallel(cfg, data, train, device, checkpoints,
-                                                                  resume=saved is not None)
-    else:
-        run = LocalRun(store / CHECKPOINTS / cfg.name)
-        model, history, train_seconds = _fit(cfg, model, data, train, device, out_dir, progress, run, saved,
-                                             saved_files)
+    def evaluate(self, fitted: Fitted) -> dict[str, Any]:
+        """Test and validation NLL (nats, bits/dim), exact; a conditional model's also given the labels."""
+        model, data, device = fitted.module, self.data, self.device
+        evaluation_started = time.perf_counter()
+        metrics: dict[str, Any] = {}
+        test_lp = split_log_probs(model, data.test, device, given_labels=False)
+        metrics.update(nll_metrics(test_lp, model.n_pixels, "test"))
+        self.validation_log_probs = split_log_probs(model, data.validation, device, given_labels=False)
+        metrics.update(nll_metrics(self.validation_log_probs, model.n_pixels, "validation"))
+        if self.cfg.conditional:
+            given = split_log_probs(model, data.test, device, given_labels=True)
+            metrics.update(nll_metrics(given, model.n_pixels, "test_given_label"))
+        metrics["evaluation_seconds"] = round(time.perf_counter() - evaluation_started, 2)
+        return metrics
 
-    model.eval()
-    evaluation_started = time.perf_counter()
-    metrics: dict[str, Any] = {}
-    test_lp = split_log_probs(model, data.test, device, given_labels=False)
-    metrics.update(nll_metrics(test_lp, model.n_pixels, "test"))
-    val_lp = split_log_probs(model, data.validation, device, given_labels=False)
-    metrics.update(nll_metrics(val_lp, model.n_pixels, "validation"))
-    if cfg.conditional:
-        given = split_log_probs(model, data.test, device, given_labels=True)
-        metrics.update(nll_metrics(given, model.n_pixels, "test_given_label"))
-    metrics["evaluation_seconds"] = round(time.perf_counter() - evaluation_started, 2)
-    reference = fit_local_pixels(train.images, data.levels)
-    images = data.validation.images
-    calibration = CalibrationSet.fit(compute_scores(
-        "image", val_lp, model.n_pixels, reference_log_prob=reference.log_prob(torch.from_numpy(images)).numpy(),
-        complexity_bits=png_bits(images, data.levels)))
-    metrics["anomaly_thresholds"] = {k: c.threshold for k, c in calibration.scores.items()}
+    def calibrate(self, fitted: Fitted, metrics: dict[str, Any]) -> dict[str, bytes]:
+        calibration, reference = calibrate_images(self.validation_log_probs, fitted.module.n_pixels, self.data,
+                                                  self.train)
+        return calibration_files(calibration, reference, metrics)
 
-    model = model.cpu().float()
-    grid = sample_grid(model, cfg, torch.Generator().manual_seed(cfg.seed))
-    (out_dir / artifact.SAMPLES_PNG).write_bytes(grid)
-    files = {
-        artifact.WEIGHTS: artifact.module_weights(model),
-        artifact.CALIBRATION: json.dumps(calibration.to_dict()).encode(),
-        **reference_files(reference),
-        artifact.SAMPLES_PNG: grid,
-        LOSS_CURVE: loss_curve_png(history, cfg),
-        TRAINING_LOG: json.dumps(history, indent=1).encode(),
-    }
-    if cfg.export_onnx:
-        from genserve.training.onnx_export import check_image_onnx, export_image_onnx
+    def export(self, fitted: Fitted, metrics: dict[str, Any], files: dict[str, bytes]) -> Path:
+        cfg, data, history = self.cfg, self.data, fitted.history
+        model = fitted.module.cpu().float()
+        grid = sample_grid(model, cfg, torch.Generator().manual_seed(cfg.seed))
+        (self.out_dir / artifact.SAMPLES_PNG).write_bytes(grid)
+        what = "class-conditional " if cfg.conditional else ""
+        files = {artifact.WEIGHTS: artifact.module_weights(model), **files, artifact.SAMPLES_PNG: grid,
+                 **log_files(history, image_loss_curve(history, f"{cfg.name}: {what}{cfg.model} on {cfg.dataset}"))}
+        if cfg.export_onnx:
+            from genserve.training.onnx_export import check_image_onnx, export_image_onnx
 
-        files[artifact.ONNX] = export_image_onnx(model)
-        metrics["onnx_max_abs_error"] = check_image_onnx(model, files[artifact.ONNX])
-    metrics.update({
-        "parameters": n_parameters,
-        "training_seconds": round(train_seconds, 2),
-        "epochs": cfg.epochs,
-        "best_epoch": history["best_epoch"],
-        "train_images": len(train.images),
-        "total_seconds": round(time.perf_counter() - started, 2),
-    })
-    return artifact.write_artifact(
-        store, kind=cfg.model, name=cfg.name, config=asdict(model.config),
-        input_spec=artifact.ImageInputSpec(height=data.height, width=data.width, levels=data.levels,
-                                           n_classes=model.n_classes,
-                                           class_names=data.class_names if cfg.conditional else None),
-        training={"settings": asdict(cfg), "data": data.description,
-                  "split": {"train": len(train.images), "validation": len(data.validation.images),
-                            "test": len(data.test.images), "rule": "stratified 80/10/10, seed 0"},
-                  "device": str(device), "torch_threads": torch.get_num_threads()},
-        metrics=metrics, files=files,
-    )
+            files[artifact.ONNX] = export_image_onnx(model)
+            metrics["onnx_max_abs_error"] = check_image_onnx(model, files[artifact.ONNX])
+        metrics.update({
+            "parameters": self.parameters,
+            "training_seconds": round(fitted.seconds, 2),
+            "epochs": cfg.epochs,
+            "best_epoch": history["best_epoch"],
+            "train_images": len(self.train.images),
+            "total_seconds": round(time.perf_counter() - self.started, 2),
+        })
+        return artifact.write_artifact(
+            self.store, kind=cfg.model, name=cfg.name, config=asdict(model.config),
+            input_spec=artifact.ImageInputSpec(height=data.height, width=data.width, levels=data.levels,
+                                               n_classes=model.n_classes,
+                                               class_names=data.class_names if cfg.conditional else None),
+            training={"settings": asdict(cfg), "data": data.description, "split": split_sizes(data, self.train),
+                      "device": str(self.device), "torch_threads": torch.get_num_threads()},
+            metrics=metrics, files=files,
+        )
 
 
-def _fit(cfg: ImageTrainConfig, model: ImageModel, data: ImageDataset, train: ImageSplit, device: torch.device,
-         out_dir: Path | None, progress: bool, run: LocalRun, saved: dict[str, Any] | None = None,
-         saved_files: dict[str, bytes] | None = None) -> tuple[ImageModel, dict[str, Any], float]:
+# ---- fitting ------------------------------------------------------------------------------------------------------
+
+
+def fit_image_model(cfg: ImageTrainConfig, model: ImageModel, data: ImageDataset, train: ImageSplit,
+                    device: torch.device, out_dir: Path | None, progress: bool, run: LocalRun | RayTrainRun,
+                    saved: dict[str, Any] | None = None, saved_files: dict[str, bytes] | None = None) -> Fitted:
     """Adam over the epochs, validation after each, a checkpoint after each; the best epoch's weights are kept.
     Distributed (`run` a Ray Train worker's), every process draws the same permutation and takes its share of each
     batch; a last batch is cut to a multiple of the number of processes."""
-    generator = torch.Generator().manual_seed(cfg.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(train.images) / cfg.batch_size)
-    total_steps = cfg.schedule_epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)))
-    images = torch.from_numpy(train.images).to(device)
-    labels = torch.from_numpy(train.labels).to(device) if cfg.conditional else None
-    history: dict[str, Any] = {"n_pixels": model.n_pixels, "train": [], "epochs": [], "best_epoch": 0,
-                               "training_seconds": 0.0}
-    best_state, best_val, start = None, math.inf, 0
-    generators = {"batches": generator}
-    if saved is not None:
-        restore_checkpoint(saved, saved_files, model, optimizer, generators, device)
-        scheduler.load_state_dict(saved["scheduler"])
-        start, history, best_val = saved["epoch"], saved["history"], saved["best_validation_nll"]
-        if BEST in saved_files:
-            best_state = {k: v.to(device) for k, v in load_safetensors(saved_files[BEST]).items()}
-        history.setdefault("resumed_at", []).append(start)
-    stepped = run.wrap(ImageNLL(model))
-    seconds = history["training_seconds"]
-    comparable = _comparable(cfg)
-    shown = {"loss": ("bits/dim {}", ".4f"), "val": ("val {}", ".4f")}
-    if start > cfg.epochs:
-        raise ValueError(f"cannot resume {cfg.name!r}: the checkpoint is at epoch {start}, past epochs {cfg.epochs}")
-    bar_ = progress_bar(progress, f"{cfg.model} {cfg.name}", cfg.epochs * steps_per_epoch, shown,
-                        start * steps_per_epoch)
-    with bar_ as bar:
-        for epoch in range(start + 1, cfg.epochs + 1):
-            epoch_started = time.perf_counter()
-            model.train()
-            order = torch.randperm(len(images), generator=generator).to(device)
-            losses = []
-            for i in range(steps_per_epoch):
-                idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-                idx = idx[: len(idx) - len(idx) % run.world]
-                mask = draw_mask(model, generator)
-                if len(idx):
-                    x, y = run.shard(images[idx], None if labels is None else labels[idx])
-                    loss = stepped(x, y, mask)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()  # distributed: the gradients are averaged over the processes here
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                    optimizer.step()
-                    losses.append(float(run.mean(loss.detach())))
-                    history["train"].append([(epoch - 1) * steps_per_epoch + i + 1, losses[-1]])
-                scheduler.step()
-                bar((epoch - 1) * steps_per_epoch + i + 1, {"loss": losses[-1] / model.n_pixels / math.log(2)})
-            seconds += time.perf_counter() - epoch_started
-            metrics: dict[str, Any] = {"epoch": epoch}
-            if run.chief:
-                model.eval()
-                val = float(-split_log_probs(model, data.validation, device, given_labels=cfg.conditional).mean())
-                history["epochs"].append({"epoch": epoch, "step": epoch * steps_per_epoch,
-                                          "train_nll": float(np.mean(losses)), "validation_nll": val,
-                                          "seconds": round(seconds, 2)})
-                bar(epoch * steps_per_epoch, {"val": val / model.n_pixels / math.log(2)})
-                if val < best_val:
-                    best_val, history["best_epoch"] = val, epoch
-                    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-                if out_dir is not None and cfg.sample_every and epoch % cfg.sample_every == 0 and epoch < cfg.epochs:
-                    grid = sample_grid(model, cfg, torch.Generator(device=device).manual_seed(cfg.seed))
-                    (out_dir / f"samples-epoch-{epoch:03d}.png").write_bytes(grid)
-                metrics.update(train_nll=float(np.mean(losses)), validation_nll=val)
-            history["training_seconds"] = seconds
+    return _ImageFit(cfg, model, data, train, device, run, saved, saved_files).train(out_dir, progress)
 
-            def write(directory: Path, epoch: int = epoch, best_state: dict | None = best_state,
-                      best_val: float = best_val) -> None:
-                best = {} if best_state is None else {
-                    BEST: save_safetensors({k: v.contiguous().cpu() for k, v in best_state.items()})}
-                write_checkpoint(directory, model, optimizer, generators, {
-                    "epoch": epoch, "config": comparable, "history": history, "best_validation_nll": best_val,
-                    "scheduler": scheduler.state_dict()}, best)
 
-            run.checkpoint(write, metrics)
-    if best_state is not None:  # only the process that evaluates has one
-        model.load_state_dict(best_state)
-    return model, history, seconds
+def fit_on_worker(cfg: ImageTrainConfig, data: ImageDataset, train: ImageSplit, device: torch.device,
+                  run: RayTrainRun, saved: dict[str, Any] | None, saved_files: dict[str, bytes] | None) -> None:
+    """One Ray Train worker's share of a run (the worker function `fit_data_parallel` is given): no sample grids
+    on the way, as worker 0 may be on another machine."""
+    model = image_module(cfg, data, train, device)
+    fit_image_model(cfg, model, data, train, device, None, False, run, saved, saved_files)
+
+
+class _ImageFit:
+    """One image model's training loop and what a checkpoint saves of it: the module, Adam and its schedule, the
+    batch generator, the history and the best epoch's weights."""
+
+    def __init__(self, cfg: ImageTrainConfig, model: ImageModel, data: ImageDataset, train: ImageSplit,
+                 device: torch.device, run: LocalRun | RayTrainRun, saved: dict[str, Any] | None,
+                 saved_files: dict[str, bytes] | None) -> None:
+        self.cfg, self.model, self.validation, self.device, self.run = cfg, model, data.validation, device, run
+        self.generators = {"batches": torch.Generator().manual_seed(cfg.seed)}  # epoch orders, MADE's orderings
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.steps_per_epoch = math.ceil(len(train.images) / cfg.batch_size)
+        self.scheduler = cosine_decay(self.optimizer, cfg.schedule_epochs * self.steps_per_epoch, floor=0.1)
+        self.images = torch.from_numpy(train.images).to(device)
+        self.labels = torch.from_numpy(train.labels).to(device) if cfg.conditional else None
+        self.history: dict[str, Any] = {"n_pixels": model.n_pixels, "train": [], "epochs": [], "best_epoch": 0,
+                                        "training_seconds": 0.0}
+        self.best, self.start = BestEpoch(self.history), 0
+        if saved is not None:
+            self._restore(saved, saved_files)
+        self.stepped = run.wrap(ImageNLL(model))
+        self.comparable = comparable_settings(cfg, RESUME_MAY_DIFFER)
+        if self.start > cfg.epochs:
+            raise ValueError(f"cannot resume {cfg.name!r}: the checkpoint is at epoch {self.start}, "
+                             f"past epochs {cfg.epochs}")
+
+    def train(self, out_dir: Path | None, progress: bool) -> Fitted:
+        cfg, steps = self.cfg, self.steps_per_epoch
+        seconds = self.history["training_seconds"]
+        shown = {"loss": ("bits/dim {}", ".4f"), "val": ("val {}", ".4f")}
+        with progress_bar(progress, f"{cfg.model} {cfg.name}", cfg.epochs * steps, shown, self.start * steps) as bar:
+            for epoch in range(self.start + 1, cfg.epochs + 1):
+                epoch_started = time.perf_counter()
+                losses = self._epoch(epoch, bar)
+                seconds += time.perf_counter() - epoch_started
+                metrics: dict[str, Any] = {"epoch": epoch}
+                if self.run.chief:
+                    metrics.update(self._validate(epoch, losses, seconds, bar))
+                    write_epoch_samples(out_dir, epoch, cfg.epochs, cfg.sample_every, lambda: sample_grid(
+                        self.model, cfg, torch.Generator(device=self.device).manual_seed(cfg.seed)))
+                self.history["training_seconds"] = seconds
+                self.run.checkpoint(lambda directory, epoch=epoch: self._write(directory, epoch), metrics)
+        self.best.restore(self.model)
+        return Fitted(self.model, self.history, seconds)
+
+    def _epoch(self, epoch: int, bar: Callable[[int, dict[str, float | None]], None]) -> list[float]:
+        """One pass over the training split in a fresh order; each batch's loss (nats per image)."""
+        cfg, model, world = self.cfg, self.model, self.run.world
+        model.train()
+        order = torch.randperm(len(self.images), generator=self.generators["batches"]).to(self.device)
+        losses: list[float] = []
+        for i in range(self.steps_per_epoch):
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            idx = idx[: len(idx) - len(idx) % world]
+            mask = draw_mask(model, self.generators["batches"])
+            step = (epoch - 1) * self.steps_per_epoch + i + 1
+            if len(idx):
+                losses.append(self._step(idx, mask))
+                self.history["train"].append([step, losses[-1]])
+            self.scheduler.step()
+            bar(step, {"loss": losses[-1] / model.n_pixels / math.log(2)})
+        return losses
+
+    def _step(self, idx: Tensor, mask: int | None) -> float:
+        """One Adam step on the batch `idx` (this process's share of it); its loss averaged over the processes."""
+        x, y = self.run.shard(self.images[idx], None if self.labels is None else self.labels[idx])
+        loss = self.stepped(x, y, mask)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # distributed: the gradients are averaged over the processes here
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        return float(self.run.mean(loss.detach()))
+
+    def _validate(self, epoch: int, losses: list[float], seconds: float,
+                  bar: Callable[[int, dict[str, float | None]], None]) -> dict[str, float]:
+        """The validation NLL after an epoch, into the history and the best epoch's running."""
+        model, step = self.model, epoch * self.steps_per_epoch
+        model.eval()
+        val = float(-split_log_probs(model, self.validation, self.device, given_labels=self.cfg.conditional).mean())
+        train_nll = float(np.mean(losses))
+        self.history["epochs"].append({"epoch": epoch, "step": step, "train_nll": train_nll, "validation_nll": val,
+                                       "seconds": round(seconds, 2)})
+        bar(step, {"val": val / model.n_pixels / math.log(2)})
+        self.best.offer(model, epoch, val)
+        return {"train_nll": train_nll, "validation_nll": val}
+
+    def _restore(self, saved: dict[str, Any], files: dict[str, bytes]) -> None:
+        restore_checkpoint(saved, files, self.model, self.optimizer, self.generators, self.device)
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.start, self.history = saved["epoch"], saved["history"]
+        self.best = BestEpoch(self.history)
+        self.best.value = saved["best_validation_nll"]
+        if BEST in files:
+            self.best.state = {k: v.to(self.device) for k, v in load_safetensors(files[BEST]).items()}
+        self.history.setdefault("resumed_at", []).append(self.start)
+
+    def _write(self, directory: Path, epoch: int) -> None:
+        state = self.best.state
+        best = {} if state is None else {BEST: save_safetensors({k: v.contiguous().cpu() for k, v in state.items()})}
+        write_checkpoint(directory, self.model, self.optimizer, self.generators, {
+            "epoch": epoch, "config": self.comparable, "history": self.history,
+            "best_validation_nll": self.best.value, "scheduler": self.scheduler.state_dict()}, best)
 
 
 def sample_grid(model: ImageModel, cfg: ImageTrainConfig, generator: torch.Generator) -> bytes:
     """A grid of samples as PNG: grid_size x grid_size images, or for a class-conditional model one
     column per class, grid_size rows."""
-    columns = model.n_classes or cfg.grid_size
-    n = columns * cfg.grid_size
-    device = model.class_log_prior.device
-    labels = torch.arange(n, device=device) % model.n_classes if model.n_classes else None
-    samples, _ = model.eval().sample(n, labels=labels, generator=generator)
-    return grid_png(samples.cpu().numpy(), model.levels, columns)
-
-
-# ---- pictures -----------------------------------------------------------------------------------------------------
-
-
-def grid_png(images: np.ndarray, levels: int, columns: int, scale: int | None = None, pad: int = 2) -> bytes:
-    """(N, H, W) grey levels as one PNG: a grid `columns` wide, white ink on black, pixels enlarged."""
-    from PIL import Image
-
-    n, h, w = images.shape
-    scale = scale or max(1, 84 // max(h, w))
-    rows = math.ceil(n / columns)
-    canvas = np.full((rows * (h * scale + pad) + pad, columns * (w * scale + pad) + pad), 96, dtype=np.uint8)
-    grey = np.rint(images.astype(np.float64) * 255 / (levels - 1)).astype(np.uint8)
-    for i in range(n):
-        r, c = divmod(i, columns)
-        top, left = pad + r * (h * scale + pad), pad + c * (w * scale + pad)
-        canvas[top:top + h * scale, left:left + w * scale] = np.kron(grey[i], np.ones((scale, scale), np.uint8))
-    buffer = io.BytesIO()
-    Image.fromarray(canvas, mode="L").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def loss_curve_png(history: dict[str, Any], cfg: ImageTrainConfig) -> bytes:
-    """Training NLL per batch and validation NLL per epoch, in bits/dim, as PNG."""
-    to_bpd = 1 / (history["n_pixels"] * math.log(2))
-
-    def draw(ax) -> None:
-        train = np.array(history["train"], dtype=float).reshape(-1, 2)
-        if len(train):
-            ax.plot(train[:, 0], train[:, 1] * to_bpd, lw=0.6, alpha=0.35, color="C0", label="train (batch)")
-        epochs = history["epochs"]
-        ax.plot([e["step"] for e in epochs], [e["train_nll"] * to_bpd for e in epochs], "o-", ms=3, color="C0",
-                label="train (epoch mean)")
-        ax.plot([e["step"] for e in epochs], [e["validation_nll"] * to_bpd for e in epochs], "o-", ms=3,
-                color="C1", label="validation")
-        ax.set_xlabel("step")
-        ax.set_ylabel("bits/dim")
-        what = "class-conditional " if cfg.conditional else ""
-        ax.set_title(f"{cfg.name}: {what}{cfg.model} on {cfg.dataset}", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend()
-
-    return figure_png(draw)
+    return class_grid_png(lambda n, labels: model.eval().sample(n, labels=labels, generator=generator)[0],
+                          model.n_classes, model.levels, cfg.grid_size, model.class_log_prior.device)

@@ -12,7 +12,6 @@ capability is `exact`.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -25,16 +24,17 @@ from safetensors.torch import save as save_safetensors
 
 from genserve.artifacts import artifact
 from genserve.artifacts.calibration import CalibrationSet
-from genserve.artifacts.reference import fit_gaussian, reference_files
+from genserve.artifacts.families import GMM_KIND, RECORDS_KINDS
+from genserve.artifacts.reference import fit_gaussian
 from genserve.artifacts.scores import compute_scores
 from genserve.models.registry import build_records_model
-from genserve.training.data import Tabular, exclude_classes, load_tabular, split
-from genserve.training.gmm_pipeline import standardisation
+from genserve.training.data import Tabular, exclude_classes, load_tabular, split, standardisation
+from genserve.training.loop import BestEpoch, Fitted, calibration_files, cosine_decay, optimizer_step, run_family
 from genserve.training.onnx_export import check_onnx, export_onnx
-from genserve.training.runs import figure_png, progress_bar
-from genserve.training.text_pipeline import LOSS_CURVE, TRAINING_LOG
+from genserve.training.reporting import log_files, progress_bar, records_loss_curve
 
-KINDS = ("realnvp", "made-mog")
+# The records kinds trained here by gradient; the GMM, fitted by EM, is gmm_pipeline.py's.
+KINDS = tuple(k for k in RECORDS_KINDS if k != GMM_KIND)
 # Per kind: the architecture (fields of its config besides n_features) and the optimisation; sized for the
 # scikit-learn tables (hundreds of records, 4-64 features): seconds on a CPU.
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -82,81 +82,110 @@ class RecordsTrainConfig:
 def train_records(cfg: RecordsTrainConfig, store: Path, progress: bool = True, data: Tabular | None = None) -> Path:
     """Fit, evaluate, calibrate and export a RealNVP or MADE-MoG; returns the new artifact's directory."""
     cfg = cfg.resolved()
-    started = time.perf_counter()
-    if data is None:
-        data = load_tabular(cfg.dataset, cfg.label_column)
-    if cfg.exclude_classes:
-        data = exclude_classes(data, cfg.exclude_classes)
-    parts = split(data.x, cfg.validation_fraction, cfg.seed)
-    d = data.x.shape[1]
-    mean, scale = standardisation(parts.train)
-    torch.manual_seed(cfg.seed)
-    model = build_records_model(cfg.model, {"n_features": d, **cfg.architecture})
-    model.set_standardisation(torch.from_numpy(mean), torch.from_numpy(scale))
+    return run_family(RecordsRun(cfg.model, cfg, store, progress, data))
 
-    history, seconds = _fit(cfg, model, parts.train, parts.validation, progress)
 
-    with torch.no_grad():
-        train_lp = model.log_prob(torch.from_numpy(parts.train)).numpy()
-        val_lp = model.log_prob(torch.from_numpy(parts.validation)).numpy()
-    reference = fit_gaussian(parts.train)
-    with torch.no_grad():
-        ref_lp = reference.log_prob(torch.from_numpy(parts.validation)).numpy()
-    calibration = CalibrationSet.fit(compute_scores("records", val_lp, d, reference_log_prob=ref_lp))
-    nll_cal = calibration.scores["nll"]
-    metrics: dict[str, Any] = {
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "epochs": cfg.epochs,
-        "best_epoch": history["best_epoch"],
-        "training_seconds": round(seconds, 2),
-        "train_log_likelihood_per_record": float(train_lp.mean()),
-        "validation_log_likelihood_per_record": float(val_lp.mean()),
-        "validation_nll_nats": float(-val_lp.mean()),
-        "validation_bits_per_dim": float(-val_lp.mean() / (d * math.log(2))),
-        "anomaly_threshold_nll_nats": nll_cal.threshold,
-        "anomaly_false_positive_rate": nll_cal.false_positive_rate,
-        "anomaly_thresholds": {k: c.threshold for k, c in calibration.scores.items()},
-    }
-    files = {
-        artifact.WEIGHTS: save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()}),
-        artifact.CALIBRATION: json.dumps(calibration.to_dict()).encode(),
-        **reference_files(reference),
-        LOSS_CURVE: loss_curve_png(history, cfg),
-        TRAINING_LOG: json.dumps(history, indent=1).encode(),
-    }
-    if cfg.export_onnx:
-        example = torch.from_numpy(parts.validation[: min(8, len(parts.validation))])
-        files[artifact.ONNX] = export_onnx(model, example, "records", ["log_prob", "responsibilities"])
-        metrics["onnx_max_abs_error"] = check_onnx(model, files[artifact.ONNX], torch.from_numpy(parts.validation))
-    training = {
-        "dataset": data.source,
-        "n_train": int(parts.train.shape[0]),
-        "n_validation": int(parts.validation.shape[0]),
-        "split_seed": parts.seed,
-        "validation_fraction": parts.validation_fraction,
-        "settings": asdict(cfg),
-        "duration_s": round(time.perf_counter() - started, 3),
-    }
-    metrics["total_seconds"] = round(time.perf_counter() - started, 2)
-    return artifact.write_artifact(
-        store, kind=cfg.model, name=cfg.name, config=model.config.to_dict(),
-        input_spec=artifact.InputSpec(n_features=d, feature_names=data.feature_names),
-        training=training, metrics=metrics, files=files, density="exact",
-    )
+class RecordsRun:
+    """The records family's pieces of the shared run (training/loop.py), for a RealNVP or MADE-MoG. The GMM's run
+    (gmm_pipeline.py) shares them but for the fit, its metrics and its files."""
+
+    report_total_seconds = True  # the GMM's manifest keeps its duration in training.duration_s alone
+
+    def __init__(self, kind: str, cfg: Any, store: Path, progress: bool, data: Tabular | None) -> None:
+        self.kind, self.cfg, self.store, self.progress, self.data = kind, cfg, store, progress, data
+        self.started = time.perf_counter()
+
+    def prepare(self) -> None:
+        """The records (`data` when given, else cfg.dataset's), their split and the training split's
+        standardisation."""
+        cfg = self.cfg
+        data = self.data if self.data is not None else load_tabular(cfg.dataset, cfg.label_column)
+        if cfg.exclude_classes:
+            data = exclude_classes(data, cfg.exclude_classes)
+        self.data, self.parts = data, split(data.x, cfg.validation_fraction, cfg.seed)
+        self.mean, self.scale = standardisation(self.parts.train)
+
+    def fit(self) -> Fitted:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        model = build_records_model(cfg.model, {"n_features": self.data.x.shape[1], **cfg.architecture})
+        model.set_standardisation(torch.from_numpy(self.mean), torch.from_numpy(self.scale))
+        history, seconds = _fit(cfg, model, self.parts.train, self.parts.validation, self.progress)
+        return Fitted(model, history, seconds)
+
+    def fit_metrics(self, fitted: Fitted) -> dict[str, Any]:
+        """What the manifest reports of the fit itself, before the likelihoods."""
+        return {"parameters": sum(p.numel() for p in fitted.module.parameters()), "epochs": self.cfg.epochs,
+                "best_epoch": fitted.history["best_epoch"], "training_seconds": round(fitted.seconds, 2)}
+
+    def evaluate(self, fitted: Fitted) -> dict[str, Any]:
+        """Log-likelihoods per record of both splits (the validation split's also calibrate)."""
+        d = self.data.x.shape[1]
+        with torch.no_grad():
+            train_lp = fitted.module.log_prob(torch.from_numpy(self.parts.train)).numpy()
+            self.validation_log_probs = val_lp = fitted.module.log_prob(torch.from_numpy(self.parts.validation)).numpy()
+        return {
+            **self.fit_metrics(fitted),
+            "train_log_likelihood_per_record": float(train_lp.mean()),
+            "validation_log_likelihood_per_record": float(val_lp.mean()),
+            "validation_nll_nats": float(-val_lp.mean()),
+            "validation_bits_per_dim": float(-val_lp.mean() / (d * math.log(2))),
+        }
+
+    def calibrate(self, fitted: Fitted, metrics: dict[str, Any]) -> dict[str, bytes]:
+        """Every records score type on the validation split, against a Gaussian fitted to the training split."""
+        reference = fit_gaussian(self.parts.train)
+        with torch.no_grad():
+            ref_lp = reference.log_prob(torch.from_numpy(self.parts.validation)).numpy()
+        calibration = CalibrationSet.fit(compute_scores("records", self.validation_log_probs, self.data.x.shape[1],
+                                                        reference_log_prob=ref_lp))
+        nll = calibration.scores["nll"]
+        metrics["anomaly_threshold_nll_nats"] = nll.threshold
+        metrics["anomaly_false_positive_rate"] = nll.false_positive_rate
+        return calibration_files(calibration, reference, metrics)
+
+    def history_files(self, fitted: Fitted) -> dict[str, bytes]:
+        """The files that tell how the model was fitted."""
+        title = f"{self.cfg.name}: {self.cfg.model}"
+        return log_files(fitted.history, records_loss_curve(fitted.history, title))
+
+    def export(self, fitted: Fitted, metrics: dict[str, Any], files: dict[str, bytes]) -> Path:
+        cfg, model, parts, data = self.cfg, fitted.module, self.parts, self.data
+        weights = save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()})
+        files = {artifact.WEIGHTS: weights, **files, **self.history_files(fitted)}
+        if cfg.export_onnx:
+            example = torch.from_numpy(parts.validation[: min(8, len(parts.validation))])
+            files[artifact.ONNX] = export_onnx(model, example, "records", ["log_prob", "responsibilities"])
+            metrics["onnx_max_abs_error"] = check_onnx(model, files[artifact.ONNX], torch.from_numpy(parts.validation))
+        training = {
+            "dataset": data.source,
+            "n_train": int(parts.train.shape[0]),
+            "n_validation": int(parts.validation.shape[0]),
+            "split_seed": parts.seed,
+            "validation_fraction": parts.validation_fraction,
+            "settings": asdict(cfg),
+            "duration_s": round(time.perf_counter() - self.started, 3),
+        }
+        if self.report_total_seconds:
+            metrics["total_seconds"] = round(time.perf_counter() - self.started, 2)
+        return artifact.write_artifact(
+            self.store, kind=self.kind, name=cfg.name, config=model.config.to_dict(),
+            input_spec=artifact.InputSpec(n_features=data.x.shape[1], feature_names=data.feature_names),
+            training=training, metrics=metrics, files=files, density="exact",
+        )
 
 
 def _fit(cfg: RecordsTrainConfig, model: torch.nn.Module, train: np.ndarray, validation: np.ndarray,
          progress: bool) -> tuple[dict[str, Any], float]:
-    x = torch.from_numpy(train)
-    x_val = torch.from_numpy(validation)
+    """Adam on minibatches with a cosine decay to a tenth, the validation NLL after every epoch; ends with the
+    best epoch's weights, `patience` epochs after it at the latest."""
+    x, x_val = torch.from_numpy(train), torch.from_numpy(validation)
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(len(x) / cfg.batch_size)
-    total = cfg.epochs * steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    scheduler = cosine_decay(optimizer, cfg.epochs * steps_per_epoch, floor=0.1)
     history: dict[str, Any] = {"epochs": [], "best_epoch": 0}
-    best_state, best_val, seconds = None, math.inf, 0.0
+    best, seconds = BestEpoch(history), 0.0
     shown = {"loss": ("nll {}", ".3f"), "val": ("val {}", ".3f")}
     with progress_bar(progress, f"{cfg.model} {cfg.name}", cfg.epochs, shown) as bar:
         for epoch in range(1, cfg.epochs + 1):
@@ -166,10 +195,7 @@ def _fit(cfg: RecordsTrainConfig, model: torch.nn.Module, train: np.ndarray, val
             losses = []
             for i in range(steps_per_epoch):
                 loss = -model.log_prob(x[order[i * cfg.batch_size:(i + 1) * cfg.batch_size]]).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
+                optimizer_step(optimizer, loss, model.parameters(), cfg.grad_clip)
                 scheduler.step()
                 losses.append(float(loss.detach()))
             seconds += time.perf_counter() - epoch_started
@@ -177,33 +203,13 @@ def _fit(cfg: RecordsTrainConfig, model: torch.nn.Module, train: np.ndarray, val
             with torch.no_grad():
                 val = float(-model.log_prob(x_val).mean())
             history["epochs"].append({"epoch": epoch, "train_nll": float(np.mean(losses)), "validation_nll": val})
-            if val < best_val:  # NaN never is: a diverged epoch is never kept
-                best_val, history["best_epoch"] = val, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best.offer(model, epoch, val)  # a diverged (NaN) epoch is never kept
             bar(epoch, {"loss": float(np.mean(losses)), "val": val})
-            if cfg.patience and epoch - history["best_epoch"] >= cfg.patience:
+            if best.stale(epoch, cfg.patience):
                 history["stopped_early_at"] = epoch  # tiny tables overfit fast; the best epoch is long past
                 break
-    if best_state is None:
+    if best.state is None:
         raise RuntimeError(f"{cfg.model} {cfg.name!r}: the validation NLL was never finite; lower the learning rate")
-    model.load_state_dict(best_state)
+    best.restore(model)
     history["training_seconds"] = round(seconds, 2)
     return history, seconds
-
-
-def loss_curve_png(history: dict[str, Any], cfg: RecordsTrainConfig) -> bytes:
-    """Training and validation NLL (nats per record) by epoch, the best epoch marked."""
-
-    def draw(ax) -> None:
-        rows = history["epochs"]
-        epochs = [r["epoch"] for r in rows]
-        ax.plot(epochs, [r["train_nll"] for r in rows], label="train")
-        ax.plot(epochs, [r["validation_nll"] for r in rows], label="validation")
-        ax.axvline(history["best_epoch"], color="grey", lw=0.8, ls="--", label="best epoch")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("NLL (nats per record)")
-        ax.set_title(f"{cfg.name}: {cfg.model}", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend()
-
-    return figure_png(draw)

@@ -38,15 +38,11 @@ checkpoint before stopping.
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import hashlib
 import itertools
-import json
 import math
-import signal
-import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -58,7 +54,8 @@ from torch import Tensor, nn
 
 from genserve.artifacts import artifact
 from genserve.artifacts.calibration import LINE, CalibrationSet
-from genserve.artifacts.reference import fit_bigram, reference_files
+from genserve.artifacts.families import TEXT_KINDS
+from genserve.artifacts.reference import fit_bigram
 from genserve.artifacts.scores import compute_scores, paragraphs, text_lines
 from genserve.artifacts.tokenizer import KINDS as TOKENIZER_KINDS
 from genserve.artifacts.tokenizer import (
@@ -68,8 +65,26 @@ from genserve.artifacts.tokenizer import (
     train_char_tokenizer,
 )
 from genserve.models.lm import score_token_lists
-from genserve.training.checkpoints import LocalRun, read_checkpoint, restore_checkpoint, write_checkpoint
-from genserve.training.runs import figure_png, pick_device, progress_bar, threads_for
+from genserve.training.checkpoints import (
+    MODEL,
+    LocalRun,
+    checkpoint_dir,
+    ray_storage,
+    restore_checkpoint,
+    write_checkpoint,
+)
+from genserve.training.distributed import CheckpointedRun, RayTrainRun, fit_data_parallel
+from genserve.training.loop import (
+    Fitted,
+    calibration_files,
+    comparable_settings,
+    pick_device,
+    refuse_other_settings,
+    run_family,
+    stop_on_sigint,
+    threads_for,
+)
+from genserve.training.reporting import log_files, ngram_loss_curve, progress_bar, text_loss_curve
 from genserve.training.text_data import (
     VALIDATION_PLAYS,
     encode_documents,
@@ -79,10 +94,6 @@ from genserve.training.text_data import (
 )
 
 SHAKESPEARE = "shakespeare"
-MODEL_KINDS = ("gpt", "lstm", "ngram")
-LOSS_CURVE = "loss_curve.png"
-TRAINING_LOG = "training_log.json"
-CHECKPOINTS = ".checkpoints"
 TEXT_FIELDS = {"loss": ("loss {}", ".3f"), "val": ("val {}", ".3f"), "tok/s": ("{} tok/s", ",.0f")}
 LSTM_EVAL_SEGMENTS = 32
 LSTM_EVAL_CHUNK = 256
@@ -182,8 +193,8 @@ class TextTrainConfig:
 
     def resolved(self) -> TextTrainConfig:
         """A copy with every preset field filled in and the derived ones computed; checks the values."""
-        if self.model not in MODEL_KINDS:
-            raise ValueError(f"unknown model {self.model!r}; use one of {', '.join(MODEL_KINDS)}")
+        if self.model not in TEXT_KINDS:
+            raise ValueError(f"unknown model {self.model!r}; use one of {', '.join(TEXT_KINDS)}")
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; use one of {', '.join(PRESETS)}")
         if self.tokenizer not in TOKENIZER_KINDS:
@@ -458,26 +469,17 @@ def stream_nll(model: nn.Module, kind: str, stream: Tensor, context: int | None)
     return ngram_stream_nll(model, stream)
 
 
-# ---- checkpoints ----------------------------------------------------------------------------------------------
-
-
-def checkpoint_dir(store: Path, name: str) -> Path:
-    return store / CHECKPOINTS / name
-
-
-def _comparable(cfg: TextTrainConfig) -> dict[str, Any]:
-    return {k: v for k, v in asdict(cfg).items() if k not in RESUME_MAY_DIFFER}
+# ---- resuming -------------------------------------------------------------------------------------------------
 
 
 def check_resumable(saved: dict[str, Any], cfg: TextTrainConfig, data_sha256: str) -> None:
-    before, now = saved["config"], _comparable(cfg)
-    differ = [f"{k} (checkpoint {before.get(k)!r}, now {now.get(k)!r})" for k in sorted(set(before) | set(now))
-              if before.get(k) != now.get(k)]
-    if differ:
-        raise ValueError(f"cannot resume {cfg.name!r}: the configuration differs from the checkpoint's in "
-                         f"{'; '.join(differ)}. Run with the checkpoint's settings, or without --resume to start over")
+    """ValueError unless `cfg` may continue the checkpoint `saved`: the same settings and data, not past its end."""
+    refuse_other_settings(cfg.name, saved["config"], comparable_settings(cfg, RESUME_MAY_DIFFER))
     if saved["data_sha256"] != data_sha256:
         raise ValueError(f"cannot resume {cfg.name!r}: the training data changed since the checkpoint was written")
+    if saved["iteration"] > cfg.max_iters:
+        raise ValueError(f"cannot resume {cfg.name!r}: the checkpoint is at iteration {saved['iteration']}, "
+                         f"past max_iters {cfg.max_iters}")
 
 
 # ---- the run --------------------------------------------------------------------------------------------------
@@ -490,117 +492,123 @@ def train_text(cfg: TextTrainConfig, store: Path, progress: bool = True, checkpo
     cfg = cfg.resolved()
     # Distributed, `device` names the workers' device; this process evaluates on whatever it has.
     device = pick_device(None if cfg.workers else cfg.device)
-    checkpoints = checkpoints or str((store / CHECKPOINTS / "ray").resolve())
     with threads_for(device, cfg.threads):
-        return _train_text(cfg, store, device, progress, checkpoints)
+        return run_family(TextRun(cfg, store, device, progress, checkpoints or ray_storage(store)))
 
 
-def _train_text(cfg: TextTrainConfig, store: Path, device: torch.device, progress: bool, checkpoints: str) -> Path:
-    started = time.perf_counter()
-    saved, saved_files, tokenizer = None, None, None
-    if cfg.resume:
+class TextRun(CheckpointedRun):
+    """The text family's pieces of the shared run (training/loop.py)."""
+
+    def prepare(self) -> None:
+        """The data, tokenised by the checkpoint's tokenizer when resuming (else one trained on it)."""
+        cfg, tokenizer = self.cfg, None
+        if cfg.resume:
+            if cfg.model == "ngram":
+                raise ValueError("an n-gram model is fitted by counting in one pass; there is nothing to resume")
+            self.read_saved()
+            tokenizer = TextTokenizer.from_json(self.saved_files[artifact.TOKENIZER], self.saved["config"]["tokenizer"],
+                                                self.saved["bos_token_id"], self.saved["eos_token_id"])
+        self.data = prepare_data(cfg, tokenizer)
+        if self.saved is not None:
+            check_resumable(self.saved, cfg, self.data.sha256)
+
+    def fit(self) -> Fitted:
+        cfg, data = self.cfg, self.data
         if cfg.model == "ngram":
-            raise ValueError("an n-gram model is fitted by counting in one pass; there is nothing to resume")
-        if cfg.workers:
-            from genserve.training.distributed import latest_checkpoint
-
-            saved, saved_files = latest_checkpoint(checkpoints, cfg.name)
-        else:
-            saved, saved_files = read_checkpoint(checkpoint_dir(store, cfg.name))
-        tokenizer = TextTokenizer.from_json(saved_files[artifact.TOKENIZER], saved["config"]["tokenizer"],
-                                            saved["bos_token_id"], saved["eos_token_id"])
-    data = prepare_data(cfg, tokenizer)
-    vocab = data.tokenizer.vocab_size
-    if saved is not None:
-        check_resumable(saved, cfg, data.sha256)
-        if saved["iteration"] > cfg.max_iters:
-            raise ValueError(f"cannot resume {cfg.name!r}: the checkpoint is at iteration {saved['iteration']}, "
-                             f"past max_iters {cfg.max_iters}")
-
-    if cfg.model == "ngram":
-        module, history, train_loss, train_seconds = _fit_ngram(cfg, data, device, progress)
-        iterations, tokens_seen = 0, int(data.train.numel())
-    else:
+            return _fit_ngram(cfg, data, self.device, self.progress)
         for split, stream in (("training", data.train), ("validation", data.validation)):
             if stream.numel() <= cfg.context_length + 1:
                 raise ValueError(f"the {split} split has {stream.numel()} tokens, too few for windows of "
                                  f"context_length {cfg.context_length}; use a shorter context or more text")
-        if cfg.workers:
-            from genserve.training.distributed import train_text_data_parallel
+        if not cfg.workers:
+            run_here = LocalRun(checkpoint_dir(self.store, cfg.name))
+            return train_network(cfg, data, self.device, run_here, self.saved, self.saved_files, self.progress)
+        worker = functools.partial(train_network, cfg, data, progress=False)
+        history, files = fit_data_parallel(worker, cfg, self.checkpoints, resume=self.saved is not None)
+        module = build_module(cfg, data.tokenizer.vocab_size).to(self.device)
+        artifact.load_module_weights(module, files[MODEL], f"checkpoint {MODEL}")
+        return Fitted(module, history, history["training_seconds"])
 
-            module, history, train_seconds = train_text_data_parallel(cfg, data, device, checkpoints,
-                                                                      resume=saved is not None)
-        else:
-            run = LocalRun(checkpoint_dir(store, cfg.name))
-            module, history, train_seconds = _train_network(cfg, data, device, run, saved, saved_files, progress)
-        iterations = cfg.max_iters
-        tokens_seen = iterations * cfg.batch_size * cfg.context_length
-        train_loss = history["evaluations"][-1]["train_loss"]
+    def evaluate(self, fitted: Fitted) -> dict[str, Any]:
+        """The NLL of the whole validation stream, every token predicted once (the module's docstring)."""
+        cfg, data = self.cfg, self.data
+        evaluation_started = time.perf_counter()
+        val_nats, val_tokens = stream_nll(fitted.module, cfg.model, data.validation.to(self.device), cfg.context_length)
+        evaluation_seconds = time.perf_counter() - evaluation_started
+        assert val_tokens == data.validation.numel() - 1, (val_tokens, data.validation.numel())
+        module = fitted.module.cpu()
+        ngram = cfg.model == "ngram"
+        metrics: dict[str, Any] = {
+            "validation_nll_nats_per_token": val_nats / val_tokens,
+            "validation_bits_per_char": val_nats / (math.log(2) * data.validation_characters),
+            "validation_tokens": val_tokens,
+            "validation_characters": data.validation_characters,
+            "train_loss": (fitted.history["by_order"] if ngram else fitted.history["evaluations"])[-1]["train_loss"],
+            "parameters": _parameters(module, cfg.model),
+            "training_seconds": round(fitted.seconds, 2),
+            "evaluation_seconds": round(evaluation_seconds, 2),
+            "tokens_seen": int(data.train.numel()) if ngram else cfg.max_iters * cfg.batch_size * cfg.context_length,
+            "iterations": 0 if ngram else cfg.max_iters,
+            "evaluation": _evaluation_method(cfg),
+        }
+        if ngram:
+            metrics["ngrams_per_order"] = module.n_ngrams()
+        return metrics
 
-    module.eval()
-    evaluation_started = time.perf_counter()
-    val_nats, val_tokens = stream_nll(module, cfg.model, data.validation.to(device), cfg.context_length)
-    evaluation_seconds = time.perf_counter() - evaluation_started
-    assert val_tokens == data.validation.numel() - 1, (val_tokens, data.validation.numel())
-    module = module.cpu()
-    metrics: dict[str, Any] = {
-        "validation_nll_nats_per_token": val_nats / val_tokens,
-        "validation_bits_per_char": val_nats / (math.log(2) * data.validation_characters),
-        "validation_tokens": val_tokens,
-        "validation_characters": data.validation_characters,
-        "train_loss": train_loss,
-        "parameters": _parameters(module, cfg.model),
-        "training_seconds": round(train_seconds, 2),
-        "evaluation_seconds": round(evaluation_seconds, 2),
-        "tokens_seen": tokens_seen,
-        "iterations": iterations,
-        "evaluation": {
-            "gpt": f"windows of {cfg.context_length} tokens, stride {max(1, (cfg.context_length or 2) // 2)}: "
-                   "each scored token has at least half a context of history",
-            "lstm": f"{LSTM_EVAL_SEGMENTS} contiguous segments, hidden state carried over chunks of "
-                    f"{LSTM_EVAL_CHUNK} tokens",
-            "ngram": "each token given its n-1 predecessors",
-        }[cfg.model],
-    }
+    def calibrate(self, fitted: Fitted, metrics: dict[str, Any]) -> dict[str, bytes]:
+        data = self.data
+        reference = fit_bigram(data.train, data.tokenizer.vocab_size)
+        calibration, items = calibrate_text(fitted.module, reference, data.tokenizer, data.validation_documents,
+                                            self.cfg.context_length if self.cfg.model == "gpt" else None)
+        metrics["anomaly_calibration_items"] = items
+        return calibration_files(calibration, reference, metrics)
+
+    def export(self, fitted: Fitted, metrics: dict[str, Any], files: dict[str, bytes]) -> Path:
+        cfg, tokenizer, module = self.cfg, self.data.tokenizer, fitted.module
+        files = {artifact.WEIGHTS: artifact.module_weights(module), artifact.TOKENIZER: tokenizer.to_json().encode(),
+                 **files, **log_files(fitted.history, _loss_curve(fitted.history, cfg))}
+        if cfg.model == "gpt" and cfg.export_onnx:
+            from genserve.training.onnx_export import check_gpt_onnx, export_gpt_onnx
+
+            prefill, decode = export_gpt_onnx(module)
+            metrics["onnx_max_abs_error"] = check_gpt_onnx(module, prefill, decode)
+            files[artifact.ONNX_PREFILL], files[artifact.ONNX_DECODE] = prefill, decode
+        metrics["total_seconds"] = round(time.perf_counter() - self.started, 2)
+        return artifact.write_artifact(
+            self.store,
+            kind=cfg.model,
+            name=cfg.name,
+            config=cfg.model_config(tokenizer.vocab_size),
+            input_spec=artifact.TextInputSpec(
+                tokenizer=tokenizer.kind, vocab_size=tokenizer.vocab_size,
+                context_length=cfg.context_length if cfg.model == "gpt" else None,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            ),
+            training={"settings": asdict(cfg), "data": self.data.description, "device": str(self.device),
+                      "torch_threads": torch.get_num_threads(), "resumed": cfg.resume},
+            metrics=metrics,
+            files=files,
+        )
+
+
+def _evaluation_method(cfg: TextTrainConfig) -> str:
+    """How `evaluate` scored the validation stream, for the manifest."""
+    if cfg.model == "gpt":
+        return (f"windows of {cfg.context_length} tokens, stride {max(1, (cfg.context_length or 2) // 2)}: "
+                "each scored token has at least half a context of history")
+    if cfg.model == "lstm":
+        return f"{LSTM_EVAL_SEGMENTS} contiguous segments, hidden state carried over chunks of {LSTM_EVAL_CHUNK} tokens"
+    return "each token given its n-1 predecessors"
+
+
+def _loss_curve(history: dict[str, Any], cfg: TextTrainConfig) -> bytes:
+    """Loss (nats/token) against iteration; the n-gram's against its order."""
     if cfg.model == "ngram":
-        metrics["ngrams_per_order"] = module.n_ngrams()
-    reference = fit_bigram(data.train, vocab)
-    calibration, calibration_items = calibrate_text(module, reference, data.tokenizer, data.validation_documents,
-                                                    cfg.context_length if cfg.model == "gpt" else None)
-    metrics["anomaly_calibration_items"] = calibration_items
-    metrics["anomaly_thresholds"] = {k: c.threshold for k, c in calibration.scores.items()}
-
-    files = {
-        artifact.WEIGHTS: artifact.module_weights(module),
-        artifact.TOKENIZER: data.tokenizer.to_json().encode(),
-        artifact.CALIBRATION: json.dumps(calibration.to_dict()).encode(),
-        **reference_files(reference),
-        LOSS_CURVE: loss_curve_png(history, cfg),
-        TRAINING_LOG: json.dumps(history, indent=1).encode(),
-    }
-    if cfg.model == "gpt" and cfg.export_onnx:
-        from genserve.training.onnx_export import check_gpt_onnx, export_gpt_onnx
-
-        prefill, decode = export_gpt_onnx(module)
-        metrics["onnx_max_abs_error"] = check_gpt_onnx(module, prefill, decode)
-        files[artifact.ONNX_PREFILL], files[artifact.ONNX_DECODE] = prefill, decode
-    metrics["total_seconds"] = round(time.perf_counter() - started, 2)
-    eos = data.tokenizer.eos_token_id
-    return artifact.write_artifact(
-        store,
-        kind=cfg.model,
-        name=cfg.name,
-        config=cfg.model_config(vocab),
-        input_spec=artifact.TextInputSpec(
-            tokenizer=data.tokenizer.kind, vocab_size=vocab,
-            context_length=cfg.context_length if cfg.model == "gpt" else None,
-            bos_token_id=data.tokenizer.bos_token_id, eos_token_id=eos,
-        ),
-        training={"settings": asdict(cfg), "data": data.description, "device": str(device),
-                  "torch_threads": torch.get_num_threads(), "resumed": cfg.resume},
-        metrics=metrics,
-        files=files,
-    )
+        return ngram_loss_curve(history, f"{cfg.name}: {cfg.order}-gram, interpolated Kneser-Ney "
+                                         f"({cfg.tokenizer} tokens)")
+    arch = (f"{cfg.n_layer} layers x {cfg.n_embd}, context {cfg.context_length}" if cfg.model == "gpt"
+            else f"{cfg.n_layer} x {cfg.hidden_size} hidden")
+    return text_loss_curve(history, f"{cfg.name}: {cfg.model.upper()} ({arch}, {cfg.tokenizer} tokens)")
 
 
 CALIBRATION_ITEMS = 2000  # most held-out paragraphs, and lines, scored to calibrate a text model
@@ -657,8 +665,10 @@ def _parameters(module: nn.Module, kind: str) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _fit_ngram(cfg: TextTrainConfig, data: TextData, device: torch.device,
-               progress: bool) -> tuple[nn.Module, dict[str, Any], float, float]:
+# ---- fitting --------------------------------------------------------------------------------------------------
+
+
+def _fit_ngram(cfg: TextTrainConfig, data: TextData, device: torch.device, progress: bool) -> Fitted:
     from genserve.models.ngram import NGramConfig, NGramLM
 
     config = NGramConfig(vocab_size=data.tokenizer.vocab_size, order=cfg.order, discount=cfg.discount)
@@ -677,154 +687,130 @@ def _fit_ngram(cfg: TextTrainConfig, data: TextData, device: torch.device,
                 row[f"{split}_loss"] = nats / max(count, 1)
             by_order.append(row)
             bar(k, {"loss": row["train_loss"], "val": row["validation_loss"]})
-    history = {"kind": "ngram", "sample_tokens": NGRAM_CURVE_TOKENS, "by_order": by_order}
-    return model, history, by_order[-1]["train_loss"], seconds
+    return Fitted(model, {"kind": "ngram", "sample_tokens": NGRAM_CURVE_TOKENS, "by_order": by_order}, seconds)
 
 
-def _train_network(cfg: TextTrainConfig, data: TextData, device: torch.device, run: LocalRun,
-                   saved: dict[str, Any] | None, saved_files: dict[str, bytes] | None,
-                   progress: bool) -> tuple[nn.Module, dict[str, Any], float]:
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed % 2**32)
-    model = build_module(cfg, data.tokenizer.vocab_size).to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    stepped = run.wrap(model)  # forward and backward; `model` itself evaluates and is saved
-    batches = torch.Generator().manual_seed(cfg.seed)  # training windows
-    evals = torch.Generator().manual_seed(cfg.seed + 1)  # loss estimates, apart so they never change training
-    generators = {"batches": batches, "evals": evals}
-    train, validation = data.train.to(device), data.validation.to(device)
-    history: dict[str, Any] = {"kind": cfg.model, "train": [], "evaluations": [], "training_seconds": 0.0}
-    start = 0
-    if saved is not None:
-        restore_checkpoint(saved, saved_files, model, optimizer, generators, device)
-        start, history = saved["iteration"], saved["history"]
-        history.setdefault("resumed_at", []).append(start)
-
-    comparable = _comparable(cfg)
-    # Decided before the loop from what every process loaded alike: all of them must checkpoint together.
-    final_evaluation = start >= cfg.max_iters and (
-        not history["evaluations"] or history["evaluations"][-1]["iter"] != cfg.max_iters)
-
-    def checkpoint(iteration: int) -> str:
-        history["training_seconds"] = elapsed()
-        return run.checkpoint(lambda directory: write_checkpoint(directory, model, optimizer, generators, {
-            "iteration": iteration, "config": comparable, "data_sha256": data.sha256, "history": history,
-            "bos_token_id": data.tokenizer.bos_token_id, "eos_token_id": data.tokenizer.eos_token_id,
-        }, {artifact.TOKENIZER: data.tokenizer.to_json().encode()}), {"iteration": iteration, **(last_eval or {})})
-
-    clock = time.perf_counter()
-    offset = history["training_seconds"]
-
-    def elapsed() -> float:
-        return offset + time.perf_counter() - clock
-
-    def evaluate(iteration: int) -> dict[str, Any]:
-        row = {"iter": iteration, "train_loss": estimate_loss(model, train, cfg, evals),
-               "validation_loss": estimate_loss(model, validation, cfg, evals), "seconds": round(elapsed(), 2)}
-        history["evaluations"].append(row)
-        return row
-
-    model.train()
-    tokens_per_iter = cfg.batch_size * cfg.context_length
-    last_eval = history["evaluations"][-1] if history["evaluations"] else None
-    bar_ = progress_bar(progress, f"{cfg.model} {cfg.name}", cfg.max_iters, TEXT_FIELDS, start)
-    with bar_ as bar, _stop_on_sigint() as stop:
-        window_start, window_iters = time.perf_counter(), 0
-        iteration, where = start, ""
-        for iteration in range(start + 1, cfg.max_iters + 1):
-            lr = learning_rate(cfg, iteration - 1)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            # Every process draws the same global batch (one generator, saved in the checkpoint) and takes its share.
-            x, y = run.shard(*random_windows(train, cfg.batch_size, cfg.context_length, batches))
-            _, loss = stepped(x, y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # distributed: the gradients are averaged over the processes here
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            loss_value = float(run.mean(loss.detach()))
-            history["train"].append([iteration, loss_value])
-            window_iters += 1
-            if run.chief and (iteration % cfg.eval_interval == 0 or iteration == cfg.max_iters):
-                last_eval = evaluate(iteration)
-                model.train()
-            if iteration % cfg.checkpoint_interval == 0 or iteration == cfg.max_iters:
-                where = checkpoint(iteration)
-            now = time.perf_counter()
-            if now - window_start > 2.0 or iteration == cfg.max_iters:
-                rate = window_iters * tokens_per_iter / (now - window_start)
-                window_start, window_iters = now, 0
-            else:
-                rate = None
-            bar(iteration, {"loss": loss_value, "val": last_eval["validation_loss"] if last_eval else None,
-                            "tok/s": rate})
-            if stop.is_set():
-                if iteration % cfg.checkpoint_interval and iteration != cfg.max_iters:
-                    where = checkpoint(iteration)
-                raise KeyboardInterrupt(f"stopped at iteration {iteration}; checkpoint written to {where}, "
-                                        "continue with --resume")
-        if final_evaluation:  # a resumed run that had already finished, or max_iters lowered
-            if run.chief:
-                last_eval = evaluate(cfg.max_iters)
-            checkpoint(cfg.max_iters)
-    history["training_seconds"] = elapsed()
-    return model, history, history["training_seconds"]
+def train_network(cfg: TextTrainConfig, data: TextData, device: torch.device, run: LocalRun | RayTrainRun,
+                  saved: dict[str, Any] | None, saved_files: dict[str, bytes] | None, progress: bool) -> Fitted:
+    """Train a GPT or LSTM to cfg.max_iters, from the checkpoint `saved` if given. `run` says how the loop runs:
+    in this process (checkpoints.LocalRun) or as one Ray Train worker of several (distributed.RayTrainRun; this
+    function is then the worker function a distributed run hands Ray Train)."""
+    return _NetworkFit(cfg, data, device, run, saved, saved_files).train(progress)
 
 
-@contextlib.contextmanager
-def _stop_on_sigint() -> Iterator[threading.Event]:
-    """The first Ctrl-C asks the loop to checkpoint and stop after the current iteration; a second one interrupts
-    at once. Only in the main thread (signal handlers cannot be set elsewhere)."""
-    stop = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield stop
-        return
-    previous = signal.getsignal(signal.SIGINT)
+class _NetworkFit:
+    """One text network's training loop and what it carries between iterations: the module, AdamW, the random
+    generators and the history, all of which a checkpoint saves."""
 
-    def handler(signum: int, frame: Any) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        stop.set()
+    def __init__(self, cfg: TextTrainConfig, data: TextData, device: torch.device, run: LocalRun | RayTrainRun,
+                 saved: dict[str, Any] | None, saved_files: dict[str, bytes] | None) -> None:
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        self.cfg, self.data, self.run = cfg, data, run
+        self.model = build_module(cfg, data.tokenizer.vocab_size).to(device)
+        self.optimizer = make_optimizer(self.model, cfg, device)
+        self.stepped = run.wrap(self.model)  # forward and backward; `model` itself evaluates and is saved
+        # Training windows; loss estimates draw from a generator of their own, so they never change training.
+        self.generators = {"batches": torch.Generator().manual_seed(cfg.seed),
+                           "evals": torch.Generator().manual_seed(cfg.seed + 1)}
+        self.train_stream, self.validation = data.train.to(device), data.validation.to(device)
+        self.history: dict[str, Any] = {"kind": cfg.model, "train": [], "evaluations": [], "training_seconds": 0.0}
+        self.start = 0
+        if saved is not None:
+            restore_checkpoint(saved, saved_files, self.model, self.optimizer, self.generators, device)
+            self.start, self.history = saved["iteration"], saved["history"]
+            self.history.setdefault("resumed_at", []).append(self.start)
+        self.comparable = comparable_settings(cfg, RESUME_MAY_DIFFER)
+        self.last_eval = self.history["evaluations"][-1] if self.history["evaluations"] else None
+        self.where = ""  # where the last checkpoint went
+        self.clock, self.offset = time.perf_counter(), self.history["training_seconds"]
 
-    signal.signal(signal.SIGINT, handler)
-    try:
-        yield stop
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    def train(self, progress: bool) -> Fitted:
+        cfg = self.cfg
+        # Decided before the loop from what every process loaded alike: all of them must checkpoint together.
+        final_evaluation = self.start >= cfg.max_iters and (
+            self.last_eval is None or self.last_eval["iter"] != cfg.max_iters)
+        self.model.train()
+        rate = _TokenRate(cfg.batch_size * cfg.context_length)
+        bar_ = progress_bar(progress, f"{cfg.model} {cfg.name}", cfg.max_iters, TEXT_FIELDS, self.start)
+        with bar_ as bar, stop_on_sigint() as stop:
+            for iteration in range(self.start + 1, cfg.max_iters + 1):
+                loss = self._step(iteration)
+                last = iteration == cfg.max_iters
+                if self.run.chief and (iteration % cfg.eval_interval == 0 or last):
+                    self._evaluate(iteration)
+                if iteration % cfg.checkpoint_interval == 0 or last:
+                    self.where = self._checkpoint(iteration)
+                bar(iteration, {"loss": loss, "val": self.last_eval["validation_loss"] if self.last_eval else None,
+                                "tok/s": rate.tick(last)})
+                if stop.is_set():
+                    if iteration % cfg.checkpoint_interval and not last:
+                        self.where = self._checkpoint(iteration)
+                    raise KeyboardInterrupt(f"stopped at iteration {iteration}; checkpoint written to {self.where}, "
+                                            "continue with --resume")
+            if final_evaluation:  # a resumed run that had already finished, or max_iters lowered
+                if self.run.chief:
+                    self._evaluate(cfg.max_iters)
+                self._checkpoint(cfg.max_iters)
+        self.history["training_seconds"] = self._elapsed()
+        return Fitted(self.model, self.history, self.history["training_seconds"])
+
+    def _step(self, iteration: int) -> float:
+        """One AdamW step on a global batch of random windows; the batch's loss, averaged over the processes."""
+        cfg = self.cfg
+        lr = learning_rate(cfg, iteration - 1)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        # Every process draws the same global batch (one generator, saved in the checkpoint) and takes its share.
+        windows = random_windows(self.train_stream, cfg.batch_size, cfg.context_length, self.generators["batches"])
+        _, loss = self.stepped(*self.run.shard(*windows))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()  # distributed: the gradients are averaged over the processes here
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        loss_value = float(self.run.mean(loss.detach()))
+        self.history["train"].append([iteration, loss_value])
+        return loss_value
+
+    def _evaluate(self, iteration: int) -> None:
+        """Estimate the train and validation losses (on random windows of the evaluation generator)."""
+        model, cfg, evals = self.model, self.cfg, self.generators["evals"]
+        self.last_eval = {"iter": iteration, "train_loss": estimate_loss(model, self.train_stream, cfg, evals),
+                          "validation_loss": estimate_loss(model, self.validation, cfg, evals),
+                          "seconds": round(self._elapsed(), 2)}
+        self.history["evaluations"].append(self.last_eval)
+
+    def _checkpoint(self, iteration: int) -> str:
+        """Write a checkpoint (the tokenizer with it, which a resumed run must share); returns where it went."""
+        self.history["training_seconds"] = self._elapsed()
+        tokenizer = self.data.tokenizer
+        state = {"iteration": iteration, "config": self.comparable, "data_sha256": self.data.sha256,
+                 "history": self.history, "bos_token_id": tokenizer.bos_token_id,
+                 "eos_token_id": tokenizer.eos_token_id}
+        files = {artifact.TOKENIZER: tokenizer.to_json().encode()}
+        return self.run.checkpoint(
+            lambda directory: write_checkpoint(directory, self.model, self.optimizer, self.generators, state, files),
+            {"iteration": iteration, **(self.last_eval or {})})
+
+    def _elapsed(self) -> float:
+        """Training seconds, those of the run a checkpoint resumed included."""
+        return self.offset + time.perf_counter() - self.clock
 
 
-# ---- the plot -------------------------------------------------------------------------------------------------
+class _TokenRate:
+    """Tokens per second for the progress bar, over windows of at least two seconds."""
 
+    def __init__(self, tokens_per_iter: int) -> None:
+        self.tokens_per_iter = tokens_per_iter
+        self.start, self.iters = time.perf_counter(), 0
 
-def loss_curve_png(history: dict[str, Any], cfg: TextTrainConfig) -> bytes:
-    """Training and validation loss (nats/token) against iteration (the n-gram: against its order), as PNG."""
-
-    def draw(ax) -> None:
-        if cfg.model == "ngram":
-            rows = history["by_order"]
-            orders = [r["order"] for r in rows]
-            ax.plot(orders, [r["train_loss"] for r in rows], "o-", label="train")
-            ax.plot(orders, [r["validation_loss"] for r in rows], "o-", label="validation")
-            ax.set_xlabel(f"n-gram order (first {history['sample_tokens']:,} tokens of each split)")
-            ax.set_xticks(orders)
-            title = f"{cfg.name}: {cfg.order}-gram, interpolated Kneser-Ney ({cfg.tokenizer} tokens)"
-        else:
-            train = np.array(history["train"], dtype=float).reshape(-1, 2)
-            evals = history["evaluations"]
-            if len(train):
-                ax.plot(train[:, 0], train[:, 1], lw=0.6, alpha=0.35, color="C0", label="train (batch)")
-            ax.plot([e["iter"] for e in evals], [e["train_loss"] for e in evals], "o-", color="C0", ms=3,
-                    label="train (estimate)")
-            ax.plot([e["iter"] for e in evals], [e["validation_loss"] for e in evals], "o-", color="C1", ms=3,
-                    label="validation (estimate)")
-            ax.set_xlabel("iteration")
-            arch = (f"{cfg.n_layer} layers x {cfg.n_embd}, context {cfg.context_length}" if cfg.model == "gpt"
-                    else f"{cfg.n_layer} x {cfg.hidden_size} hidden")
-            title = f"{cfg.name}: {cfg.model.upper()} ({arch}, {cfg.tokenizer} tokens)"
-        ax.set_ylabel("loss (nats/token)")
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend()
-
-    return figure_png(draw)
+    def tick(self, last: bool) -> float | None:
+        """Count one iteration; the rate when a window ends (or the run does), else None (the bar keeps its last)."""
+        self.iters += 1
+        now = time.perf_counter()
+        if now - self.start <= 2.0 and not last:
+            return None
+        rate = self.iters * self.tokens_per_iter / (now - self.start)
+        self.start, self.iters = now, 0
+        return rate

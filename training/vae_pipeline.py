@@ -15,10 +15,9 @@ request uses unless it asks for another, drawn from a fixed seed. The artifact s
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +25,12 @@ import numpy as np
 import torch
 
 from genserve.artifacts import artifact
-from genserve.artifacts.calibration import CalibrationSet
-from genserve.artifacts.reference import fit_local_pixels, reference_files
-from genserve.artifacts.scores import compute_scores, png_bits
 from genserve.models.vae import ConvVAE, VAEConfig, beta_elbo_loss, kl_weight
-from genserve.training.image_data import DATASETS, ImageSplit, training_data
-from genserve.training.image_pipeline import grid_png
-from genserve.training.runs import figure_png, pick_device, progress_bar, threads_for
-from genserve.training.text_pipeline import LOSS_CURVE, TRAINING_LOG
+from genserve.training.image_data import DATASETS, ImageSplit
+from genserve.training.latent import SCORE_SEED, BoundImageRun, importance_bound
+from genserve.training.loop import BestEpoch, Fitted, optimizer_step, pick_device, run_family, threads_for
+from genserve.training.reporting import progress_bar, vae_loss_curve
 
-SCORE_SEED = 0  # the importance samples of calibration (and of served requests that give no seed)
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "tiny": {d: dict(arch=dict(latent_dim=4, channels=8, hidden=32), epochs=2, batch_size=64, learning_rate=3e-3,
                      warmup_epochs=1, eval_ks=(1, 10)) for d in DATASETS},
@@ -93,13 +88,7 @@ def train_vae(cfg: VAETrainConfig, store: Path, progress: bool = True) -> Path:
     cfg = cfg.resolved()
     device = pick_device(cfg.device)
     with threads_for(device, cfg.threads):
-        return _train_vae(cfg, store, device, progress)
-
-
-def _bound(model: ConvVAE, images: np.ndarray, k: int, device: torch.device, seed: int = SCORE_SEED) -> np.ndarray:
-    generator = torch.Generator(device=device).manual_seed(seed)
-    x = torch.from_numpy(images).to(device)
-    return model.importance_bound(x, k, generator).double().cpu().numpy()
+        return run_family(VAERun(cfg, store, device, progress))
 
 
 def _elbo(model: ConvVAE, images: np.ndarray, device: torch.device, seed: int = SCORE_SEED) -> np.ndarray:
@@ -108,66 +97,40 @@ def _elbo(model: ConvVAE, images: np.ndarray, device: torch.device, seed: int = 
         return model.elbo(torch.from_numpy(images).to(device), generator)[0].double().cpu().numpy()
 
 
-def _train_vae(cfg: VAETrainConfig, store: Path, device: torch.device, progress: bool) -> Path:
-    started = time.perf_counter()
-    data, train = training_data(cfg.dataset, cfg.exclude_classes, cfg.max_train_images)
-    torch.manual_seed(cfg.seed)
-    config = VAEConfig(height=data.height, width=data.width, levels=data.levels, **cfg.architecture)
-    model = ConvVAE(config).to(device)
-    history, seconds = _fit(cfg, model, train, data.validation, device, progress)
+class VAERun(BoundImageRun):
+    """The VAE's pieces of the shared run (training/loop.py); the rest are latent.BoundImageRun's."""
 
-    model.eval()
-    n_pixels = model.n_pixels
-    bits = n_pixels * math.log(2)
-    test = data.test.images
-    metrics: dict[str, Any] = {"test_elbo_nats": float(_elbo(model, test, device).mean())}
-    metrics["test_importance_weighted_nats"] = {str(k): float(_bound(model, test, k, device).mean())
-                                                for k in cfg.eval_ks}
-    best_k = str(max(cfg.eval_ks))
-    metrics["test_nll_bound_nats"] = -metrics["test_importance_weighted_nats"][best_k]  # an upper bound on the NLL
-    metrics["test_bits_per_dim_bound"] = metrics["test_nll_bound_nats"] / bits
-    metrics["test_elbo_bits_per_dim"] = -metrics["test_elbo_nats"] / bits
-    val = data.validation.images
-    val_lp = _bound(model, val, cfg.score_samples, device)
-    reference = fit_local_pixels(train.images, data.levels)
-    calibration = CalibrationSet.fit(compute_scores(
-        "image", val_lp, n_pixels, reference_log_prob=reference.log_prob(torch.from_numpy(val)).numpy(),
-        complexity_bits=png_bits(val, data.levels)))
-    model = model.cpu()
-    grid = grid_png(model.sample(cfg.grid_size**2, torch.Generator().manual_seed(cfg.seed)).numpy(), data.levels,
-                    cfg.grid_size)
-    metrics.update({
-        "validation_bound_nats": float(val_lp.mean()),
-        "score_samples": cfg.score_samples,
-        "anomaly_thresholds": {k: c.threshold for k, c in calibration.scores.items()},
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "epochs": cfg.epochs,
-        "best_epoch": history["best_epoch"],
-        "training_seconds": round(seconds, 2),
-        "train_images": len(train.images),
-        "total_seconds": round(time.perf_counter() - started, 2),
-    })
-    files = {
-        artifact.WEIGHTS: artifact.module_weights(model),
-        artifact.CALIBRATION: json.dumps(calibration.to_dict()).encode(),
-        **reference_files(reference),
-        artifact.SAMPLES_PNG: grid,
-        LOSS_CURVE: loss_curve_png(history, cfg),
-        TRAINING_LOG: json.dumps(history, indent=1).encode(),
-    }
-    return artifact.write_artifact(
-        store, kind="vae", name=cfg.name, config=asdict(config),
-        input_spec=artifact.ImageInputSpec(height=data.height, width=data.width, levels=data.levels, n_classes=0),
-        training={"settings": {**asdict(cfg), "eval_ks": list(cfg.eval_ks)}, "data": data.description,
-                  "split": {"train": len(train.images), "validation": len(val), "test": len(test),
-                            "rule": "stratified 80/10/10, seed 0"},
-                  "device": str(device), "torch_threads": torch.get_num_threads()},
-        metrics=metrics, files=files, density="bound",
-    )
+    kind = "vae"
+
+    def fit(self) -> Fitted:
+        cfg, data = self.cfg, self.data
+        torch.manual_seed(cfg.seed)
+        model = ConvVAE(VAEConfig(height=data.height, width=data.width, levels=data.levels, **cfg.architecture))
+        model = model.to(self.device)
+        history, seconds = _fit(cfg, model, self.train, data.validation, self.device, self.progress)
+        return Fitted(model, history, seconds)
+
+    def evaluate(self, fitted: Fitted) -> dict[str, Any]:
+        """The test split's ELBO and importance-weighted bounds (nats, bits/dim), then the validation bound."""
+        cfg, model, device = self.cfg, fitted.module, self.device
+        bits = model.n_pixels * math.log(2)
+        test = self.data.test.images
+        metrics: dict[str, Any] = {"test_elbo_nats": float(_elbo(model, test, device).mean())}
+        metrics["test_importance_weighted_nats"] = {str(k): float(importance_bound(model, test, k, device).mean())
+                                                    for k in cfg.eval_ks}
+        best_k = str(max(cfg.eval_ks))
+        metrics["test_nll_bound_nats"] = -metrics["test_importance_weighted_nats"][best_k]  # an upper bound on the NLL
+        metrics["test_bits_per_dim_bound"] = metrics["test_nll_bound_nats"] / bits
+        metrics["test_elbo_bits_per_dim"] = -metrics["test_elbo_nats"] / bits
+        return {**metrics, **self.validation_metrics(model)}
+
+    def loss_curve(self, history: dict[str, Any]) -> bytes:
+        return vae_loss_curve(history, f"{self.cfg.name}: VAE, latent {self.cfg.architecture['latent_dim']}")
 
 
 def _fit(cfg: VAETrainConfig, model: ConvVAE, train: ImageSplit, validation: ImageSplit, device: torch.device,
          progress: bool) -> tuple[dict[str, Any], float]:
+    """Adam on the beta-ELBO, beta rising over the warm-up; ends with the best epoch's weights after it."""
     images = torch.from_numpy(train.images).to(device)
     generator = torch.Generator().manual_seed(cfg.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
@@ -175,7 +138,7 @@ def _fit(cfg: VAETrainConfig, model: ConvVAE, train: ImageSplit, validation: Ima
     warmup_steps = cfg.warmup_epochs * steps_per_epoch
     history: dict[str, Any] = {"n_pixels": model.n_pixels, "train": [], "epochs": [], "best_epoch": 0,
                                "warmup_steps": warmup_steps}
-    best_state, best_val, seconds, step = None, -math.inf, 0.0, 0
+    best, seconds, step = BestEpoch(history, maximise=True, keep_first=True), 0.0, 0
     shown = {"loss": ("-elbo {}", ".1f"), "val": ("val elbo {}", ".1f")}
     with progress_bar(progress, f"vae {cfg.name}", cfg.epochs * steps_per_epoch, shown) as bar:
         for epoch in range(1, cfg.epochs + 1):
@@ -186,10 +149,7 @@ def _fit(cfg: VAETrainConfig, model: ConvVAE, train: ImageSplit, validation: Ima
                 beta = kl_weight(step, warmup_steps)
                 loss, reconstruction, kl = beta_elbo_loss(model, images[order[i * cfg.batch_size:
                                                                              (i + 1) * cfg.batch_size]], beta)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
+                optimizer_step(optimizer, loss, model.parameters(), cfg.grad_clip)
                 step += 1
                 history["train"].append([step, float(reconstruction.detach()), float(kl.detach()), beta])
                 bar(step, {"loss": float((kl - reconstruction).detach())})
@@ -200,33 +160,8 @@ def _fit(cfg: VAETrainConfig, model: ConvVAE, train: ImageSplit, validation: Ima
                                       "seconds": round(seconds, 2)})
             bar(step, {"val": val})
             # Only epochs that optimised the ELBO itself (after the warm-up) compete; the last one if none did.
-            eligible = step >= warmup_steps or epoch == cfg.epochs
-            if eligible and (val > best_val or best_state is None):
-                best_val, history["best_epoch"] = val, epoch
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(best_state)
+            if step >= warmup_steps or epoch == cfg.epochs:
+                best.offer(model, epoch, val)
+    best.restore(model)
     history["training_seconds"] = round(seconds, 2)
     return history, seconds
-
-
-def loss_curve_png(history: dict[str, Any], cfg: VAETrainConfig) -> bytes:
-    """The two terms of the ELBO by step (-E_q log p(x|z) and the KL, nats per image), the validation ELBO's
-    negative by epoch, and the KL weight."""
-
-    def draw(ax) -> None:
-        rows = np.array(history["train"], dtype=float).reshape(-1, 4)
-        if len(rows):
-            ax.plot(rows[:, 0], -rows[:, 1], lw=0.6, alpha=0.6, label="reconstruction -E log p(x|z)")
-            ax.plot(rows[:, 0], rows[:, 2], lw=0.6, alpha=0.6, label="KL(q(z|x) || p(z))")
-        epochs = history["epochs"]
-        ax.plot([e["step"] for e in epochs], [-e["validation_elbo"] for e in epochs], "o-", ms=3,
-                label="validation -ELBO")
-        if history["warmup_steps"]:
-            ax.axvline(history["warmup_steps"], color="grey", lw=0.8, ls="--", label="KL warm-up ends")
-        ax.set_xlabel("step")
-        ax.set_ylabel("nats per image")
-        ax.set_title(f"{cfg.name}: VAE, latent {cfg.architecture['latent_dim']}", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-
-    return figure_png(draw)

@@ -10,16 +10,9 @@ from safetensors.torch import load as load_safetensors
 
 from genserve.artifacts import artifact as art
 from genserve.models.gan import Discriminator, GANConfig, build_generator
-from genserve.training.gan_pipeline import (
-    DISCRIMINATOR_WEIGHTS,
-    LOSS_CURVE,
-    PRESETS,
-    TRAINING_LOG,
-    GANTrainConfig,
-    sample_grid,
-    train_gan,
-)
+from genserve.training.gan_pipeline import DISCRIMINATOR_WEIGHTS, PRESETS, GANTrainConfig, sample_grid, train_gan
 from genserve.training.image_data import DATASETS, load_digits
+from genserve.training.reporting import LOSS_CURVE, TRAINING_LOG
 
 torch.set_num_threads(1)
 

@@ -10,7 +10,7 @@ from genserve.artifacts import artifact as art
 from genserve.artifacts.calibration import CalibrationSet
 from genserve.models.registry import build_image_model
 from genserve.training.image_data import load_digits
-from genserve.training.image_pipeline import ImageTrainConfig, grid_png, train_image
+from genserve.training.image_pipeline import ImageTrainConfig, train_image
 
 torch.set_num_threads(1)
 
@@ -65,14 +65,6 @@ def test_bad_settings_are_named(tmp_path):
     with pytest.raises(ValueError, match="no architecture fields"):
         train_image(ImageTrainConfig(model="fvsbn", dataset="digits", name="x", architecture={"width": 3}),
                     tmp_path, progress=False)
-
-
-def test_grid_png_scales_levels_to_8_bits():
-    images = np.array([[[0, 16], [8, 16]]] * 3)
-    png = Image.open(io.BytesIO(grid_png(images, levels=17, columns=2, scale=1, pad=1)))
-    pixels = np.asarray(png)
-    assert pixels.shape == (2 * 3 + 1, 2 * 3 + 1)
-    assert pixels[1:3, 1:3].tolist() == [[0, 255], [128, 255]]
 
 
 @pytest.mark.parametrize("preset", ["tiny", "default", "gpu"])

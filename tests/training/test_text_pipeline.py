@@ -19,6 +19,8 @@ from genserve.artifacts.reference import REFERENCE_CONFIG, REFERENCE_WEIGHTS
 from genserve.models.lm import sequence_log_probs
 from genserve.service.cli import app
 from genserve.service.text_runtime import load_text_model
+from genserve.training.checkpoints import checkpoint_dir
+from genserve.training.reporting import LOSS_CURVE, TRAINING_LOG
 from genserve.training.text_pipeline import TextTrainConfig, train_text
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -65,7 +67,7 @@ def test_each_model_kind_trains_and_loads(corpus, trained, model):
     loaded = load_text_model(trained[model], runtime="torch", device="cpu")
     manifest = loaded.artifact.manifest
     assert manifest.kind == model
-    expected_files = {art.WEIGHTS, art.TOKENIZER, tp.LOSS_CURVE, tp.TRAINING_LOG, art.CALIBRATION,
+    expected_files = {art.WEIGHTS, art.TOKENIZER, LOSS_CURVE, TRAINING_LOG, art.CALIBRATION,
                       REFERENCE_WEIGHTS, REFERENCE_CONFIG}
     if model == "gpt":
         expected_files |= {art.ONNX_PREFILL, art.ONNX_DECODE}
@@ -96,8 +98,8 @@ def test_each_model_kind_trains_and_loads(corpus, trained, model):
         assert m["iterations"] == s["max_iters"] == 20
         assert m["tokens_seen"] == 20 * s["batch_size"] * s["context_length"]
 
-    assert loaded.artifact.contents[tp.LOSS_CURVE].startswith(PNG_SIGNATURE)
-    log = json.loads(loaded.artifact.contents[tp.TRAINING_LOG])
+    assert loaded.artifact.contents[LOSS_CURVE].startswith(PNG_SIGNATURE)
+    log = json.loads(loaded.artifact.contents[TRAINING_LOG])
     if model == "ngram":
         assert [row["order"] for row in log["by_order"]] == [1, 2, 3]
     else:
@@ -128,7 +130,7 @@ def test_resume_gives_the_same_weights(corpus, trained, tmp_path):
     straight = trained["gpt"]  # 20 iterations in one run
     # Stopped at 10 (the schedule is that of 20 iterations), then resumed to 20.
     train_text(tiny(corpus, "resumed", max_iters=10, lr_decay_iters=20), tmp_path, progress=False)
-    checkpoint = tp.checkpoint_dir(tmp_path, "resumed")
+    checkpoint = checkpoint_dir(tmp_path, "resumed")
     assert {p.name for p in checkpoint.iterdir()} >= {"model.safetensors", "optimizer.safetensors", "state.json"}
     state = json.loads((checkpoint / "state.json").read_text())
     assert state["iteration"] == 10
@@ -140,9 +142,9 @@ def test_resume_gives_the_same_weights(corpus, trained, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    log = json.loads((resumed / tp.TRAINING_LOG).read_text())
+    log = json.loads((resumed / TRAINING_LOG).read_text())
     assert log["resumed_at"] == [10] and len(log["train"]) == 20
-    assert json.loads((straight / tp.TRAINING_LOG).read_text())["train"] == log["train"]
+    assert json.loads((straight / TRAINING_LOG).read_text())["train"] == log["train"]
     # The store lists the models, never the checkpoints beside them.
     assert set(art.list_models(tmp_path)) == {"resumed"}
 

@@ -57,7 +57,7 @@ def test_training_lowers_the_bound_and_k_tightens_it(tmp_path) -> None:
 
 
 def test_genserve_score_local_scores_images_with_the_vaes_bound(tmp_path) -> None:
-    from genserve.service.latent import LatentModel
+    from genserve.service.latent import load_latent_model
     from genserve.service.local import LocalScorer
     from genserve.training.image_data import load_digits
 
@@ -65,5 +65,5 @@ def test_genserve_score_local_scores_images_with_the_vaes_bound(tmp_path) -> Non
     images = load_digits().test.images[:5]
     scored = LocalScorer(path).anomaly(images=images, score="nll")
     assert scored.density == "bound" and len(scored.results) == 5
-    bound = LatentModel(str(path), "cpu").bound(images)  # the calibration's K, seed 0
+    bound = load_latent_model(str(path), device="cpu").runtime.bound(images)  # the calibration's K, seed 0
     np.testing.assert_allclose([r.log_prob for r in scored.results], bound)
