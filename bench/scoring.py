@@ -30,10 +30,11 @@ from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.mixture import GaussianMixture as SkGaussianMixture
 
 from bench.common import Goal, Report, interleaved_seconds, load_average, load_note, ratio, table
+from genserve.artifacts.families import IMAGE_KINDS
 from genserve.models.image import ImageModel
-from genserve.models.registry import IMAGE_KINDS, build_image_model
+from genserve.models.registry import build_image_model
 from genserve.service.image_runtime import OnnxImageRuntime, TorchImageRuntime, image_probe
-from genserve.service.runtime import OnnxDensityRuntime, TorchDensityRuntime, choose_faster, density_probe
+from genserve.service.runtime import OnnxRecordsRuntime, TorchRecordsRuntime, choose_faster, records_probe
 from genserve.training.em import EMSettings, initial_model, run_em
 from genserve.training.image_data import load_image_dataset
 from genserve.training.image_pipeline import PRESETS
@@ -72,9 +73,9 @@ def gmm_scorer(name: str, data: np.ndarray, k: int) -> Scorer:
     settings = EMSettings(covariance_type="full", max_iter=50, n_init=1)
     model = run_em(initial_model(z, k, settings, torch.Generator().manual_seed(0)), z, settings).model
     graph = export_onnx(model, z[:4], "records", ["log_prob", "resp"])
-    runtimes = {"torch": TorchDensityRuntime(model, "cpu"), "onnx": OnnxDensityRuntime(graph, "cpu")}
+    runtimes = {"torch": TorchRecordsRuntime(model, "cpu"), "onnx": OnnxRecordsRuntime(graph, "cpu")}
     return Scorer(f"GMM {name} ({x.shape[1]} features), K={k} full, float64", "records", runtimes,
-                  lambda rt, b: rt.log_prob(rows_of(x, b)), density_probe(model),
+                  lambda rt, b: rt.log_prob(rows_of(x, b)), records_probe(model),
                   "fitted by 50 EM iterations on the standardised data")
 
 
@@ -156,7 +157,7 @@ def scoring_section(quick: bool) -> tuple[list[str], list[Goal]]:
         "## Density scoring: torch eager vs ONNX Runtime (CPU)",
         "",
         "Exact log p(x) throughput (records or images per second) of the service's own runtimes "
-        "(`TorchDensityRuntime` / `OnnxDensityRuntime`, `TorchImageRuntime` / `OnnxImageRuntime`), numpy in and "
+        "(`TorchRecordsRuntime` / `OnnxRecordsRuntime`, `TorchImageRuntime` / `OnnxImageRuntime`), numpy in and "
         "out, both with as many threads as torch has; median seconds per call, the two timed in turns. "
         "ONNX / torch above 1 means ONNX Runtime is faster.",
         "",

@@ -126,7 +126,7 @@ def precision_cholesky(covariances: torch.Tensor, covariance_type: CovarianceTyp
     if covariance_type == "diag":
         return covariances.rsqrt()
     chol = torch.linalg.cholesky(covariances)
-    eye = torch.eye(covariances.shape[-1], dtype=covariances.dtype).expand_as(covariances)
+    eye = torch.eye(covariances.shape[-1], dtype=covariances.dtype, device=covariances.device).expand_as(covariances)
     return torch.linalg.solve_triangular(chol, eye, upper=False).transpose(-1, -2)
 
 
@@ -201,7 +201,7 @@ def m_step(
         # faster than an einsum over the same (K, N, D) tensor, and than one product per component).
         diff = z.unsqueeze(0) - means.unsqueeze(1)  # (K, N, D)
         cov = torch.bmm((diff * resp.T.unsqueeze(-1)).transpose(1, 2), diff)
-        eye = torch.eye(z.shape[1], dtype=z.dtype)
+        eye = torch.eye(z.shape[1], dtype=z.dtype, device=z.device)
         cov = cov / nk.view(-1, 1, 1) + (reg_covar / nk).view(-1, 1, 1) * eye
     return nk / n, means, cov
 
@@ -209,7 +209,7 @@ def m_step(
 def log_prior(model: GaussianMixture, reg_covar: float) -> torch.Tensor:
     """log p(theta) up to a constant for the covariance prior that `m_step` maximises under."""
     if reg_covar == 0:
-        return torch.zeros((), dtype=model.means.dtype)
+        return torch.zeros((), dtype=model.means.dtype, device=model.means.device)
     p = model.precision_chol
     trace_precision = (p * p).sum()  # tr(P P^T) = ||P||_F^2, also right for the diagonal case
     return -0.5 * reg_covar * trace_precision

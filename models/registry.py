@@ -16,7 +16,6 @@ IMAGE_MODELS: dict[str, tuple[str, str, str]] = {
     "nade": ("genserve.models.nade", "NADEConfig", "NADE"),
     "fvsbn": ("genserve.models.fvsbn", "FVSBNConfig", "FVSBN"),
 }
-IMAGE_KINDS = frozenset(IMAGE_MODELS)
 
 
 def image_classes(kind: str) -> tuple[type, type[ImageModel]]:
@@ -54,7 +53,6 @@ RECORDS_MODELS: dict[str, tuple[str, str, str]] = {
     "realnvp": ("genserve.models.flow", "RealNVPConfig", "RealNVP"),
     "made-mog": ("genserve.models.made_mog", "MADEMoGConfig", "MADEMoG"),
 }
-RECORDS_KINDS = frozenset(RECORDS_MODELS)
 
 
 def build_records_model(kind: str, config: dict[str, Any]) -> Any:
@@ -71,7 +69,6 @@ LATENT_MODELS: dict[str, tuple[str, str, str]] = {
     # artifact's input type tells them apart). Exact for the continuous variable, a bound for discrete images.
     "realnvp": ("genserve.models.image_flow", "ImageFlowConfig", "ImageRealNVP"),
 }
-LATENT_KINDS = frozenset(LATENT_MODELS)
 
 
 def build_latent_model(kind: str, config: dict[str, Any]) -> Any:

@@ -144,9 +144,10 @@ def train_text_command(
                                                      "checkpoints go to STORE/.checkpoints/ray/NAME/")] = 0,
 ) -> None:
     """A language model on text: GPT, char LSTM or n-gram, with an exact validation NLL in bits per character."""
-    from genserve.training.text_pipeline import MODEL_KINDS, PRESETS, TextTrainConfig, train_text
+    from genserve.artifacts.families import TEXT_KINDS
+    from genserve.training.text_pipeline import PRESETS, TextTrainConfig, train_text
 
-    for option, value, allowed in (("--tokenizer", tokenizer, ("char", "bpe")), ("--model", model, MODEL_KINDS),
+    for option, value, allowed in (("--tokenizer", tokenizer, ("char", "bpe")), ("--model", model, TEXT_KINDS),
                                    ("--preset", preset, tuple(PRESETS))):
         if value not in allowed:
             raise typer.BadParameter(f"use one of {', '.join(allowed)}", param_hint=option)

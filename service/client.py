@@ -25,17 +25,19 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel
 
-from genserve.service.schemas import (
+from genserve.service.api.v1.schemas import (
     AnomalyResponse,
     CompleteResponse,
+    GenerateResponse,
     ImageSampleResponse,
     LogProbResponse,
     ModelInfo,
     ModelList,
     Readiness,
     SampleResponse,
+    ScoreResponse,
+    StreamChunk,
 )
-from genserve.service.text_schemas import GenerateResponse, ScoreResponse, StreamChunk
 
 T = TypeVar("T", bound=BaseModel)
 Records = Sequence[Sequence[float]]

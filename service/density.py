@@ -1,4 +1,5 @@
-"""The Ray Serve deployment that hosts one density model (one per model; replicas set in config).
+"""The Ray Serve deployment that hosts one model of records (the records family: GMM, RealNVP, MADE-MoG on
+continuous tabular data; one deployment per model, replicas set in config).
 
 Requests from all clients are batched with `@serve.batch`: the records of every waiting request
 are stacked into one forward pass and split back per request. The forward pass is row-wise, so a
@@ -16,7 +17,6 @@ import logging
 from typing import Any
 
 import numpy as np
-import torch
 from pydantic import BaseModel, Field
 from ray import serve
 
@@ -27,7 +27,9 @@ from genserve.service.runtime import (
     finite_log_probs,
     finite_responsibilities,
     load_model,
+    make_generator,
     needs_reload,
+    reference_log_probs,
     run_isolated,
 )
 
@@ -50,12 +52,7 @@ class ModelOptions(BaseModel):
 ScoreResult = tuple[np.ndarray, np.ndarray]  # log p(x) (N,), responsibilities (N, K)
 
 
-@serve.deployment(
-    ray_actor_options={"num_cpus": 0.5},
-    max_ongoing_requests=256,
-    health_check_period_s=5,
-)
-class DensityModel:
+class RecordsModelReplica:
     def __init__(self, artifact_path: str):
         self.artifact_path = artifact_path
         self.options = ModelOptions()
@@ -107,16 +104,12 @@ class DensityModel:
     def reference_log_prob(self, records: np.ndarray) -> np.ndarray | None:
         """log p_ref(x) of (N, D) records under the artifact's reference Gaussian (likelihood-ratio scores);
         None when the artifact has none. Closed form and cheap: not batched."""
-        if self.loaded.reference is None:
-            return None
-        with torch.inference_mode():
-            log_prob = self.loaded.reference.log_prob(torch.from_numpy(np.asarray(records, np.float64)))
-        return finite_log_probs(log_prob.numpy())
+        return reference_log_probs(self.loaded.reference, records, np.float64)
 
     def sample(self, n: int, seed: int | None) -> np.ndarray:
-        generator = torch.Generator()
-        if seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(seed)
-        return self.loaded.module.sample(n, generator).numpy()
+        return self.loaded.module.sample(n, make_generator("cpu", seed)).numpy()
+
+
+RecordsDeployment = serve.deployment(
+    RecordsModelReplica, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256, health_check_period_s=5
+)

@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from genserve.service.client import DEFAULT_URL
-from genserve.service.schemas import AnomalyResponse, AnomalyResult
+from genserve.service.services.anomaly import AnomalyResponse, AnomalyResult
 
 FORMATS = ("csv", "jsonl")
 EXTENSIONS = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl"}
@@ -199,14 +199,15 @@ class LocalBackend:
         self.spec = ModelSpec.from_input(m.name, m.version, m.kind, m.input, None)
 
     def anomaly(self, items: list[Any], labels: list[int] | None, options: ScoreOptions) -> AnomalyResponse:
-        from genserve.service.errors import ApiError
+        from genserve.service.api.errors import status_of
+        from genserve.service.errors import ServiceError
 
         key = {"records": "records", "image": "images", "text": "texts"}[self.spec.input_type]
         try:
             return self.scorer.anomaly(**{key: items}, labels=labels, score=options.score,
                                        threshold=options.threshold, false_positive_rate=options.false_positive_rate)
-        except ApiError as e:
-            raise classify_error(e.status, e.type, e.message) from None
+        except ServiceError as e:
+            raise classify_error(status_of(e), e.type, e.message) from None
 
     def close(self) -> None:
         pass

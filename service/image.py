@@ -1,4 +1,5 @@
-"""The Ray Serve deployment that hosts one image model (one per model; replicas set in config).
+"""The Ray Serve deployment that hosts one image model of the image family, autoregressive over pixels (one per
+model; replicas set in config). Latent-variable image models have theirs in service/latent.py.
 
 Scoring is batched with `@serve.batch`: the images of every waiting request are stacked into one pass
 (requests that gave labels in one, requests that did not in another: a conditional model scores those
@@ -38,7 +39,9 @@ from genserve.service.runtime import (
     RequestFailed,
     RuntimeName,
     finite_log_probs,
+    make_generator,
     needs_reload,
+    reference_log_probs,
     run_isolated,
 )
 
@@ -115,15 +118,6 @@ class ImageOptions(BaseModel):
     max_queued_pixels: int = Field(DEFAULT_QUEUED_PIXELS, ge=1, description=QUEUED_PIXELS_DESCRIPTION)
 
 
-def make_generator(device: torch.device | str, seed: int | None) -> torch.Generator:
-    generator = torch.Generator(device=device)
-    if seed is None:
-        generator.seed()
-    else:
-        generator.manual_seed(seed)
-    return generator
-
-
 def draw_images(module: ImageModel, n: int, labels: np.ndarray | None, seed: int | None,
                 prefix: np.ndarray | None = None, known: int = 0) -> dict[str, Any]:
     """Sample `n` images (or complete the `prefix` images, keeping their first `known` raster-order pixels),
@@ -159,7 +153,7 @@ def score_requests(loaded: LoadedImageModel, requests: list[tuple[np.ndarray, np
     return results  # type: ignore[return-value]
 
 
-class ImageModelReplica:
+class PixelImageReplica:
     def __init__(self, artifact_path: str):
         self.artifact_path = artifact_path
         self.options = ImageOptions()
@@ -190,11 +184,13 @@ class ImageModelReplica:
     def ready(self) -> bool:
         return True
 
-    async def score(self, images: np.ndarray, labels: np.ndarray | None,
-                    per_pixel: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    async def score(self, images: np.ndarray, labels: np.ndarray | None, per_pixel: bool = False,
+                    samples: int | None = None, seed: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """log p(x [| y]) (N,) and, if `per_pixel`, the per-pixel conditionals (N, H, W) of int64 images
         (N, H, W) (else None: not shipped back); labels None: the marginal over classes for a conditional
-        model. Batched with concurrent callers; RequestFailed if the model fails on these images (alone)."""
+        model. Batched with concurrent callers; RequestFailed if the model fails on these images (alone).
+        `samples` and `seed` are a bound's (service/replicas.py's one call shape for image models): log p(x) is
+        exact here, and the API refuses them before."""
         result = await self._score_batch((images, labels))
         if isinstance(result, RequestFailed):
             raise result
@@ -215,11 +211,7 @@ class ImageModelReplica:
     def reference_log_prob(self, images: np.ndarray) -> np.ndarray | None:
         """log p_ref(x) of int64 images (N, H, W) under the artifact's local-neighbourhood reference model
         (likelihood-ratio scores); None when the artifact has none. A table lookup: not batched."""
-        if self.loaded.reference is None:
-            return None
-        with torch.inference_mode():
-            log_prob = self.loaded.reference.log_prob(torch.as_tensor(np.asarray(images, np.int64)))
-        return finite_log_probs(log_prob.numpy())
+        return reference_log_probs(self.loaded.reference, images, np.int64)
 
     async def sample(self, n: int, labels: np.ndarray | None, seed: int | None) -> dict[str, Any]:
         """n images in one batch; see `draw_images`."""
@@ -237,6 +229,6 @@ class ImageModelReplica:
                                           seed, prefix, known)
 
 
-ImageModelDeployment = serve.deployment(
-    ImageModelReplica, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256, health_check_period_s=5
+ImageDeployment = serve.deployment(
+    PixelImageReplica, ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256, health_check_period_s=5
 )

@@ -1,4 +1,4 @@
-"""Loading an image artifact (any kind in models.registry.IMAGE_KINDS) and scoring images with it, in torch
+"""Loading an image artifact (a kind of the image family, artifacts.families.IMAGE) and scoring images with it, in torch
 or ONNX Runtime, on CUDA when this process has a GPU, else the CPU (one code path for both).
 
 Both runtimes answer `score(images, labels)` with log p(x [| y]) (N,) and each pixel's log p(x_i | x_<i [, y])
@@ -21,10 +21,13 @@ import torch
 
 from genserve.artifacts import artifact as art
 from genserve.artifacts.calibration import CalibrationSet, read_calibration
+from genserve.artifacts.families import IMAGE
 from genserve.artifacts.reference import load_reference
 from genserve.artifacts.store import load_artifact_at
 from genserve.models.image import ImageModel, marginalise_labels
-from genserve.models.registry import IMAGE_KINDS, build_image_model
+from genserve.models.registry import build_image_model
+from genserve.service.families import require_family
+from genserve.service.onnx_session import open_session, session_device
 from genserve.service.runtime import PROBE_BATCHES, RuntimeChoice, RuntimeName, load_runtime, pick_device
 
 ImageScore = tuple[np.ndarray, np.ndarray]  # log p (N,), per-pixel conditionals (N, H, W), float64
@@ -60,18 +63,10 @@ class OnnxImageRuntime:
 
     def __init__(self, onnx_bytes: bytes, device: str, height: int, width: int, n_classes: int,
                  class_log_prior: torch.Tensor):
-        import onnxruntime as ort
-
-        providers = ["CPUExecutionProvider"]
-        if device == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         # As many threads as torch has (one per core unless this process was given fewer): the two runtimes
         # share a replica's CPU budget alike, and 'auto' compares them on equal terms.
-        options.intra_op_num_threads = torch.get_num_threads()
-        self.session = ort.InferenceSession(onnx_bytes, sess_options=options, providers=providers)
-        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.session = open_session(onnx_bytes, device, threads=torch.get_num_threads())
+        self.device = session_device(self.session)
         self.height, self.width, self.n_classes = height, width, n_classes
         self.class_log_prior = class_log_prior.detach().to("cpu", torch.float64)
         self.input_names = [i.name for i in self.session.get_inputs()]
@@ -120,14 +115,8 @@ class LoadedImageModel:
 
 def build_image_module(loaded: art.Artifact) -> ImageModel:
     """The artifact's module, built from its kind and config, weights loaded and checked, in eval mode."""
-    manifest = loaded.manifest
-    if manifest.kind not in IMAGE_KINDS:
-        raise art.ArtifactError(f"{loaded.path}: kind {manifest.kind!r} is not an image model "
-                                f"({', '.join(sorted(IMAGE_KINDS))})")
-    spec = manifest.input
-    if not isinstance(spec, art.ImageInputSpec):
-        raise art.ArtifactError(f"{loaded.path / art.MANIFEST}: an image model needs an input of type 'image', "
-                                f"got {spec.type!r}")
+    require_family(loaded, IMAGE)
+    manifest, spec = loaded.manifest, loaded.manifest.input  # an ImageInputSpec: the image family's input
     try:
         module = build_image_model(manifest.kind, manifest.config)
     except (TypeError, ValueError) as e:

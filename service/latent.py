@@ -1,7 +1,7 @@
 """The Ray Serve deployment that hosts one latent-variable image model: a VAE (density `bound`) or a GAN (`none`).
 
 Neither factorises p(x) over pixels, so neither completes images or gives per-pixel conditionals; the Gateway
-answers those requests with a 400 before they get here (service/image_api.py), and a GAN's log_prob and anomaly
+answers those requests with a 400 before they get here (service/services/images.py), and a GAN's log_prob and anomaly
 too. What they do:
 - VAE: `score` gives the importance-weighted lower bound on log p(x) with K samples per image (the request's K,
   else the model's `score_samples`, the K its calibration used), from a seeded generator so that the same request
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -27,21 +28,27 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from genserve.artifacts import artifact as art
+from genserve.artifacts.families import LATENT
 from genserve.artifacts.reference import load_reference
 from genserve.artifacts.store import load_artifact_at
 from genserve.models.registry import build_latent_model
+from genserve.service.families import require_family
 from genserve.service.image import (
     DEFAULT_QUEUED_PIXELS,
     QUEUED_PIXELS_DESCRIPTION,
     SamplingBudget,
-    make_generator,
     run_sampling_job,
 )
 from genserve.service.metrics import MetricsClient
-from genserve.service.runtime import finite_log_probs, pick_device
+from genserve.service.runtime import (
+    finite_log_probs,
+    load_runtime,
+    make_generator,
+    pick_device,
+    reference_log_probs,
+)
 
 log = logging.getLogger("ray.serve")
-MAX_IMPORTANCE_SAMPLES = 1000  # K per image at most; also the API's limit
 
 
 class LatentOptions(BaseModel):
@@ -51,28 +58,17 @@ class LatentOptions(BaseModel):
     max_queued_pixels: int = Field(DEFAULT_QUEUED_PIXELS, ge=1, description=QUEUED_PIXELS_DESCRIPTION)
 
 
-class LatentModel:
-    """A latent-variable image artifact loaded for serving or for in-process scoring (`genserve score --local`):
-    `score(images, labels)` is the bound at the model's K and seed 0, as the served default and the calibration."""
+class TorchLatentRuntime:
+    """The bound on log p(x) of a latent-variable model's images, in torch (these models have no ONNX graph)."""
 
-    name = "torch"  # what `runtime.name` reports
+    name = "torch"
 
-    def __init__(self, artifact_path: str, device: str | None = None):
-        loaded = load_artifact_at(artifact_path)
-        self.artifact = loaded
-        self.manifest = loaded.manifest
-        self.device = device or pick_device()
-        module = build_latent_model(loaded.manifest.kind, loaded.manifest.config)
-        art.load_module_weights(module, loaded.contents[art.WEIGHTS], loaded.path / art.WEIGHTS)
-        self.module = module.to(self.device).eval()
-        self.reference = load_reference(loaded)
-        self.score_samples = int(loaded.manifest.metrics.get("score_samples", 16))
-
-    @property
-    def runtime(self) -> LatentModel:
-        return self
+    def __init__(self, module: torch.nn.Module, device: str, score_samples: int):
+        self.module, self.device, self.score_samples = module, device, score_samples
 
     def bound(self, images: np.ndarray, samples: int | None = None, seed: int | None = None) -> np.ndarray:
+        """The importance-weighted bound with `samples` (K) per image, default the model's `score_samples` (the K
+        its calibration used), drawn from `seed` (default 0): the same request gives the same bound."""
         generator = make_generator(self.device, 0 if seed is None else seed)
         x = torch.as_tensor(np.asarray(images, np.int64), device=self.device)
         with torch.inference_mode():
@@ -80,24 +76,58 @@ class LatentModel:
         return finite_log_probs(bound.double().cpu().numpy())
 
     def score(self, images: np.ndarray, labels: np.ndarray | None) -> tuple[np.ndarray, None]:
+        """The bound at the model's K and seed 0, as the served default and the calibration; no per-pixel values."""
         return self.bound(images), None
+
+
+@dataclass
+class LoadedLatentModel:
+    artifact: art.Artifact
+    module: torch.nn.Module  # on `device`: a VAE, a GAN's generator, a flow on dequantised images
+    runtime: TorchLatentRuntime
+    device: str
+    reference: torch.nn.Module | None = None  # likelihood-ratio reference model, on the CPU
+
+    @property
+    def manifest(self) -> art.Manifest:
+        return self.artifact.manifest
+
+
+def load_latent_model(path: str, runtime: str = "auto", device: str | None = None) -> LoadedLatentModel:
+    """Verify a latent-variable image artifact and load it on `device` (default CUDA when available, else the CPU),
+    for serving or for in-process scoring (`genserve score --local`); torch only, as 'auto' is ('onnx' is refused:
+    the artifact has no graph)."""
+    loaded = load_artifact_at(path)
+    require_family(loaded, LATENT)
+    device = device or pick_device()
+    kind = loaded.manifest.kind
+    try:
+        module = build_latent_model(kind, loaded.manifest.config)
+    except (TypeError, ValueError) as e:
+        raise art.ArtifactError(f"{loaded.path / art.MANIFEST}: invalid {kind} config ({e})") from None
+    art.load_module_weights(module, loaded.contents[art.WEIGHTS], loaded.path / art.WEIGHTS)
+    module = module.to(device).eval()
+    score_samples = int(loaded.manifest.metrics.get("score_samples", 16))
+    build = {"torch": lambda: TorchLatentRuntime(module, device, score_samples)}
+    rt, _ = load_runtime(runtime, False, build, lambda rt, batch: (), loaded.path)  # no graph: no timing either
+    return LoadedLatentModel(artifact=loaded, module=module, runtime=rt, device=device,
+                             reference=load_reference(loaded))
 
 
 class LatentImageReplica:
     def __init__(self, artifact_path: str):
-        self.loaded = LatentModel(artifact_path)
+        self.loaded = load_latent_model(artifact_path)
         self.manifest = self.loaded.manifest
         self.name = self.manifest.name
         self.device = self.loaded.device
         self.module = self.loaded.module
         self.reference = self.loaded.reference
-        self.score_samples = self.loaded.score_samples
-        loaded = self.loaded.artifact
+        self.score_samples = self.loaded.runtime.score_samples
         self.metrics = MetricsClient()
         self._busy = asyncio.Lock()  # one job at a time: each uses every thread torch has
         self.budget = SamplingBudget(self.name)
-        log.info("loaded %s %s v%s (density %s, torch on %s)", loaded.manifest.kind, self.name,
-                 loaded.manifest.version, loaded.manifest.density, self.device)
+        log.info("loaded %s %s v%s (density %s, torch on %s)", self.manifest.kind, self.name,
+                 self.manifest.version, self.manifest.density, self.device)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         options = LatentOptions.model_validate(user_config or {})  # refuses unknown or wrong settings
@@ -118,17 +148,15 @@ class LatentImageReplica:
 
     async def score(self, images: np.ndarray, labels: np.ndarray | None, per_pixel: bool = False,
                     samples: int | None = None, seed: int | None = None) -> tuple[np.ndarray, None]:
-        """The importance-weighted bound on log p(x) (N,) with `samples` (K) per image; no per-pixel values."""
-        result = await self._run(self.loaded.bound, images, samples, seed)
+        """The importance-weighted bound on log p(x) (N,) with `samples` (K) per image from `seed`
+        (`TorchLatentRuntime.bound`); no per-pixel values, whatever `per_pixel` (the API refuses it before)."""
+        result = await self._run(self.loaded.runtime.bound, images, samples, seed)
         self.metrics.send([("genserve_batch_size_requests", {"model": self.name}, 1),
                            ("genserve_batch_size_records", {"model": self.name}, len(images))])
         return result, None
 
     def reference_log_prob(self, images: np.ndarray) -> np.ndarray | None:
-        if self.reference is None:
-            return None
-        with torch.inference_mode():
-            return finite_log_probs(self.reference.log_prob(torch.as_tensor(np.asarray(images, np.int64))).numpy())
+        return reference_log_probs(self.reference, images, np.int64)
 
     async def sample(self, n: int, labels: np.ndarray | None, seed: int | None) -> dict[str, Any]:
         """n images; a VAE's come with the bound on their log p(x) (at the model's K), a GAN's with none."""

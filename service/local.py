@@ -6,7 +6,7 @@ endpoint, for `genserve score --local`, notebooks and the anomaly benchmark.
     scorer.scores(records=x)["likelihood_ratio"]          # every raw score type, one value per item
 
 Request limits (items per request) do not apply here; everything else is checked as the server checks it and
-reported as service.errors.ApiError with the same status, type and message.
+reported as the same domain errors (service/errors.py), with the same type and message.
 """
 
 from __future__ import annotations
@@ -22,8 +22,13 @@ from genserve.artifacts.calibration import CalibrationSet, read_calibration
 from genserve.artifacts.scores import compute_scores, png_bits
 from genserve.artifacts.store import load_artifact_at
 from genserve.models.lm import score_token_lists
-from genserve.models.registry import LATENT_KINDS
-from genserve.service.anomaly import (
+from genserve.service.catalog import require_density
+from genserve.service.errors import InvalidInput, WrongKind
+from genserve.service.families import serving_family
+from genserve.service.image_codec import ImageInputError, decode_image
+from genserve.service.runtime import finite_log_probs, finite_responsibilities, reference_log_probs
+from genserve.service.services.anomaly import (
+    AnomalyResponse,
     anomaly_response,
     gmm_extras,
     resolve_score,
@@ -31,10 +36,6 @@ from genserve.service.anomaly import (
     text_items,
     text_token_lists,
 )
-from genserve.service.errors import ApiError, require_density
-from genserve.service.image_codec import ImageInputError, decode_image
-from genserve.service.runtime import finite_log_probs, finite_responsibilities
-from genserve.service.schemas import AnomalyResponse
 
 
 class LocalScorer:
@@ -47,22 +48,8 @@ class LocalScorer:
         self.name = loaded.manifest.name
         self.input_type = loaded.manifest.input.type
         self.calibrations: CalibrationSet | None = read_calibration(loaded)
-        if self.input_type == "records":
-            from genserve.service.runtime import load_model
-
-            self._model: Any = load_model(str(path), runtime, device)
-        elif self.input_type == "image" and self.manifest.kind in LATENT_KINDS:
-            from genserve.service.latent import LatentModel
-
-            self._model = LatentModel(str(path), device)  # a VAE's bound, at its calibration's K and seed
-        elif self.input_type == "image":
-            from genserve.service.image_runtime import load_image_model
-
-            self._model = load_image_model(path, runtime, device)
-        else:
-            from genserve.service.text_runtime import load_text_model
-
-            self._model = load_text_model(path, "torch", device)
+        # What a replica of its family loads (a VAE: its bound at the calibration's K and seed), without Ray.
+        self._model: Any = serving_family(self.manifest).load(path, runtime, device)
         self.reference = self._model.reference
         self.tokenizer = getattr(self._model, "tokenizer", None)  # text models
 
@@ -105,13 +92,13 @@ class LocalScorer:
         need = {"records": "records", "image": "images", "text": "texts"}[self.input_type]
         wrong = [f for f, v in fields.items() if v is not None and f != need]
         if wrong or fields[need] is None:
-            raise ApiError(400, "wrong_model_kind", f"model {self.name!r} takes {need}" +
+            raise WrongKind(f"model {self.name!r} takes {need}" +
                            (f", not {wrong[0]}" if wrong else ""))
         if labels is not None and self.input_type != "image":
-            raise ApiError(400, "wrong_model_kind", f"labels are for image models; {self.name!r} takes "
+            raise WrongKind(f"labels are for image models; {self.name!r} takes "
                            f"{self.input_type}")
         if per_line and self.input_type != "text":
-            raise ApiError(400, "wrong_model_kind", f"per_line is for text models; {self.name!r} takes "
+            raise WrongKind(f"per_line is for text models; {self.name!r} takes "
                            f"{self.input_type}")
         if self.input_type == "records":
             return self._records(records, score)
@@ -123,17 +110,14 @@ class LocalScorer:
         x = np.asarray(records, dtype=np.float64)
         d = self.manifest.input.n_features
         if x.ndim != 2 or x.shape[1] != d or len(x) == 0:
-            raise ApiError(400, "wrong_feature_count", f"records must be (N, {d}) for model {self.name!r}; got "
-                           f"shape {x.shape}")
+            raise InvalidInput(f"records must be (N, {d}) for model {self.name!r}; got shape {x.shape}",
+                               type_="wrong_feature_count")
         if not np.isfinite(x).all():
-            raise ApiError(400, "invalid_request", "records hold NaN or infinite values")
+            raise InvalidInput("records hold NaN or infinite values")
         # Finite as the served answers are (service.runtime.finite_log_probs): the file scorer writes them as they are.
         log_prob, resp = self._model.runtime.log_prob(x)
         log_prob, resp = finite_log_probs(log_prob), finite_responsibilities(resp)
-        ref = None
-        if score in (None, "likelihood_ratio") and self.reference is not None:
-            with torch.inference_mode():
-                ref = finite_log_probs(self.reference.log_prob(torch.from_numpy(x)).numpy())
+        ref = reference_log_probs(self.reference, x, np.float64) if score in (None, "likelihood_ratio") else None
         raw = compute_scores("records", log_prob, d, reference_log_prob=ref)
         return {**raw, "log_prob": log_prob}, gmm_extras(resp)
 
@@ -144,19 +128,17 @@ class LocalScorer:
                                        f"images[{i}]", spec.height, spec.width, spec.levels)
                           for i, image in enumerate(images)])
         except ImageInputError as e:
-            raise ApiError(400, e.type, f"{e.message} (model {self.name!r})") from None
+            raise InvalidInput(f"{e.message} (model {self.name!r})", type_=e.type) from None
         y = None
         if labels is not None:
             y = np.asarray(labels, dtype=np.int64)
             if not spec.n_classes or y.shape != (len(x),) or y.min() < 0 or y.max() >= spec.n_classes:
-                raise ApiError(400, "invalid_label", f"labels must be one per image in 0..{spec.n_classes - 1} "
-                               f"(model {self.name!r} has {spec.n_classes} classes)")
+                raise InvalidInput(f"labels must be one per image in 0..{spec.n_classes - 1} (model {self.name!r} has "
+                                   f"{spec.n_classes} classes)", type_="invalid_label")
         log_prob, _ = self._model.runtime.score(x, y)
         log_prob = finite_log_probs(log_prob)
-        ref = bits = None
-        if score in (None, "likelihood_ratio") and self.reference is not None:
-            with torch.inference_mode():
-                ref = finite_log_probs(self.reference.log_prob(torch.from_numpy(x)).numpy())
+        ref = reference_log_probs(self.reference, x, np.int64) if score in (None, "likelihood_ratio") else None
+        bits = None
         if score in (None, "complexity"):
             bits = png_bits(x, spec.levels)
         raw = compute_scores("image", log_prob, spec.height * spec.width, reference_log_prob=ref,

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from genserve.models.gpt import GPTConfig
+from genserve.service.onnx_session import open_session, session_device
 
 
 def _numpy(x: Tensor | np.ndarray | list[int], dtype: type = np.int64) -> np.ndarray:
@@ -63,20 +64,12 @@ class OnnxGPT:
     `.device` says what was actually chosen ("cuda" or "cpu")."""
 
     def __init__(self, prefill: bytes, decode: bytes, config: GPTConfig, device: str = "cpu"):
-        import onnxruntime as ort
-
         self.config = config
         self.vocab_size = config.vocab_size
         self.context_length: int | None = config.context_length
-        providers = ["CPUExecutionProvider"]
-        if str(device).startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self._prefill = ort.InferenceSession(prefill, options, providers=providers)
-        self._decode = ort.InferenceSession(decode, options, providers=providers)
-        used = self._decode.get_providers()
-        self.device = "cuda" if used and used[0] == "CUDAExecutionProvider" else "cpu"
+        self._prefill = open_session(prefill, device)
+        self._decode = open_session(decode, device)
+        self.device = session_device(self._decode)
 
     def _check_length(self, T: int) -> None:
         if self.config.context_length < T:

@@ -27,10 +27,12 @@ from safetensors.torch import load as load_safetensors
 
 from genserve.artifacts import artifact as art
 from genserve.artifacts.calibration import CalibrationSet, read_calibration
+from genserve.artifacts.families import RECORDS
 from genserve.artifacts.reference import load_reference
 from genserve.artifacts.store import load_artifact_at
-from genserve.models.registry import RECORDS_KINDS
 from genserve.models.registry import build_records_model as build_records_model_of_kind
+from genserve.service.families import require_family
+from genserve.service.onnx_session import open_session, session_device
 
 log = logging.getLogger("ray.serve")
 RuntimeName = Literal["torch", "onnx", "auto"]
@@ -109,6 +111,16 @@ def finite_responsibilities(resp: np.ndarray) -> np.ndarray:
     return resp
 
 
+def reference_log_probs(reference: torch.nn.Module | None, inputs: np.ndarray, dtype: type) -> np.ndarray | None:
+    """log p_ref(x) of `inputs` (as `dtype`) under an artifact's likelihood-ratio reference model
+    (artifacts/reference.py, on the CPU), finite as every served log-probability; None when the artifact has none.
+    Cheap (closed form, or a table lookup): never batched."""
+    if reference is None:
+        return None
+    with torch.inference_mode():
+        return finite_log_probs(reference.log_prob(torch.as_tensor(np.asarray(inputs, dtype))).numpy())
+
+
 def run_isolated(fn: Callable[[list[T]], list[R]], requests: list[T]) -> list[R | RequestFailed]:
     """`fn` on the whole batch of requests, one result per request; if it raises, each request again alone, so
     that only a request the model fails on gets the error (as its RequestFailed result) and every other request
@@ -124,7 +136,7 @@ def run_isolated(fn: Callable[[list[T]], list[R]], requests: list[T]) -> list[R 
     return [result for request in requests for result in run_isolated(fn, [request])]
 
 
-class DensityRuntime(Protocol):
+class RecordsRuntime(Protocol):
     name: str
     device: str
 
@@ -135,6 +147,17 @@ class DensityRuntime(Protocol):
 
 def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_generator(device: torch.device | str, seed: int | None) -> torch.Generator:
+    """A generator on `device` seeded with `seed`, or from fresh entropy when None (the same seed gives the same
+    draws on the same device)."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
 
 
 def check_runtime_name(runtime: str) -> None:
@@ -229,20 +252,17 @@ def needs_reload(requested: str, choice: RuntimeChoice | None) -> bool:
 
 
 def build_records_model(loaded: art.Artifact) -> RecordsModel:
-    """The artifact's density model of records (a GMM, RealNVP or MADE-MoG), weights loaded, in eval mode."""
-    kind = loaded.manifest.kind
-    if kind not in RECORDS_KINDS:
-        raise art.ArtifactError(f"{loaded.path}: kind {kind!r} is not a density model of records "
-                                f"({', '.join(sorted(RECORDS_KINDS))})")
+    """The artifact's model of records (a GMM, RealNVP or MADE-MoG), weights loaded, in eval mode."""
+    require_family(loaded, RECORDS)
     try:
-        model = build_records_model_of_kind(kind, loaded.manifest.config)
+        model = build_records_model_of_kind(loaded.manifest.kind, loaded.manifest.config)
         model.load_state_dict(load_safetensors(loaded.contents[art.WEIGHTS]))
     except (TypeError, RuntimeError, ValueError, SafetensorError) as e:
         raise art.ArtifactError(f"{loaded.path / art.WEIGHTS}: does not fit the manifest's config ({e})") from None
     return model.eval()
 
 
-class TorchDensityRuntime:
+class TorchRecordsRuntime:
     name = "torch"
 
     def __init__(self, model: RecordsModel, device: str):
@@ -258,23 +278,14 @@ class TorchDensityRuntime:
         return log_prob.cpu().numpy(), resp.cpu().numpy()
 
 
-class OnnxDensityRuntime:
+class OnnxRecordsRuntime:
     name = "onnx"
 
     def __init__(self, onnx_bytes: bytes, device: str):
-        import onnxruntime as ort
-
-        available = ort.get_available_providers()
-        providers = ["CPUExecutionProvider"]
-        if device == "cuda" and "CUDAExecutionProvider" in available:
-            providers.insert(0, "CUDAExecutionProvider")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         # As many threads as torch has (one per core unless this process was given fewer): the two runtimes
         # share a replica's CPU budget alike, and 'auto' compares them on equal terms.
-        options.intra_op_num_threads = torch.get_num_threads()
-        self.session = ort.InferenceSession(onnx_bytes, sess_options=options, providers=providers)
-        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.session = open_session(onnx_bytes, device, threads=torch.get_num_threads())
+        self.device = session_device(self.session)
         self.input_name = self.session.get_inputs()[0].name
 
     def log_prob(self, records: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -286,10 +297,10 @@ class OnnxDensityRuntime:
 
 
 @dataclass
-class LoadedModel:
+class LoadedRecordsModel:
     artifact: art.Artifact
     module: RecordsModel  # always loaded: sampling runs in torch
-    runtime: DensityRuntime
+    runtime: RecordsRuntime
     calibration: CalibrationSet | None
     reference: torch.nn.Module | None = None  # likelihood-ratio reference model (one Gaussian)
     choice: RuntimeChoice | None = None  # how the runtime was chosen (timings, for 'auto')
@@ -299,21 +310,21 @@ class LoadedModel:
         return self.artifact.manifest.input.n_features
 
 
-def load_model(path: str, runtime: RuntimeName = "auto", device: str | None = None) -> LoadedModel:
+def load_model(path: str, runtime: RuntimeName = "auto", device: str | None = None) -> LoadedRecordsModel:
     """Verify and load an artifact directory into the requested runtime."""
     loaded = load_artifact_at(str(path))
     device = device or pick_device()
     module = build_records_model(loaded)
-    build: dict[str, Callable[[], DensityRuntime]] = {
-        "torch": lambda: TorchDensityRuntime(module, device),
-        "onnx": lambda: OnnxDensityRuntime(loaded.contents[art.ONNX], device),
+    build: dict[str, Callable[[], RecordsRuntime]] = {
+        "torch": lambda: TorchRecordsRuntime(module, device),
+        "onnx": lambda: OnnxRecordsRuntime(loaded.contents[art.ONNX], device),
     }
-    rt, choice = load_runtime(runtime, art.ONNX in loaded.contents, build, density_probe(module), loaded.path)
-    return LoadedModel(artifact=loaded, module=module, runtime=rt, calibration=read_calibration(loaded),
+    rt, choice = load_runtime(runtime, art.ONNX in loaded.contents, build, records_probe(module), loaded.path)
+    return LoadedRecordsModel(artifact=loaded, module=module, runtime=rt, calibration=read_calibration(loaded),
                        reference=load_reference(loaded), choice=choice)
 
 
-def density_probe(module: RecordsModel) -> Callable[[DensityRuntime, int], tuple[np.ndarray, np.ndarray]]:
+def records_probe(module: RecordsModel) -> Callable[[RecordsRuntime, int], tuple[np.ndarray, np.ndarray]]:
     """Scores `batch` records drawn from the model itself: valid inputs of the right shape and scale."""
     records = module.sample(max(PROBE_BATCHES), torch.Generator().manual_seed(0)).numpy()
     return lambda rt, batch: rt.log_prob(np.resize(records, (batch, records.shape[1])))

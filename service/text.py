@@ -35,7 +35,7 @@ from ray import serve
 from genserve.models.lm import score_token_lists
 from genserve.service.decoding import Engine, GenerationParams, SequenceOutput, Update
 from genserve.service.metrics import MetricsClient
-from genserve.service.runtime import RequestFailed, RuntimeName, finite_log_probs
+from genserve.service.runtime import ReplicaBusy, RequestFailed, RuntimeName, finite_log_probs
 from genserve.service.text_runtime import LoadedTextModel, load_text_model, resolve_text_runtime
 
 log = logging.getLogger("ray.serve")
@@ -45,16 +45,13 @@ SCORE_LOGITS_BUDGET = 256 * 1024 * 1024  # bytes of float32 logits one scoring f
 class TextOptions(BaseModel):
     """Per-model settings, the deployment's `user_config` in the Serve config file."""
 
-    runtime: RuntimeName = Field("auto", description="torch, onnx, or auto: ONNX Runtime when the artifact has graphs")
+    runtime: RuntimeName = Field("auto", description="decoding runtime: torch, onnx (ONNX Runtime on the artifact's "
+                                 "graphs), or auto: torch (scoring always runs in torch)")
     slots: int = Field(16, ge=1, le=1024, description="sequences decoded together (the KV cache is sized for them)")
     max_waiting: int = Field(256, ge=0, description="requests queued beyond the slots; more are refused with 503")
 
 
-class Overloaded(RuntimeError):
-    """The replica's queue is full; the Gateway answers 503 with Retry-After."""
-
-
-class TextModel:
+class TextModelReplica:
     def __init__(self, artifact_path: str):
         self.artifact_path = artifact_path
         self.options = TextOptions()
@@ -105,7 +102,7 @@ class TextModel:
         the final one (each item is an object sent between processes: one per token costs)."""
         gen_params = GenerationParams(**params)
         if self.engine.num_waiting >= self.options.max_waiting:
-            raise Overloaded(f"model {self.name!r} has {self.engine.num_waiting} requests waiting; retry shortly")
+            raise ReplicaBusy(f"model {self.name!r} has {self.engine.num_waiting} requests waiting; retry shortly")
         queue: asyncio.Queue = asyncio.Queue()
         request = self.engine.submit(prompt_ids, gen_params)  # ValueError: a request that can never run
         self.queues[request.id] = queue
@@ -242,6 +239,6 @@ def _output_dict(o: SequenceOutput) -> dict[str, Any]:
     }
 
 
-TextModelDeployment = serve.deployment(
-    TextModel, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=512, health_check_period_s=10
+TextDeployment = serve.deployment(
+    TextModelReplica, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=512, health_check_period_s=10
 )

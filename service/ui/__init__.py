@@ -1,6 +1,6 @@
 """The browser playground: static HTML/CSS/JS (service/ui/static/, no build step, nothing fetched from the
-internet) served by the ingress at /ui, and the one read-only route it needs beyond the REST API: the
-artifact's pictures (loss curve, sample grid) at GET /v1/models/{name}/files/{filename}.
+internet) served by the ingress at /ui. Beyond the REST API it reads the artifact's pictures (loss curve, sample
+grid) from GET /v1/models/{name}/files/{filename} (service/api/v1/models.py).
 
 The page holds no data, so /ui is open even when API keys are on; its scripts send the key the user types
 (kept in sessionStorage) as `Authorization: Bearer KEY` on every API call.
@@ -10,19 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_swagger_ui_html
-from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 
-from genserve.service.errors import AUTH, ApiError, responses
-from genserve.service.schemas import ErrorResponse
-
 STATIC = Path(__file__).parent / "static"
-QUANTILE_LEVELS = np.linspace(0.0, 1.0, 101)  # what /v1/models reports of each held-out score distribution
-
-router = APIRouter()
 
 
 def mount_ui(api: FastAPI) -> None:
@@ -49,32 +42,3 @@ def mount_ui(api: FastAPI) -> None:
 def picture_files(contents: dict[str, bytes]) -> dict[str, bytes]:
     """The PNG files of a loaded artifact (every file of which the manifest lists with its sha256)."""
     return {name: data for name, data in contents.items() if name.endswith(".png") and "/" not in name}
-
-
-def quantiles(levels: list[float], values: list[float]) -> list[float]:
-    """A calibration's held-out score quantiles at QUANTILE_LEVELS (0, 0.01, ..., 1), rounded to 6 significant
-    digits: enough for a histogram of the held-out distribution, small enough for every model listing."""
-    return [float(f"{v:.6g}") for v in np.interp(QUANTILE_LEVELS, levels, values)]
-
-
-class UIRoutes:
-    """Mixed into the Gateway, which provides manifests, pictures and _manifest()."""
-
-    pictures: dict[str, dict[str, bytes]]
-
-    @router.get("/v1/models/{name}/files/{filename}", name="model_file", tags=["models"],
-                response_class=Response,
-                responses=responses(ErrorResponse, 404, *AUTH, ok={
-                    "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-                    "description": "the PNG, as the artifact holds it (its sha256 is the manifest's)"},
-                    s404="unknown model, or no such picture in its artifact (only the PNG files its manifest lists "
-                    "are served)"))
-    async def model_file(self, name: str, filename: str) -> Response:
-        """A picture from the model's artifact: loss_curve.png (gradient-trained models), samples.png (image
-        models), as listed in the model's `pictures`. Read-only; no other file of the artifact is served."""
-        self._manifest(name)
-        files = getattr(self, "pictures", {}).get(name, {})
-        if filename not in files:
-            shown = ", ".join(sorted(files)) or "none"
-            raise ApiError(404, "file_not_found", f"model {name!r} has no picture {filename!r}; its pictures: {shown}")
-        return Response(files[filename], media_type="image/png", headers={"Cache-Control": "no-cache"})

@@ -79,9 +79,9 @@ def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[
 
 @pytest.fixture(scope="module")
 def routes() -> set[str]:
-    from genserve.service.app import api
+    from genserve.service.api.builder import build_api
 
-    return set(api.openapi()["paths"])
+    return set(build_api().openapi()["paths"])
 
 
 # ---- the CRD copies ------------------------------------------------------------------------------------------

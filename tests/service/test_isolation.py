@@ -19,10 +19,10 @@ from genserve.artifacts.tokenizer import train_char_tokenizer
 from genserve.models.fvsbn import FVSBN, FVSBNConfig
 from genserve.models.gpt import GPT, GPTConfig
 from genserve.models.image import SamplingCancelled, cancellable, draw_pixel
+from genserve.service.api.errors import status_of
 from genserve.service.decoding import Engine, GenerationParams, filter_logits, generate
-from genserve.service.errors import ApiError
+from genserve.service.errors import LimitExceeded
 from genserve.service.image import SamplingBudget, run_sampling_job, score_requests
-from genserve.service.image_api import ImageRoutes
 from genserve.service.image_runtime import TorchImageRuntime
 from genserve.service.runtime import (
     LOG_PROB_FLOOR,
@@ -36,6 +36,7 @@ from genserve.service.runtime import (
     is_request_failure,
     run_isolated,
 )
+from genserve.service.services.images import ImageService
 
 TEXT = "abcdefgh ijk\nlmnop"
 POISON_CHAR = "z"  # in the tokenizer's alphabet, never in an innocent prompt
@@ -274,14 +275,15 @@ def test_the_sampling_budget_refuses_what_never_fits_and_what_does_not_fit_now()
     assert budget.held == 0
 
 
-def test_the_gateway_refuses_a_sample_over_the_pixel_limit() -> None:
-    routes = ImageRoutes()
-    routes.manifests = {"m": SimpleNamespace(input=SimpleNamespace(height=28, width=28))}
-    routes.limits = SimpleNamespace(max_image_pixels_per_request=784 * 10)
-    routes._check_sampling_cost("m", 10, "n=10 images")
-    with pytest.raises(ApiError) as err:
-        routes._check_sampling_cost("m", 11, "n=11 images")
-    assert err.value.status == 400 and err.value.type == "limit_exceeded"
+def test_the_image_service_refuses_a_sample_over_the_pixel_limit() -> None:
+    manifest = SimpleNamespace(input=SimpleNamespace(height=28, width=28))
+    catalog = SimpleNamespace(manifest=lambda name: manifest,
+                              limits=SimpleNamespace(max_image_pixels_per_request=784 * 10))
+    images = ImageService(catalog)
+    images.check_sampling_cost("m", 10, "n=10 images")
+    with pytest.raises(LimitExceeded) as err:
+        images.check_sampling_cost("m", 11, "n=11 images")
+    assert status_of(err.value) == 400 and err.value.type == "limit_exceeded"
     assert "n=11 images x 28x28 pixels = 8624" in err.value.message
     assert "limits.max_image_pixels_per_request" in err.value.message
 

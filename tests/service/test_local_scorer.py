@@ -1,5 +1,5 @@
 """In-process anomaly scoring (service/local.py) on artifacts from the real training pipelines: calibration
-holds on fresh in-distribution data, every score type is computed as defined, bad input is an ApiError."""
+holds on fresh in-distribution data, every score type is computed as defined, bad input is a ServiceError."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from genserve.artifacts.scores import SCORE_TYPES, png_bits
-from genserve.service.errors import ApiError
+from genserve.service.errors import ServiceError
 from genserve.service.local import LocalScorer
 from genserve.training.data import Tabular
 from genserve.training.gmm_pipeline import GMMTrainConfig, train_gmm
@@ -76,11 +76,11 @@ def test_gmm_reports_component_and_responsibility(gmm):
     raw = gmm.scores(records=[MEANS[0]])
     assert set(raw) == {"nll", "bits_per_dim", "likelihood_ratio", "log_prob"}
     assert raw["bits_per_dim"][0] == pytest.approx(raw["nll"][0] / (4 * math.log(2)))
-    with pytest.raises(ApiError, match="score 'complexity' is not available for models of records"):
+    with pytest.raises(ServiceError, match="score 'complexity' is not available for models of records"):
         gmm.anomaly(records=[MEANS[0]], score="complexity")
-    with pytest.raises(ApiError, match=r"records must be \(N, 4\)"):
+    with pytest.raises(ServiceError, match=r"records must be \(N, 4\)"):
         gmm.anomaly(records=[[1.0, 2.0]])
-    with pytest.raises(ApiError, match="takes records, not texts"):
+    with pytest.raises(ServiceError, match="takes records, not texts"):
         gmm.anomaly(texts=["hello"])
 
 
@@ -108,7 +108,7 @@ def test_image_scores_and_calibration(digits_model):
     # The complexity trap: a blank image is likely under the model, yet complexity flags it.
     blank = np.zeros((1, 8, 8), dtype=np.int64)
     assert digits_model.anomaly(images=blank, score="complexity").results[0].is_anomaly
-    with pytest.raises(ApiError, match="per_line is for text models"):
+    with pytest.raises(ServiceError, match="per_line is for text models"):
         digits_model.anomaly(images=blank, per_line=True)
 
 
@@ -150,7 +150,7 @@ def test_text_scores_whole_and_per_line(text_model):
     fresh = text_model.anomaly(texts=["\n".join(grammar_lines(400, seed=7))], per_line=True,
                                false_positive_rate=0.2)
     assert np.mean([r.is_anomaly for r in fresh.results]) < 0.35
-    with pytest.raises(ApiError, match="texts\\[0\\] is empty"):
+    with pytest.raises(ServiceError, match="texts\\[0\\] is empty"):
         text_model.anomaly(texts=["  \n"])
-    with pytest.raises(ApiError, match="texts\\[0\\] line 2: 1 unknown character"):
+    with pytest.raises(ServiceError, match="texts\\[0\\] line 2: 1 unknown character"):
         text_model.anomaly(texts=["the cat.\nthe cat!"], per_line=True)

@@ -1,6 +1,6 @@
-"""Request and response bodies of the REST API; the OpenAPI schema at /docs is generated from these.
-
-The same models are used by `service.client`, so the client and the server cannot drift apart.
+"""Request and response bodies of genserve's own REST API (/v1, but for OpenAI's completions); the OpenAPI schema
+at /docs is generated from these. service/client.py uses the same models, so the client and the server cannot
+drift apart.
 """
 
 from __future__ import annotations
@@ -10,6 +10,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, WithJsonSchema, model_validator
 
 from genserve.artifacts.artifact import DensityCapability
+from genserve.service.api.common import DecodingOptions, StopStrings, Usage
+from genserve.service.limits import Limits
+from genserve.service.services.anomaly import SCORE_DESCRIPTION, ScoreType
+
+# The anomaly results are the anomaly service's own (the in-process scorer returns them too); /v1 sends them as is.
+from genserve.service.services.anomaly import AnomalyResponse as AnomalyResponse
+from genserve.service.services.anomaly import AnomalyResult as AnomalyResult
 
 # JSON numbers only: strict mode refuses strings and booleans, allow_inf_nan=False refuses the
 # NaN/Infinity literals that Python's JSON parser would otherwise accept.
@@ -42,34 +49,6 @@ LABELS_DESCRIPTION = (
 )
 
 
-def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """`model`'s JSON schema with its $defs inlined, to embed in the OpenAPI document where FastAPI does not put
-    a model's schema in its components (a request body read by hand, an event stream's events)."""
-    schema = model.model_json_schema()
-    defs = schema.pop("$defs", {})
-
-    def resolve(node: Any, seen: tuple[str, ...]) -> Any:
-        if isinstance(node, dict):
-            if "$ref" in node:
-                name = node["$ref"].rsplit("/", 1)[-1]
-                # A recursive model (a token's top alternatives are tokens) is cut at its second level.
-                return {"type": "object"} if name in seen else resolve(defs[name], (*seen, name))
-            return {k: resolve(v, seen) for k, v in node.items()}
-        return [resolve(v, seen) for v in node] if isinstance(node, list) else node
-
-    return resolve(schema, ())
-
-
-def event_stream(*models: type[BaseModel]) -> dict[str, Any]:
-    """An event stream's schema as OpenAPI 3.1 reads it: one Server-Sent Event, whose data is `[DONE]` (the last)
-    or JSON of one of `models`."""
-    data = [{"type": "string", "contentMediaType": "application/json", "contentSchema": inline_schema(m)}
-            for m in models]
-    return {"type": "object", "required": ["data"], "properties": {
-        "event": {"type": "string", "description": "message, or error when the model failed mid-stream"},
-        "data": {"anyOf": [{"const": "[DONE]"}, *data]}}}
-
-
 class ErrorDetail(BaseModel):
     type: str = Field(description="machine-readable category, e.g. invalid_request, not_found")
     message: str = Field(description="what was wrong and what is allowed")
@@ -81,33 +60,6 @@ class ErrorResponse(BaseModel):
     """genserve's error body: the /v1 routes (OpenAI's completions has OpenAI's, /v2 the protocol's)."""
 
     error: ErrorDetail
-
-
-class V2ErrorResponse(BaseModel):
-    """The Open Inference Protocol's error body (/v2 routes)."""
-
-    error: str = Field(description="what was wrong and what is allowed")
-    request_id: str | None = Field(None, description="the request's X-Request-ID, to find it in the server's logs")
-    request_id: str | None = Field(None, description="the request's X-Request-ID, to find it in the server's logs")
-
-
-class Limits(BaseModel):
-    max_records_per_request: int
-    max_samples_per_request: int
-    max_body_bytes: int
-    max_new_tokens: int
-    max_num_beams: int
-    max_n: int
-    max_texts_per_request: int
-    max_prompts_per_request: int
-    max_images_per_request: int = Field(
-        description="image models: images scored per log_prob/anomaly request, n per sample request, and "
-        "len(images) * n per complete request"
-    )
-    max_image_pixels_per_request: int = Field(
-        262_144, description="image models: the sampling cost of one sample or complete request, images x height x "
-        "width (400 limit_exceeded past it); each replica also budgets the pixels it holds (max_queued_pixels, 503)"
-    )
 
 
 class InputInfo(BaseModel):
@@ -122,16 +74,6 @@ class InputInfo(BaseModel):
     levels: int | None = Field(None, description="image: grey levels per pixel, integers 0..levels-1 (2: binary)")
     n_classes: int | None = Field(None, description="image: class labels 0..n_classes-1 (0: not class-conditional)")
     class_names: list[str] | None = Field(None, description="image: what each label means, by index")
-
-
-ScoreType = Literal["nll", "bits_per_dim", "bits_per_char", "complexity", "likelihood_ratio"]
-SCORE_DESCRIPTION = (
-    "anomaly score type (higher = more anomalous): nll (-log p(x), nats); bits_per_dim (records, images: -log2 "
-    "p(x) / dimensions); bits_per_char (text: mean surprisal per character); complexity (images: -log2 p(x) "
-    "minus the image's PNG size in bits); likelihood_ratio (log p_ref(x) - log p(x) against the artifact's "
-    "simpler reference model; nats, text: bits per character). Default: nll for records, complexity for images, "
-    "bits_per_char for text"
-)
 
 
 class CalibrationInfo(BaseModel):
@@ -272,30 +214,6 @@ class AnomalyRequest(BaseModel):
         return self
 
 
-class AnomalyResult(BaseModel):
-    score: float = Field(description="the anomaly score of score_type (higher = more anomalous)")
-    log_prob: float = Field(description="log p(x) in nats (text: of the whole text or line)")
-    percentile: float = Field(description="percent of held-out normal items scoring at or below this one")
-    is_anomaly: bool = Field(description="score > threshold")
-    component: int | None = Field(None, description="GMMs: the most likely mixture component")
-    responsibility: float | None = Field(None, description="GMMs: that component's posterior probability")
-    text_index: int | None = Field(None, description="text per_line: which text the line is from")
-    line: int | None = Field(None, description="text per_line: the line's 1-based number in its text")
-
-
-class AnomalyResponse(BaseModel):
-    model: str
-    version: str
-    score_type: ScoreType
-    threshold: float
-    false_positive_rate: float | None = Field(
-        description="held-out false-positive rate of the threshold (null when the request set the threshold)"
-    )
-    results: list[AnomalyResult]
-    density: DensityCapability = Field("exact", description="what the scores' log_prob is: exact, or a lower "
-                                       "bound on log p(x)")
-
-
 class SampleRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -415,3 +333,81 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     ready: bool
     models: dict[str, bool]
+
+
+# ---- text models: generate and score -------------------------------------------------------------
+
+
+class GenerateRequest(DecodingOptions):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"prompt": "ROMEO:\n", "max_new_tokens": 100, "temperature": 0.8, "top_k": 40, "seed": 1}]})
+
+    prompt: str = Field("", description="text to continue; empty starts a new text")
+    max_new_tokens: int | None = Field(None, ge=1, description="tokens to generate at most; default 64, or the "
+                                       "server's limit if that is lower")
+    stop: StopStrings | None = Field(None, description="stop before the first of these strings (at most 8)")
+    n: int = Field(1, ge=1, description="independent samples of the same prompt")
+    num_return_sequences: int | None = Field(None, ge=1, description="beam search: beams returned (<= num_beams)")
+    logprobs: bool = Field(False, description="return each generated token with its log-probability")
+    top_logprobs: int = Field(0, ge=0, le=20, description="with logprobs: also the most likely alternatives")
+    stream: bool = Field(False, description="Server-Sent Events, one per step, then `data: [DONE]`")
+
+
+class TokenLogprob(BaseModel):
+    id: int
+    text: str
+    logprob: float = Field(description="log p(token | everything before it), nats, under the model")
+    top: list[TokenLogprob] | None = None
+
+
+class Completion(BaseModel):
+    index: int
+    text: str
+    token_ids: list[int] = Field(description="generated tokens, including a final end-of-text token if any")
+    finish_reason: Literal["stop", "length"] = Field(description="stop: EOS or a stop string; length: max tokens")
+    stop: str | None = Field(None, description="the stop string that ended generation, if one did")
+    log_prob: float = Field(description="sum of the generated tokens' log-probabilities, nats")
+    score: float | None = Field(None, description="beam search: the length-normalised score beams are ranked by")
+    tokens: list[TokenLogprob] | None = None
+
+
+class GenerateResponse(BaseModel):
+    model: str
+    version: str
+    completions: list[Completion]
+    usage: Usage
+
+
+class StreamChunk(BaseModel):
+    """One Server-Sent Event of a streamed generate: text added to one completion."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: Literal["stop", "length"] | None = None
+    tokens: list[TokenLogprob] | None = None
+    usage: Usage | None = Field(None, description="in the last event only")
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"texts": ["To be, or not to be, that is the question."]}]})
+
+    texts: list[str] = Field(min_length=1, description="texts to score, each as a whole")
+    per_token: bool = Field(True, description="also return every token's log-probability")
+
+
+class TextScore(BaseModel):
+    log_prob: float = Field(description="log p(text), nats: the sum over its tokens, the first given BOS")
+    n_tokens: int
+    n_chars: int
+    nats_per_token: float
+    perplexity: float = Field(description="exp(nats per token)")
+    bits_per_char: float = Field(description="-log2 p(text) / characters: comparable across tokenizers")
+    tokens: list[TokenLogprob] | None = None
+
+
+class ScoreResponse(BaseModel):
+    model: str
+    version: str
+    results: list[TextScore]
