@@ -12,9 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from genserve.models.registry import IMAGE_MODELS, LATENT_MODELS, RECORDS_MODELS
+from genserve.models.registry import IMAGE_MODELS, LATENT_MODELS, RECORDS_MODELS, TEXT_MODELS
 
-TEXT_KINDS: tuple[str, ...] = ("gpt", "lstm", "ngram")
+TEXT_KINDS: tuple[str, ...] = tuple(TEXT_MODELS)
 IMAGE_KINDS: tuple[str, ...] = tuple(IMAGE_MODELS)
 LATENT_KINDS: tuple[str, ...] = tuple(LATENT_MODELS)
 RECORDS_KINDS: tuple[str, ...] = tuple(RECORDS_MODELS)

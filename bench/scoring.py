@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.scoring [--quick]
 
-1. Exact log-likelihood throughput of the service's own runtimes (service.runtime, service.image_runtime):
+1. Exact log-likelihood throughput of the service's own runtimes (service.records_runtime, service.image_runtime):
    torch eager against ONNX Runtime on the CPU, at batch sizes 1, 32 and 1024, for a GMM and the default
    `digits` (MADE) and `mnist` (class-conditional gated PixelCNN) image models; and what runtime 'auto'
    chooses for each, with the timings it chose by.
@@ -34,7 +34,8 @@ from genserve.artifacts.families import IMAGE_KINDS
 from genserve.models.image import ImageModel
 from genserve.models.registry import build_image_model
 from genserve.service.image_runtime import OnnxImageRuntime, TorchImageRuntime, image_probe
-from genserve.service.runtime import OnnxRecordsRuntime, TorchRecordsRuntime, choose_faster, records_probe
+from genserve.service.records_runtime import OnnxRecordsRuntime, TorchRecordsRuntime, records_probe
+from genserve.service.runtime_choice import choose_faster
 from genserve.training.em import EMSettings, initial_model, run_em
 from genserve.training.image_data import load_image_dataset
 from genserve.training.image_pipeline import PRESETS
@@ -51,7 +52,7 @@ class Scorer:
     unit: str  # records | images
     runtimes: dict[str, Any]  # torch, onnx: the service's runtime objects
     score: Callable[[Any, int], object]  # (runtime, batch) -> scores of `batch` real inputs
-    probe: Callable[[Any, int], Any]  # what 'auto' times at load (service.runtime.load_runtime)
+    probe: Callable[[Any, int], Any]  # what 'auto' times at load (service.runtime_choice.load_runtime)
     note: str
 
 

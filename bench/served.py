@@ -424,7 +424,7 @@ def in_process_calls(paths: dict[str, Path], eps: list[Endpoint]) -> dict[str, C
     the same artifact (GMM and MADE: ONNX Runtime; GPT: the continuous-batching Engine with the served slots)."""
     from genserve.service.decoding import Engine, GenerationParams
     from genserve.service.image_runtime import load_image_model
-    from genserve.service.runtime import load_model
+    from genserve.service.records_runtime import load_model
     from genserve.service.text_runtime import load_text_model
 
     bodies = {e.key: json.loads(e.body) for e in eps}

@@ -74,3 +74,17 @@ LATENT_MODELS: dict[str, tuple[str, str, str]] = {
 def build_latent_model(kind: str, config: dict[str, Any]) -> Any:
     """The served module of a latent-variable image model (a GAN's generator) from its config's fields."""
     return _build(LATENT_MODELS, "latent-variable model", kind, config)
+
+
+# Language models over tokens: kind -> (module, config class, model class). An n-gram model's tables are sized by
+# what it counted, so it is rebuilt with NGramLM.from_state_dict rather than from its config alone.
+TEXT_MODELS: dict[str, tuple[str, str, str]] = {
+    "gpt": ("genserve.models.gpt", "GPTConfig", "GPT"),
+    "lstm": ("genserve.models.lstm", "LSTMConfig", "CharLSTM"),
+    "ngram": ("genserve.models.ngram", "NGramConfig", "NGramLM"),
+}
+
+
+def build_text_model(kind: str, config: dict[str, Any]) -> Any:
+    """A fresh language model of `kind` from its config's fields (untrained: load its weights next)."""
+    return _build(TEXT_MODELS, "text model", kind, config)

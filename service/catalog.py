@@ -24,8 +24,8 @@ from genserve.service.errors import (
     Unavailable,
     WrongKind,
 )
+from genserve.service.isolation import failure_message, is_over_limit, is_replica_busy, is_request_failure
 from genserve.service.limits import Limits
-from genserve.service.runtime import failure_message, is_over_limit, is_replica_busy, is_request_failure
 
 INFO_TIMEOUT_S = 5.0  # a replica that does not report its runtime in this long is "unavailable"
 READY_TIMEOUT_S = 2.0

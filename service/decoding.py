@@ -43,7 +43,7 @@ from torch import Tensor
 
 from genserve.artifacts.tokenizer import TextTokenizer
 from genserve.models.lm import LanguageModel
-from genserve.service.runtime import LOG_PROB_FLOOR, RequestFailed
+from genserve.service.isolation import LOG_PROB_FLOOR, RequestFailed
 
 log = logging.getLogger("ray.serve")
 

@@ -55,7 +55,7 @@ SERVING: dict[str, ServingFamily] = {s.name: s for s in (
                   ImageReplica),
     ServingFamily(LATENT, "genserve.service.latent:LatentImageDeployment",
                   "genserve.service.latent:load_latent_model", ImageReplica),
-    ServingFamily(RECORDS, "genserve.service.density:RecordsDeployment", "genserve.service.runtime:load_model",
+    ServingFamily(RECORDS, "genserve.service.records:RecordsDeployment", "genserve.service.records_runtime:load_model",
                   RecordsReplica),
 )}
 

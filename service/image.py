@@ -5,8 +5,8 @@ Scoring is batched with `@serve.batch`: the images of every waiting request are 
 (requests that gave labels in one, requests that did not in another: a conditional model scores those
 for the marginal over classes) and split back per request. Scoring is row-wise, so an image's result does
 not depend on what it was batched with; if a batch's pass raises, its requests are rerun one at a time, so only
-a request the model fails on gets the error (service.runtime.run_isolated). Log-probabilities come back
-finite (an underflow or NaN at service.runtime.LOG_PROB_FLOOR): JSON has no infinities.
+a request the model fails on gets the error (service.isolation.run_isolated). Log-probabilities come back
+finite (an underflow or NaN at service.isolation.LOG_PROB_FLOOR): JSON has no infinities.
 
 Sampling and completion run the torch sampler in a worker thread, one job at a time, so the replica keeps
 answering health checks and scoring requests meanwhile; all images of one request are drawn in one batch,
@@ -31,19 +31,18 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from genserve.models.image import ImageModel, SamplingCancelled, cancellable
+from genserve.service.devices import make_generator
 from genserve.service.image_runtime import ImageScore, LoadedImageModel, load_image_model
-from genserve.service.metrics import MetricsClient
-from genserve.service.runtime import (
+from genserve.service.isolation import (
     OverLimit,
     ReplicaBusy,
     RequestFailed,
-    RuntimeName,
     finite_log_probs,
-    make_generator,
-    needs_reload,
     reference_log_probs,
     run_isolated,
 )
+from genserve.service.metrics import MetricsClient
+from genserve.service.runtime_choice import RuntimeName, needs_reload
 
 log = logging.getLogger("ray.serve")
 DEFAULT_QUEUED_PIXELS = 1 << 20  # four requests at the default limits.max_image_pixels_per_request
@@ -178,7 +177,7 @@ class PixelImageReplica:
         self.options = options
 
     def info(self) -> dict[str, Any]:
-        return {"runtime": self.loaded.runtime.name, "device": self.loaded.device,
+        return {"runtime": self.loaded.runtime.name, "device": self.loaded.runtime.device,
                 "runtime_choice": None if self.loaded.choice is None else self.loaded.choice.as_dict()}
 
     def ready(self) -> bool:

@@ -6,7 +6,7 @@ Both runtimes answer `score(images, labels)` with log p(x [| y]) (N,) and each p
 classes: torch through `ImageModel.score`, ONNX Runtime by running the graph (which computes log p(x | y)) once
 per class and combining the runs with `marginalise_labels` and the model's class prior. Sampling and
 completion always run in torch, on `LoadedImageModel.module`. 'auto' times both runtimes at load and keeps
-the faster (service.runtime.load_runtime), on images with labels when the model is class-conditional.
+the faster (service.runtime_choice.load_runtime), on images with labels when the model is class-conditional.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from genserve.artifacts.reference import load_reference
 from genserve.artifacts.store import load_artifact_at
 from genserve.models.image import ImageModel, marginalise_labels
 from genserve.models.registry import build_image_model
+from genserve.service.devices import pick_device
 from genserve.service.families import require_family
 from genserve.service.onnx_session import open_session, session_device
-from genserve.service.runtime import PROBE_BATCHES, RuntimeChoice, RuntimeName, load_runtime, pick_device
+from genserve.service.runtime_choice import PROBE_BATCHES, RuntimeChoice, RuntimeName, load_runtime
 
 ImageScore = tuple[np.ndarray, np.ndarray]  # log p (N,), per-pixel conditionals (N, H, W), float64
 

@@ -11,7 +11,7 @@ too. What they do:
 Each request is scored on its own (no cross-request batching: the bound's noise is drawn per request, so one
 request's answer never depends on what it was batched with), in a worker thread, one job at a time per replica.
 torch only: these models have no ONNX graph. As for the other image models (service/image.py): bounds come back
-finite (service.runtime.LOG_PROB_FLOOR), sampling is budgeted in pixels per replica (`max_queued_pixels`), a
+finite (service.isolation.LOG_PROB_FLOOR), sampling is budgeted in pixels per replica (`max_queued_pixels`), a
 job whose caller went away stops at its next pixel (VAE), and a job that fails fails alone (`RequestFailed`).
 """
 
@@ -32,6 +32,7 @@ from genserve.artifacts.families import LATENT
 from genserve.artifacts.reference import load_reference
 from genserve.artifacts.store import load_artifact_at
 from genserve.models.registry import build_latent_model
+from genserve.service.devices import make_generator, pick_device
 from genserve.service.families import require_family
 from genserve.service.image import (
     DEFAULT_QUEUED_PIXELS,
@@ -39,14 +40,9 @@ from genserve.service.image import (
     SamplingBudget,
     run_sampling_job,
 )
+from genserve.service.isolation import finite_log_probs, reference_log_probs
 from genserve.service.metrics import MetricsClient
-from genserve.service.runtime import (
-    finite_log_probs,
-    load_runtime,
-    make_generator,
-    pick_device,
-    reference_log_probs,
-)
+from genserve.service.runtime_choice import load_runtime
 
 log = logging.getLogger("ray.serve")
 

@@ -26,7 +26,7 @@ from genserve.service.catalog import require_density
 from genserve.service.errors import InvalidInput, WrongKind
 from genserve.service.families import serving_family
 from genserve.service.image_codec import ImageInputError, decode_image
-from genserve.service.runtime import finite_log_probs, finite_responsibilities, reference_log_probs
+from genserve.service.isolation import finite_log_probs, finite_responsibilities, reference_log_probs
 from genserve.service.services.anomaly import (
     AnomalyResponse,
     anomaly_response,
@@ -114,7 +114,7 @@ class LocalScorer:
                                type_="wrong_feature_count")
         if not np.isfinite(x).all():
             raise InvalidInput("records hold NaN or infinite values")
-        # Finite as the served answers are (service.runtime.finite_log_probs): the file scorer writes them as they are.
+        # Finite as the served answers are (service.isolation.finite_log_probs): the file scorer writes them as is.
         log_prob, resp = self._model.runtime.log_prob(x)
         log_prob, resp = finite_log_probs(log_prob), finite_responsibilities(resp)
         ref = reference_log_probs(self.reference, x, np.float64) if score in (None, "likelihood_ratio") else None

@@ -1,7 +1,8 @@
 """The one way genserve opens an ONNX Runtime session: for the records and image models' graphs
-(service/runtime.py, service/image_runtime.py) and the transformer's prefill and decode graphs (service/onnx_text.py).
+(service/records_runtime.py, service/image_runtime.py) and the transformer's prefill and decode graphs
+(service/onnx_text.py).
 
-The device is the one chosen at load time (service.runtime.pick_device): "cuda" asks for the CUDA execution
+The device is the one chosen at load time (service.devices.pick_device): "cuda" asks for the CUDA execution
 provider, used when this onnxruntime has it, with the CPU provider behind it for what CUDA does not run; anything
 else is the CPU. `session_device` says which one a session really got. Graph optimisation is ONNX Runtime's
 default (all levels); it logs errors only (severity 3).

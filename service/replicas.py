@@ -1,7 +1,7 @@
 """The contracts of the model replicas: what the Gateway may call on each family's Ray Serve deployment through
 its handle (`handle.score.remote(...)`), one call shape per method.
 
-- `RecordsReplica` (family records: service/density.py): `score(records)`;
+- `RecordsReplica` (family records: service/records.py): `score(records)`;
 - `ImageReplica` (families image and latent: service/image.py, service/latent.py): one shape for both,
   `score(images, labels, per_pixel=False, samples=None, seed=None)`. A pixel model ignores `samples` and `seed`
   (its log p(x) is exact: the API refuses them before), a latent one `per_pixel` (it has no per-pixel

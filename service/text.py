@@ -34,8 +34,9 @@ from ray import serve
 
 from genserve.models.lm import score_token_lists
 from genserve.service.decoding import Engine, GenerationParams, SequenceOutput, Update
+from genserve.service.isolation import ReplicaBusy, RequestFailed, finite_log_probs
 from genserve.service.metrics import MetricsClient
-from genserve.service.runtime import ReplicaBusy, RequestFailed, RuntimeName, finite_log_probs
+from genserve.service.runtime_choice import RuntimeName
 from genserve.service.text_runtime import LoadedTextModel, load_text_model, resolve_text_runtime
 
 log = logging.getLogger("ray.serve")
@@ -67,7 +68,7 @@ class TextModelReplica:
         self.replica = str(os.getpid())  # outside Serve (tests) the process id will do
         with contextlib.suppress(Exception):
             self.replica = serve.get_replica_context().replica_id.unique_id
-        log.info("loaded %s v%s (%s on %s)", self.name, self.loaded.artifact.version, self.loaded.runtime,
+        log.info("loaded %s v%s (%s on %s)", self.name, self.loaded.artifact.version, self.loaded.runtime_name,
                  self.loaded.device)
 
     def _new_engine(self) -> Engine:
@@ -82,12 +83,12 @@ class TextModelReplica:
                 log.warning("%s: runtime/slots change waits for a restart of the replica (requests running)",
                             self.name)
                 return
-            if resolve_text_runtime(options.runtime) != self.loaded.runtime:
+            if resolve_text_runtime(options.runtime) != self.loaded.runtime_name:
                 self.loaded = load_text_model(self.artifact_path, options.runtime)
             self.engine = self._new_engine()
 
     def info(self) -> dict[str, Any]:
-        return {"runtime": self.loaded.runtime, "device": self.loaded.device, "slots": self.engine.n_slots,
+        return {"runtime": self.loaded.runtime_name, "device": self.loaded.device, "slots": self.engine.n_slots,
                 "max_len": self.engine.max_len}
 
     def ready(self) -> bool:
@@ -214,7 +215,7 @@ class TextModelReplica:
 
     @torch.inference_mode()
     def _score(self, token_lists: list[list[int]]) -> list[list[float]]:
-        # Finite for JSON: a token the model rules out is reported at the floor (service.runtime.LOG_PROB_FLOOR).
+        # Finite for JSON: a token the model rules out is reported at the floor (service.isolation.LOG_PROB_FLOOR).
         return [finite_log_probs(lps).tolist()
                 for lps in score_token_lists(self.loaded.scorer, token_lists, SCORE_LOGITS_BUDGET)]
 

@@ -14,10 +14,12 @@ from genserve.artifacts.families import TEXT
 from genserve.artifacts.reference import load_reference
 from genserve.artifacts.store import load_artifact_at
 from genserve.artifacts.tokenizer import TextTokenizer
-from genserve.models.gpt import GPT, GPTConfig
+from genserve.models.gpt import GPTConfig
 from genserve.models.lm import LanguageModel
+from genserve.models.registry import build_text_model
+from genserve.service.devices import pick_device
 from genserve.service.families import require_family
-from genserve.service.runtime import RuntimeName, check_runtime_name, pick_device
+from genserve.service.runtime_choice import RuntimeName, check_runtime_name
 
 
 @dataclass
@@ -26,7 +28,7 @@ class LoadedTextModel:
     model: LanguageModel  # for decoding: torch or ONNX Runtime
     scorer: LanguageModel  # for scoring whole texts: always torch
     tokenizer: TextTokenizer
-    runtime: str
+    runtime_name: str  # the decoding runtime: torch or onnx (the others hold a runtime object; this one, its model)
     device: str
     reference: torch.nn.Module | None = None  # likelihood-ratio reference (artifacts/reference.py), on CPU
 
@@ -40,20 +42,13 @@ def build_text_module(loaded: art.Artifact) -> torch.nn.Module:
     require_family(loaded, TEXT)
     kind, config = loaded.manifest.kind, loaded.manifest.config
     try:
-        if kind == "gpt":
-            module: torch.nn.Module = GPT(GPTConfig(**config))
-        elif kind == "lstm":
-            from genserve.models.lstm import CharLSTM, LSTMConfig
-
-            module = CharLSTM(LSTMConfig(**config))
-        elif kind == "ngram":
+        if kind == "ngram":  # tables sized by what was counted: rebuilt from the weights themselves
             from safetensors.torch import load
 
             from genserve.models.ngram import NGramConfig, NGramLM
 
             return NGramLM.from_state_dict(NGramConfig(**config), load(loaded.contents[art.WEIGHTS])).eval()
-        else:
-            raise NotImplementedError(f"text kind {kind!r} has no module here")  # a kind new to artifacts.families
+        module: torch.nn.Module = build_text_model(kind, config)
     except (TypeError, ValueError) as e:
         raise art.ArtifactError(f"{loaded.path / art.MANIFEST}: invalid {kind} config ({e})") from None
     art.load_module_weights(module, loaded.contents[art.WEIGHTS], loaded.path / art.WEIGHTS)
@@ -102,7 +97,7 @@ def load_text_model(path: str | Path, runtime: RuntimeName = "auto", device: str
         device = model.device
     elif chosen != "torch":
         raise ValueError(f"unknown runtime {runtime!r}; use 'torch', 'onnx' or 'auto'")
-    return LoadedTextModel(artifact=loaded, model=model, scorer=module, tokenizer=tokenizer, runtime=chosen,
+    return LoadedTextModel(artifact=loaded, model=model, scorer=module, tokenizer=tokenizer, runtime_name=chosen,
                            device=str(device), reference=load_reference(loaded))
 
 

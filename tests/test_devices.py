@@ -34,8 +34,9 @@ from genserve.models.image import ImageModel
 from genserve.models.lm import score_token_lists, sequence_log_probs
 from genserve.models.registry import IMAGE_MODELS, build_image_model
 from genserve.service.decoding import Engine, GenerationParams, generate
+from genserve.service.devices import make_generator
 from genserve.service.image_runtime import TorchImageRuntime, load_image_model
-from genserve.service.runtime import TorchRecordsRuntime, make_generator
+from genserve.service.records_runtime import TorchRecordsRuntime
 from genserve.service.text_runtime import load_text_model
 from genserve.training.em import EMSettings, fit_gmm, initial_model, run_em
 from genserve.training.image_data import load_digits
@@ -373,7 +374,7 @@ def blobs() -> torch.Tensor:
 @pytest.mark.parametrize("covariance", ["full", "diag"])
 def test_mixture_scores_agree_with_the_cpu(device, covariance):
     """A mixture fitted on the CPU (with its standardisation), scored by the serving runtime's torch path
-    (service/runtime.py: a copy of the module on the device) and directly."""
+    (service/records_runtime.py: a copy of the module on the device) and directly."""
     x = blobs()
     mean, scale = x.mean(0), x.std(0)
     result = fit_gmm((x - mean) / scale, 3, EMSettings(covariance_type=covariance, n_init=1, max_iter=30))

@@ -15,7 +15,7 @@ from genserve.artifacts.tokenizer import TextTokenizer, UnknownCharactersError
 from genserve.service.catalog import ModelCatalog
 from genserve.service.decoding import DEFAULT_MAX_LEN, GenerationParams
 from genserve.service.errors import InvalidInput, LimitExceeded, ModelFailed, Overloaded, Unavailable
-from genserve.service.runtime import failure_message, is_replica_busy, is_request_failure
+from genserve.service.isolation import failure_message, is_replica_busy, is_request_failure
 
 LN2 = math.log(2.0)
 DEFAULT_NEW_TOKENS = 64

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from genserve.artifacts import artifact as art
 from genserve.service.app import AppArgs
 from genserve.service.cli import DEFAULT_MODELS, app, read_serve_config
-from genserve.service.density import ModelOptions
+from genserve.service.records import RecordsOptions
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVE_CONFIG = ROOT / "deploy" / "serve" / "genserve.yaml"
@@ -28,7 +28,7 @@ def test_serve_config_is_a_valid_serve_config_for_the_default_models() -> None:
     assert names == {"Gateway", *DEFAULT_MODELS}
     for d in application.deployments:
         if d.name != "Gateway":
-            ModelOptions.model_validate(d.user_config)
+            RecordsOptions.model_validate(d.user_config)
 
     http, args, overrides = read_serve_config(SERVE_CONFIG)
     assert http["port"] == 8000 and args["limits"]["max_records_per_request"] == 10_000

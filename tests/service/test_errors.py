@@ -21,7 +21,7 @@ from genserve.service.errors import (
     Unavailable,
     WrongKind,
 )
-from genserve.service.runtime import OutOfResources, OverLimit, ReplicaBusy, RequestFailed
+from genserve.service.isolation import OutOfResources, OverLimit, ReplicaBusy, RequestFailed
 
 
 @pytest.mark.parametrize(("error", "status", "type_"), [

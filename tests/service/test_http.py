@@ -13,7 +13,7 @@ from sklearn.datasets import load_breast_cancer, load_wine
 
 from genserve.artifacts import artifact as art
 from genserve.service.client import AsyncGenserveClient, GenserveClient, GenserveError
-from genserve.service.runtime import load_model
+from genserve.service.records_runtime import load_model
 from tests.service.conftest import (
     FLOW,
     GAN,

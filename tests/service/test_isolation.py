@@ -24,7 +24,7 @@ from genserve.service.decoding import Engine, GenerationParams, filter_logits, g
 from genserve.service.errors import LimitExceeded
 from genserve.service.image import SamplingBudget, run_sampling_job, score_requests
 from genserve.service.image_runtime import TorchImageRuntime
-from genserve.service.runtime import (
+from genserve.service.isolation import (
     LOG_PROB_FLOOR,
     OutOfResources,
     OverLimit,

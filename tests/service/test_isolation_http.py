@@ -26,7 +26,7 @@ from genserve.artifacts import artifact as art
 from genserve.artifacts.tokenizer import train_char_tokenizer
 from genserve.models.lstm import CharLSTM, LSTMConfig
 from genserve.models.pixelcnn import GatedPixelCNN, PixelCNNConfig
-from genserve.service.runtime import LOG_PROB_FLOOR
+from genserve.service.isolation import LOG_PROB_FLOOR
 from genserve.training.gmm_pipeline import GMMTrainConfig, train_gmm
 from genserve.training.records_pipeline import RecordsTrainConfig, train_records
 from tests.service.conftest import (

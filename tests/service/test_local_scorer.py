@@ -43,7 +43,7 @@ def gmm(tmp_path_factory) -> LocalScorer:
 
 
 def test_underflowing_records_score_finite_and_flagged(gmm):
-    """As served (service.runtime.finite_log_probs): a record whose density underflows float64 gets log p =
+    """As served (service.isolation.finite_log_probs): a record whose density underflows float64 gets log p =
     -1e300, not -inf (which JSON and the file scorer's CSV cannot hold), uniform responsibilities, and a flag."""
     res = gmm.anomaly(records=[[1e300, -1e300, 1e300, 1e300], [0.0, 0.0, 0.0, 0.0]], score="nll")
     far, near = res.results

@@ -190,11 +190,11 @@ def test_generation_through_onnx_matches_torch(onnx_loaded):
 
 def test_runtime_choice(artifact_path, hf_dir, tmp_path):
     # auto is torch for text: its KV-cache decode is ~2x faster than ONNX Runtime's here (README).
-    assert load_text_model(artifact_path, "auto", "cpu").runtime == "torch"
+    assert load_text_model(artifact_path, "auto", "cpu").runtime_name == "torch"
     onnx = load_text_model(artifact_path, "onnx", "cpu")
-    assert onnx.runtime == "onnx" and isinstance(onnx.model, OnnxGPT) and onnx.device == "cpu"
+    assert onnx.runtime_name == "onnx" and isinstance(onnx.model, OnnxGPT) and onnx.device == "cpu"
     plain = import_hf_gpt2(hf_dir, "plain", tmp_path, export_onnx=False)
-    assert load_text_model(plain, "auto", "cpu").runtime == "torch"
+    assert load_text_model(plain, "auto", "cpu").runtime_name == "torch"
     with pytest.raises(art.ArtifactError, match=r"no prefill\.onnx"):
         load_text_model(plain, "onnx", "cpu")
 

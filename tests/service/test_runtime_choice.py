@@ -13,7 +13,8 @@ from genserve.artifacts import artifact as art
 from genserve.artifacts.calibration import Calibration
 from genserve.models.gmm import GaussianMixture, GMMConfig
 from genserve.service.image_runtime import load_image_model
-from genserve.service.runtime import PROBE_BATCHES, RuntimeChoice, choose_faster, load_model, needs_reload
+from genserve.service.records_runtime import load_model
+from genserve.service.runtime_choice import PROBE_BATCHES, RuntimeChoice, choose_faster, needs_reload
 from genserve.training.onnx_export import export_onnx
 from tests.service.test_image_runtime import random_fvsbn
 from tests.service.test_image_runtime import write as write_image

@@ -14,7 +14,7 @@ import torch
 from genserve.artifacts import artifact as art
 from genserve.artifacts.calibration import Calibration, CalibrationSet
 from genserve.artifacts.reference import REFERENCE_CONFIG, REFERENCE_WEIGHTS
-from genserve.service.runtime import load_model
+from genserve.service.records_runtime import load_model
 from genserve.training.data import SKLEARN_DATASETS, load_tabular, split
 from genserve.training.gmm_pipeline import EM_HISTORY, GMMTrainConfig, train_gmm
 

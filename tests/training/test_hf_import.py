@@ -115,7 +115,7 @@ def test_manifest(imported, hf_dir):
     assert m.training["source"] == "huggingface" and m.training["config"]["model_type"] == "gpt2"
     assert m.training["directory"] == str(hf_dir.resolve())
     assert m.metrics["parameters"] == imported.scorer.num_parameters()
-    assert art.ONNX_PREFILL not in m.files and imported.runtime == "torch"
+    assert art.ONNX_PREFILL not in m.files and imported.runtime_name == "torch"
     assert imported.tokenizer.vocab_size == V
 
 

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from genserve.artifacts import artifact as art
 from genserve.service.cli import app
 from genserve.service.local import LocalScorer
-from genserve.service.runtime import load_model
+from genserve.service.records_runtime import load_model
 from genserve.training.records_pipeline import RecordsTrainConfig, train_records
 
 

@@ -24,7 +24,7 @@ from genserve.service.api.openai.schemas import (
 )
 from genserve.service.edge import count_generated
 from genserve.service.errors import InvalidInput
-from genserve.service.runtime import failure_message
+from genserve.service.isolation import failure_message
 from genserve.service.services.text import TextService, failure_type, generation_params, token_piece
 
 router = APIRouter()

@@ -28,7 +28,7 @@ from genserve.service.api.v1.schemas import (
 )
 from genserve.service.edge import count_generated
 from genserve.service.errors import InvalidInput
-from genserve.service.runtime import failure_message
+from genserve.service.isolation import failure_message
 from genserve.service.services.text import (
     DEFAULT_NEW_TOKENS,
     TextService,

@@ -8,7 +8,7 @@ rerun one at a time, so only a request the model fails on gets the error (`Reque
 
 Log-densities come back finite (JSON has no infinities): a record whose density underflows float64 or that the
 model cannot evaluate (NaN) gets log p = LOG_PROB_FLOOR (-1e300), so it scores as maximally anomalous, and a
-mixture's responsibilities for it are uniform (service.runtime.finite_log_probs, finite_responsibilities).
+mixture's responsibilities for it are uniform (service.isolation.finite_log_probs, finite_responsibilities).
 """
 
 from __future__ import annotations
@@ -20,23 +20,22 @@ import numpy as np
 from pydantic import BaseModel, Field
 from ray import serve
 
-from genserve.service.metrics import MetricsClient
-from genserve.service.runtime import (
+from genserve.service.devices import make_generator
+from genserve.service.isolation import (
     RequestFailed,
-    RuntimeName,
     finite_log_probs,
     finite_responsibilities,
-    load_model,
-    make_generator,
-    needs_reload,
     reference_log_probs,
     run_isolated,
 )
+from genserve.service.metrics import MetricsClient
+from genserve.service.records_runtime import load_model
+from genserve.service.runtime_choice import RuntimeName, needs_reload
 
 log = logging.getLogger("ray.serve")
 
 
-class ModelOptions(BaseModel):
+class RecordsOptions(BaseModel):
     """Per-model settings, given as the deployment's `user_config` in the Serve config file;
     changing them on a running application takes effect without restarting replicas."""
 
@@ -55,7 +54,7 @@ ScoreResult = tuple[np.ndarray, np.ndarray]  # log p(x) (N,), responsibilities (
 class RecordsModelReplica:
     def __init__(self, artifact_path: str):
         self.artifact_path = artifact_path
-        self.options = ModelOptions()
+        self.options = RecordsOptions()
         self.loaded = load_model(artifact_path, self.options.runtime)
         self.name = self.loaded.artifact.name
         self.metrics = MetricsClient()
@@ -63,7 +62,7 @@ class RecordsModelReplica:
                  self.loaded.runtime.name, self.loaded.runtime.device)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        options = ModelOptions.model_validate(user_config or {})
+        options = RecordsOptions.model_validate(user_config or {})
         # Serve calls this right after __init__: reload only when the runtime really changes.
         if needs_reload(options.runtime, self.loaded.choice):
             self.loaded = load_model(self.artifact_path, options.runtime)
