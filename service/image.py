@@ -42,7 +42,7 @@ from genserve.service.isolation import (
     run_isolated,
 )
 from genserve.service.metrics import MetricsClient
-from genserve.service.runtime_choice import RuntimeName, needs_reload
+from genserve.service.runtime_choice import RuntimeName, needs_reload, runtime_info
 
 log = logging.getLogger("ray.serve")
 DEFAULT_QUEUED_PIXELS = 1 << 20  # four requests at the default limits.max_image_pixels_per_request
@@ -177,8 +177,7 @@ class PixelImageReplica:
         self.options = options
 
     def info(self) -> dict[str, Any]:
-        return {"runtime": self.loaded.runtime.name, "device": self.loaded.runtime.device,
-                "runtime_choice": None if self.loaded.choice is None else self.loaded.choice.as_dict()}
+        return runtime_info(self.loaded)
 
     def ready(self) -> bool:
         return True

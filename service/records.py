@@ -30,7 +30,7 @@ from genserve.service.isolation import (
 )
 from genserve.service.metrics import MetricsClient
 from genserve.service.records_runtime import load_model
-from genserve.service.runtime_choice import RuntimeName, needs_reload
+from genserve.service.runtime_choice import RuntimeName, needs_reload, runtime_info
 
 log = logging.getLogger("ray.serve")
 
@@ -71,8 +71,7 @@ class RecordsModelReplica:
         self.options = options
 
     def info(self) -> dict[str, Any]:
-        return {"runtime": self.loaded.runtime.name, "device": self.loaded.runtime.device,
-                "runtime_choice": None if self.loaded.choice is None else self.loaded.choice.as_dict()}
+        return runtime_info(self.loaded)
 
     def ready(self) -> bool:
         return True

@@ -110,3 +110,9 @@ def needs_reload(requested: str, choice: RuntimeChoice | None) -> bool:
         return choice.requested != "auto"
     return requested != choice.runtime
 
+
+def runtime_info(loaded: Any) -> dict[str, Any]:
+    """What a records or image replica's info() reports of its loaded model: the serving runtime, its device, and
+    how 'auto' chose it."""
+    return {"runtime": loaded.runtime.name, "device": loaded.runtime.device,
+            "runtime_choice": None if loaded.choice is None else loaded.choice.as_dict()}

@@ -42,6 +42,7 @@ from genserve.training.em import EMSettings, fit_gmm, initial_model, run_em
 from genserve.training.image_data import load_digits
 from genserve.training.image_pipeline import ImageTrainConfig, train_image
 from genserve.training.text_pipeline import TextTrainConfig, train_text
+from tests.tiny_lm import TEXT, fit_tiny_gpt
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 F32 = dict(rtol=1e-4, atol=1e-4)  # float32 log-probs, device against CPU
@@ -163,7 +164,6 @@ def test_gpt_log_probs_agree_with_the_cpu(device):
 
 # ---- 2. the decoding engine: greedy, seeded sampling, beams, continuous batching ---------------------------------
 
-TEXT = "abcdefgh ijk\nlmnop"
 
 
 @pytest.fixture(scope="module")
@@ -175,17 +175,7 @@ def tokenizer():
 def trained_lm(tokenizer) -> GPT:
     """As tests/service/test_decoding.py: a tiny GPT fitted for a moment to a shuffled text (on the CPU), so greedy
     output varies and sampling has real choices."""
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, context_length=64, n_layer=2, n_head=2, n_embd=32))
-    order = torch.randperm(len(TEXT) * 3) % len(TEXT)
-    data = torch.tensor(tokenizer.encode("".join(TEXT[i] for i in order.tolist())))
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    for _ in range(60):
-        _, loss = m(data[None, :-1][:, :48], data[None, 1:][:, :48])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return m.eval()
+    return fit_tiny_gpt(tokenizer, TEXT)
 
 
 def scored(model: GPT, prompt: list[int], generated: list[int]) -> list[float]:

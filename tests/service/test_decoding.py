@@ -10,8 +10,7 @@ import torch
 from genserve.artifacts.tokenizer import TextTokenizer, train_char_tokenizer
 from genserve.models.gpt import GPT, GPTConfig
 from genserve.service.decoding import Engine, GenerationParams, filter_logits, generate
-
-TEXT = "abcdefgh ijk\nlmnop"
+from tests.tiny_lm import TEXT, fit_tiny_gpt
 
 
 @pytest.fixture(scope="module")
@@ -23,17 +22,7 @@ def tokenizer():
 def model(tokenizer):
     """A tiny GPT fitted for a moment to a shuffled text, so greedy output varies (an untrained tied-embedding
     model mostly repeats its last token) while sampling still has real choices."""
-    torch.manual_seed(0)
-    m = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, context_length=64, n_layer=2, n_head=2, n_embd=32))
-    order = torch.randperm(len(TEXT) * 3) % len(TEXT)
-    data = torch.tensor(tokenizer.encode("".join(TEXT[i] for i in order.tolist())))
-    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
-    for _ in range(60):
-        _, loss = m(data[None, :-1][:, :48], data[None, 1:][:, :48])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return m.eval()
+    return fit_tiny_gpt(tokenizer, TEXT)
 
 
 def naive_greedy(model, prompt, steps):
