@@ -3,7 +3,8 @@
     .venv/bin/python -m bench --out docs/benchmarks.md
 
 Runs, in turn, text decoding against `transformers` (bench/decoding.py), density scoring, EM and
-image sampling (bench/scoring.py), the served path over HTTP (bench/served.py) and the code before
+image sampling (bench/scoring.py), the served path over HTTP (bench/served.py), live model management
+(bench/management.py: a published version's time to serve, other models' latency during a load) and the code before
 the performance work against today's (bench/before_after.py), then writes one Markdown file:
 machine facts, the goals with what was measured, each area's tables, and the profiling record
 (bench/fixes.md: what was slow and what changed) followed by the before/after tables that measure
@@ -29,9 +30,10 @@ FIXES = Path(__file__).with_name("fixes.md")
 
 
 def areas() -> dict[str, Callable[[bool], Report]]:
-    from bench import before_after, decoding, scoring, served
+    from bench import before_after, decoding, management, scoring, served
 
-    return {"decoding": decoding.run, "scoring": scoring.run, "served": served.run, "before_after": before_after.run}
+    return {"decoding": decoding.run, "scoring": scoring.run, "served": served.run, "management": management.run,
+            "before_after": before_after.run}
 
 
 def goals_table(goals: list[Goal]) -> list[str]:

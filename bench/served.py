@@ -213,16 +213,17 @@ def free_port() -> int:
 
 
 def deployment_options() -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-    """(app args, per-deployment overrides): the shipped Serve config's, batching on for each model and off for
-    its copy."""
+    """(app args, overrides of the application's own deployments): the shipped Serve config's, its per-model
+    options (args.deployments) batching on for each model and off for its copy."""
     from genserve.service.cli import read_serve_config
 
-    _, args, shipped = read_serve_config(CONFIG)
-    overrides = {"Gateway": shipped["Gateway"]}
+    _, args, overrides = read_serve_config(CONFIG)
+    shipped = args.get("deployments", {})
+    deployments = {}
     for name in (RECORDS, TEXT, IMAGES):
         for copy, options in ((name, BATCHING_ON[name]), (name + UNBATCHED, BATCHING_OFF[name])):
-            overrides[copy] = {**shipped[name], "user_config": {**shipped[name].get("user_config", {}), **options}}
-    return args, overrides
+            deployments[copy] = {**shipped[name], "user_config": {**shipped[name].get("user_config", {}), **options}}
+    return {**args, "deployments": deployments}, overrides
 
 
 # Ray Serve's own defaults for the settings genserve changes (service.cli.SERVE_ENV), for --ray-serve-defaults.
@@ -345,9 +346,9 @@ def batch_histogram(url: str, model: str) -> tuple[float, float]:
 
     values = {"count": 0.0, "sum": 0.0}
     for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        for kind in values:
-            if line.startswith(f'genserve_batch_size_requests_{kind}{{model="{model}"}}'):
-                values[kind] = float(line.rsplit(" ", 1)[1])
+        for kind in values:  # summed over the model's versions (one here)
+            if line.startswith(f'genserve_batch_size_requests_{kind}{{model="{model}",'):
+                values[kind] += float(line.rsplit(" ", 1)[1])
     return values["count"], values["sum"]
 
 
@@ -534,7 +535,8 @@ def status_kib(pid: int, key: str) -> int | None:
 def serve_processes() -> list[tuple[str, int]]:
     """(role, pid) of each Serve process: one replica per deployment, the HTTP proxy, the controller and the
     metrics actor. Ray
-    titles an actor's process `ray::ServeReplica:APP:DEPLOYMENT` (with `.method` while it runs one)."""
+    titles an actor's process `ray::ServeReplica:APP:DEPLOYMENT` (with `.method` while it runs one); the role
+    is the deployment: a model's name, Gateway or ModelRepository."""
     found = []
     for pid in descendants(os.getpid()):
         try:
@@ -542,7 +544,9 @@ def serve_processes() -> list[tuple[str, int]]:
         except OSError:
             continue
         if title.startswith("ray::ServeReplica:"):
-            found.append((title.split(":", 3)[3].split(".")[0].split()[0] + " replica", pid))
+            # APP:DEPLOYMENT; a model's own application is genserve--NAME--vN with one deployment named NAME.
+            deployment = title.split(":", 3)[3].split(".")[0].split()[0].split(":")[-1]
+            found.append((deployment + " replica", pid))
         elif title.startswith(("ray::ProxyActor", "ray::ServeController", "ray::MetricsAggregator")):
             found.append((title[5:].split(".")[0].split()[0], pid))
     return sorted(found)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import os
 import signal
 import threading
@@ -455,9 +456,20 @@ def import_hf_command(
                f"{', with ONNX graphs' if art.ONNX_DECODE in manifest.files else ''}")
 
 
-@app.command("models")
-def list_models_command(store: StoreOption = None) -> None:
+models_app = typer.Typer(help="The models in the store (no subcommand), and managing what a running server serves: "
+                         "status, index, load, unload, promote (also a rollback) and split (a canary).",
+                         invoke_without_command=True)
+app.add_typer(models_app, name="models")
+UrlOption = Annotated[str, typer.Option("--url", envvar="GENSERVE_URL", help="the running genserve server")]
+KeyOption = Annotated[str | None, typer.Option("--api-key", envvar="GENSERVE_API_KEY", show_default=False,
+                                               help="an admin key, when the server has API keys on")]
+
+
+@models_app.callback()
+def list_models_command(ctx: typer.Context, store: StoreOption = None) -> None:
     """List the models and versions in the store."""
+    if ctx.invoked_subcommand is not None:
+        return
     root = open_store(store)
     try:
         models = root.list_models()
@@ -468,6 +480,95 @@ def list_models_command(store: StoreOption = None) -> None:
         typer.echo(f"no models in {root}")
     for name, versions in models.items():
         typer.echo(f"{name}\t{', '.join(versions)} (latest {versions[-1]})")
+
+
+@contextlib.contextmanager
+def admin_client(url: str, api_key: str | None) -> Iterator[Any]:
+    """A client of the running server; its refusals are printed (exit 1), not raised."""
+    import httpx
+
+    from genserve.service.client import GenserveClient, GenserveError
+
+    try:
+        with GenserveClient(url, timeout=900.0, api_key=api_key) as client:
+            yield client
+    except GenserveError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(1) from None
+    except httpx.HTTPError as e:
+        typer.secho(f"error: no genserve server answers at {url}: {e}", fg="red", err=True)
+        raise typer.Exit(1) from None
+
+
+def _print_model(model: Any) -> None:
+    split = ", ".join(f"v{v} {w}%" for v, w in model.traffic.items()) or "no traffic"
+    typer.echo(f"{model.name}: default {model.default_version or '-'} ({split}; policy {model.version_policy})")
+    for v in model.versions:
+        typer.echo(f"  v{v.version}\t{v.state}{'  ' + v.reason if v.reason else ''}")
+
+
+@models_app.command("status")
+def models_status_command(url: UrlOption = "http://127.0.0.1:8000", api_key: KeyOption = None) -> None:
+    """What the server serves: the control mode, each model's versions, default version and traffic split."""
+    with admin_client(url, api_key) as client:
+        status = client.management()
+    typer.echo(f"control mode {status.control}{'' if status.started else ' (still loading the initial models)'}")
+    for model in status.models:
+        _print_model(model)
+
+
+@models_app.command("index")
+def models_index_command(url: UrlOption = "http://127.0.0.1:8000", api_key: KeyOption = None) -> None:
+    """Every version in the server's store with its state (READY, LOADING, UNLOADING, UNAVAILABLE, UNLOADED)."""
+    with admin_client(url, api_key) as client:
+        rows = client.repository()
+    for row in rows:
+        typer.echo(f"{row.name}\tv{row.version}\t{row.state}{'  ' + row.reason if row.reason else ''}")
+
+
+@models_app.command("load")
+def models_load_command(
+    name: str, version: Annotated[str | None, typer.Option(help="one version [default: the version policy's]")] = None,
+    url: UrlOption = "http://127.0.0.1:8000", api_key: KeyOption = None,
+) -> None:
+    """Load a model version from the store (explicit control mode); returns once it is READY or has failed."""
+    with admin_client(url, api_key) as client:
+        _print_model(client.load_model(name, version))
+
+
+@models_app.command("unload")
+def models_unload_command(
+    name: str, version: Annotated[str | None, typer.Option(help="one version [default: every loaded one]")] = None,
+    url: UrlOption = "http://127.0.0.1:8000", api_key: KeyOption = None,
+) -> None:
+    """Unload a model (or one version) after its requests in flight finish (explicit control mode)."""
+    with admin_client(url, api_key) as client:
+        _print_model(client.unload_model(name, version))
+
+
+@models_app.command("promote")
+def models_promote_command(name: str, version: str, url: UrlOption = "http://127.0.0.1:8000",
+                           api_key: KeyOption = None) -> None:
+    """Make VERSION the default with all the traffic, loading it first if needed: a promotion or a rollback."""
+    with admin_client(url, api_key) as client:
+        _print_model(client.promote(name, version))
+
+
+@models_app.command("split")
+def models_split_command(
+    name: str,
+    split: Annotated[list[str], typer.Argument(help="VERSION=PERCENT for each READY version, summing to 100")],
+    url: UrlOption = "http://127.0.0.1:8000", api_key: KeyOption = None,
+) -> None:
+    """Split the model's unversioned traffic between READY versions (a canary): genserve models split m 3=90 4=10."""
+    weights: dict[str | int, int] = {}
+    for part in split:
+        version, _, percent = part.partition("=")
+        if not version or not percent.isdigit():
+            raise typer.BadParameter(f"{part!r} is not VERSION=PERCENT (e.g. 3=90)", param_hint="SPLIT")
+        weights[version] = int(percent)
+    with admin_client(url, api_key) as client:
+        _print_model(client.set_traffic(name, weights))
 
 
 @app.command("score")
@@ -546,13 +647,24 @@ def _train_models(models: dict[str, dict[str, Any]], store: Path) -> None:
 
 
 APP_IMPORT_PATH = "genserve.service.app:build_app"
+APP_NAME = "genserve"  # the Serve application; each model version is an application of its own, genserve--NAME--vN
+
+
+class ControlMode(str, enum.Enum):
+    none = "none"
+    explicit = "explicit"
+    poll = "poll"
 
 
 def read_serve_config(path: Path | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]]:
-    """(http_options, app args, per-deployment overrides) of the genserve app in a Serve config file."""
+    """(http_options, app args, overrides of the Gateway and ModelRepository deployments) of the genserve app in a
+    Serve config file. Options of a deployment named after a model (the layout before live model management)
+    move into args.deployments, where they now live."""
     if path is None:
         return {}, {}, {}
     from ray.serve.schema import ServeDeploySchema
+
+    from genserve.service.app import CONTROL_DEPLOYMENTS
 
     try:
         config = ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
@@ -565,8 +677,15 @@ def read_serve_config(path: Path | None) -> tuple[dict[str, Any], dict[str, Any]
         raise typer.BadParameter(f"{path} must have one application with import_path {APP_IMPORT_PATH}",
                                  param_hint="--config")
     http = config.http_options.model_dump(exclude_unset=True) if config.http_options else {}
-    overrides = {d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in apps[0].deployments}
-    return http, dict(apps[0].args or {}), overrides
+    args = dict(apps[0].args or {})
+    overrides = {}
+    for d in apps[0].deployments:
+        options = d.model_dump(exclude_unset=True, exclude={"name"})
+        if d.name in CONTROL_DEPLOYMENTS:
+            overrides[d.name] = options
+        else:
+            args.setdefault("deployments", {}).setdefault(d.name, options)
+    return http, args, overrides
 
 
 # Ray Serve's settings for the Ray that `genserve serve` starts itself (its processes inherit this environment); a
@@ -605,6 +724,13 @@ def serve_command(
     api_key: Annotated[list[str] | None, typer.Option(
         "--api-key", help="require this API key (role admin; repeatable); more keys with roles in "
                           "$GENSERVE_API_KEYS_FILE (see README, API keys)", show_default=False)] = None,
+    model_control: Annotated[ControlMode | None, typer.Option(
+        help="none: serve what is there at start; explicit: only the admin API (genserve models load/unload/"
+             "promote/split) changes it; poll: watch the store, serve each newly published version [default: "
+             "config, else none]", show_default=False)] = None,
+    poll_interval: Annotated[float | None, typer.Option(
+        help="poll mode: seconds between looks at the store [default: config, else 10]", min=0.2,
+        show_default=False)] = None,
 ) -> None:
     """Serve every model in the store (or those the config names) until Ctrl-C or SIGTERM."""
     apply_serve_env()
@@ -617,6 +743,11 @@ def serve_command(
     http, args, overrides = read_serve_config(config)
     if store is not None:
         args["store"] = str(store)
+    management = args.setdefault("management", {})
+    if model_control is not None:
+        management["control"] = model_control.value
+    if poll_interval is not None:
+        management["poll_interval_s"] = poll_interval
     if api_key:  # as digests: the plain keys go no further than this process
         auth = args.setdefault("auth", {})
         try:
@@ -638,8 +769,10 @@ def serve_command(
     args["store"] = str(root.root.resolve()) if isinstance(root, LocalStore) else root.uri
     if train_defaults_:
         train_defaults(args["store"])
-    if not root.list_models():
-        typer.secho(f"error: no models in {root}; train one with `genserve train`", fg="red", err=True)
+    control = management.get("control", "none")
+    if control == "none" and not root.list_models():
+        typer.secho(f"error: no models in {root}; train one with `genserve train` (or serve with --model-control "
+                    "poll or explicit, to add models later)", fg="red", err=True)
         raise typer.Exit(2)
 
     ray.init(address=address, namespace="genserve", log_to_driver=False,
@@ -652,22 +785,69 @@ def serve_command(
         http_options = {"host": host or http.get("host", "127.0.0.1"), "port": port or http.get("port", 8000)}
         serve.start(http_options=http_options)
         application = build(AppArgs.model_validate(args), overrides)
-        serve.run(application, name="genserve", route_prefix="/")
+        serve.run(application, name=APP_NAME, route_prefix="/")
+        _report_models(stop)
         typer.echo(f"genserve is serving on http://{http_options['host']}:{http_options['port']} "
-                   f"(docs at /docs); Ctrl-C stops it")
+                   f"(docs at /docs; model control mode {control}); Ctrl-C stops it")
         while not stop.wait(0.5):
             pass
         typer.echo("stopping genserve")
     finally:
         started = time.perf_counter()
         try:
-            if address:
-                serve.delete("genserve")  # leave the cluster we joined as we found it
+            if address:  # leave the cluster we joined as we found it: the app and its model versions' apps
+                versions = [a for a in serve.status().applications if a.startswith(f"{APP_NAME}--")]
+                for name in [APP_NAME, *versions]:
+                    serve.delete(name, _blocking=False)
+                for name in [APP_NAME, *versions]:
+                    serve.delete(name)
+                from genserve.service.repository import ServeApps
+
+                ServeApps.forget_routing(APP_NAME)  # the next server starts from each model's newest version
             else:
                 serve.shutdown()
         finally:
             ray.shutdown()
         typer.echo(f"stopped in {time.perf_counter() - started:.1f}s")
+
+
+def _report_models(stop: threading.Event) -> None:
+    """Wait until the models served at start are loaded (or failed) and print each one's state."""
+    import asyncio
+
+    from ray import serve
+
+    async def started() -> dict[str, Any] | None:
+        # In an event loop: with SERVE_ENV's router on the caller's loop, a handle needs one; and the handle is
+        # shut down in that loop before it closes (serve.shutdown would otherwise try, in a loop that is gone).
+        from ray.serve.context import _get_global_client
+
+        response = serve.get_deployment_handle("ModelRepository", app_name=APP_NAME).wait_started.remote()
+        waiting = asyncio.ensure_future(_awaited(response))
+        try:
+            while not stop.is_set():
+                done, _ = await asyncio.wait([waiting], timeout=0.5)
+                if done:
+                    return waiting.result()
+            waiting.cancel()
+            return None
+        finally:
+            await _get_global_client().shutdown_cached_handles_async()
+
+    reply = asyncio.run(started())
+    if reply is None:
+        return
+    if reply.get("error_at_start"):
+        typer.secho(f"error: {reply['error_at_start']}", fg="red", err=True)
+    for row in reply["ok"]:
+        if row["state"] == "READY":
+            typer.echo(f"  {row['name']} v{row['version']}: READY")
+        elif row["state"] == "UNAVAILABLE":
+            typer.secho(f"  {row['name']} v{row['version']}: UNAVAILABLE: {row['reason']}", fg="red", err=True)
+
+
+async def _awaited(response: Any) -> Any:
+    return await response
 
 
 def main() -> None:

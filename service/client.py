@@ -11,6 +11,9 @@
         for chunk in client.stream("shakespeare", "JULIET:", max_new_tokens=100):
             print(chunk.text, end="", flush=True)
 
+Model management (the admin role when API keys are on): `management()`, `repository()`, `load_model(name,
+version)`, `unload_model`, `promote(name, version)` (also a rollback) and `set_traffic(name, {"3": 90, "4": 10})`.
+
 Responses are the same pydantic models the server uses. A 4xx/5xx raises `GenserveError`
 carrying the server's status, error type and message.
 """
@@ -31,11 +34,14 @@ from genserve.service.api.v1.schemas import (
     GenerateResponse,
     ImageSampleResponse,
     LogProbResponse,
+    ManagedModel,
+    ManagementStatus,
     ModelInfo,
     ModelList,
     Readiness,
     SampleResponse,
     ScoreResponse,
+    StoreVersion,
     StreamChunk,
 )
 
@@ -159,6 +165,10 @@ def _sse_data(line: str) -> StreamChunk | None:
     return StreamChunk.model_validate(data)
 
 
+def _version(version: str | int | None) -> dict[str, Any]:
+    return {} if version is None else {"version": str(version)}
+
+
 def _encode(body: dict) -> bytes:
     # allow_nan: a NaN goes to the server, which answers with a 422 naming the record and feature.
     return json.dumps(body, allow_nan=True).encode()
@@ -274,6 +284,29 @@ class GenserveClient:
         """log p(text) of each text, per token too, with perplexity and bits per character."""
         return self._call(*_score(name, texts, per_token), ScoreResponse)
 
+    # ---- model management (/v1/admin) ----
+
+    def management(self) -> ManagementStatus:
+        return _parse(self._http.get("/v1/admin/models"), ManagementStatus)
+
+    def repository(self) -> list[StoreVersion]:
+        response = self._http.get("/v1/admin/repository")
+        _raise_for_error(response)
+        return [StoreVersion.model_validate(row) for row in response.json()]
+
+    def load_model(self, name: str, version: str | int | None = None) -> ManagedModel:
+        return self._call("POST", f"/v1/admin/models/{name}/load", _version(version), ManagedModel)
+
+    def unload_model(self, name: str, version: str | int | None = None) -> ManagedModel:
+        return self._call("POST", f"/v1/admin/models/{name}/unload", _version(version), ManagedModel)
+
+    def promote(self, name: str, version: str | int) -> ManagedModel:
+        return self._call("PUT", f"/v1/admin/models/{name}/default", {"version": str(version)}, ManagedModel)
+
+    def set_traffic(self, name: str, split: dict[str | int, int]) -> ManagedModel:
+        body = {"split": {str(v): w for v, w in split.items()}}
+        return self._call("PUT", f"/v1/admin/models/{name}/traffic", body, ManagedModel)
+
     def metrics(self) -> str:
         response = self._http.get("/metrics")
         _raise_for_error(response)
@@ -364,6 +397,29 @@ class AsyncGenserveClient:
 
     async def score(self, name: str, texts: Sequence[str], per_token: bool = True) -> ScoreResponse:
         return await self._call(*_score(name, texts, per_token), ScoreResponse)
+
+    # ---- model management (/v1/admin) ----
+
+    async def management(self) -> ManagementStatus:
+        return _parse(await self._http.get("/v1/admin/models"), ManagementStatus)
+
+    async def repository(self) -> list[StoreVersion]:
+        response = await self._http.get("/v1/admin/repository")
+        _raise_for_error(response)
+        return [StoreVersion.model_validate(row) for row in response.json()]
+
+    async def load_model(self, name: str, version: str | int | None = None) -> ManagedModel:
+        return await self._call("POST", f"/v1/admin/models/{name}/load", _version(version), ManagedModel)
+
+    async def unload_model(self, name: str, version: str | int | None = None) -> ManagedModel:
+        return await self._call("POST", f"/v1/admin/models/{name}/unload", _version(version), ManagedModel)
+
+    async def promote(self, name: str, version: str | int) -> ManagedModel:
+        return await self._call("PUT", f"/v1/admin/models/{name}/default", {"version": str(version)}, ManagedModel)
+
+    async def set_traffic(self, name: str, split: dict[str | int, int]) -> ManagedModel:
+        body = {"split": {str(v): w for v, w in split.items()}}
+        return await self._call("PUT", f"/v1/admin/models/{name}/traffic", body, ManagedModel)
 
     async def metrics(self) -> str:
         response = await self._http.get("/metrics")

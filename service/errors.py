@@ -58,6 +58,18 @@ class NotFound(ServiceError):
     type = "model_not_found"
 
 
+class Conflict(ServiceError):
+    """The request conflicts with what the server is doing: e.g. loading a version that is still unloading (409)."""
+
+    type = "conflict"
+
+
+class LoadFailed(InvalidInput):
+    """A model version could not be loaded (400, as Triton answers a failed load): its reason says why."""
+
+    type = "load_failed"
+
+
 class ModelFailed(ServiceError):
     """The model failed on this request alone (500): its batch-mates were answered; a retry fails the same way."""
 

@@ -158,7 +158,7 @@ class PixelImageReplica:
         self.options = ImageOptions()
         self.loaded = load_image_model(artifact_path, self.options.runtime)
         self.name = self.loaded.artifact.name
-        self.metrics = MetricsClient()
+        self.metrics = MetricsClient(version=self.loaded.artifact.version)
         # One sampling job at a time per replica: each already uses every thread torch has, and jobs run
         # side by side would only slow each other; the others wait their turn (max_ongoing_requests bounds them).
         self._sampling = asyncio.Lock()

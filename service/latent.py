@@ -119,7 +119,7 @@ class LatentImageReplica:
         self.module = self.loaded.module
         self.reference = self.loaded.reference
         self.score_samples = self.loaded.runtime.score_samples
-        self.metrics = MetricsClient()
+        self.metrics = MetricsClient(version=self.manifest.version)
         self._busy = asyncio.Lock()  # one job at a time: each uses every thread torch has
         self.budget = SamplingBudget(self.name)
         log.info("loaded %s %s v%s (density %s, torch on %s)", self.manifest.kind, self.name,

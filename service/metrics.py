@@ -57,7 +57,24 @@ DEFINITIONS: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None
                                          "unauthenticated, forbidden, requests_per_second, "
                                          "generated_tokens_per_minute, too_large, unsupported_media_type, "
                                          "unavailable", ("model", "reason"), None),
+    "genserve_model_version_ready": ("gauge", "1 while a model version is READY (serving), else 0",
+                                     ("model", "version"), None),
+    "genserve_model_traffic_percent": ("gauge", "Percent of a model's unversioned requests sent to each version",
+                                       ("model", "version"), None),
+    "genserve_model_load_failures_total": ("counter", "Model versions that failed to load (corrupt, incompatible, "
+                                           "out of memory, ...)", ("model", "version"), None),
 }
+
+
+def _labelled_by_version(definitions: dict[str, tuple]) -> None:
+    """Every metric of a model's requests is labelled by the version that served them too, so a dashboard compares
+    the versions of a canary split; events sent without one (a request that reached no model) have version ""."""
+    for name, (kind, doc, labels, buckets) in list(definitions.items()):
+        if "model" in labels and "version" not in labels and name != "genserve_requests_rejected_total":
+            definitions[name] = (kind, doc, (*labels, "version"), buckets)
+
+
+_labelled_by_version(DEFINITIONS)
 
 Event = tuple[str, dict[str, str], float]  # metric name, labels, value (increment or observation)
 
@@ -79,6 +96,8 @@ class MetricsAggregator:
 
     def record(self, events: list[Event]) -> None:
         for name, labels, value in events:
+            if "version" in DEFINITIONS[name][2] and "version" not in labels:
+                labels = {**labels, "version": ""}
             metric = self.metrics[name].labels(**labels)
             kind = DEFINITIONS[name][0]
             if kind == "counter":
@@ -133,8 +152,10 @@ class MetricsClient:
     metrics at all served 101 against 66 log_prob requests/s in a one-off A/B (bench/fixes.md).
     So the exposition lags the replicas by up to that long; `flush` sends what is held at once."""
 
-    def __init__(self, flush_interval_s: float = FLUSH_INTERVAL_S) -> None:
-        start_log_flusher()  # every replica has a MetricsClient: its logs are flushed as its metrics are
+    def __init__(self, flush_interval_s: float = FLUSH_INTERVAL_S, version: str | None = None) -> None:
+        """`version`: a model replica's version, added to each of its events that names the model only."""
+        start_log_flusher()
+        self.version = version  # every replica has a MetricsClient: its logs are flushed as its metrics are
         self._actor: ray.actor.ActorHandle | None = None
         self.flush_interval_s = flush_interval_s
         self._pending: list[Event] = []
@@ -150,6 +171,9 @@ class MetricsClient:
     def send(self, events: list[Event]) -> None:
         if not events:
             return
+        if self.version is not None:
+            events = [(n, {**labels, "version": self.version} if "model" in labels and "version" not in labels
+                       and "version" in DEFINITIONS[n][2] else labels, v) for n, labels, v in events]
         with self._lock:
             self._pending.extend(events)
             if self._sender is None:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from genserve.service.api.errors import render_error
+from genserve.service.catalog import ModelCatalog, RequestRouting, routing_scope
 from genserve.service.edge import (
     GENERATED_TOKENS,
     REQUEST_ID,
@@ -42,8 +43,7 @@ class GatewaySettings:
     FastAPI app itself is per process."""
 
     max_body_bytes: int = 16 * 1024 * 1024
-    known_models: frozenset[str] = frozenset()
-    versions: dict[str, str] = {}  # noqa: RUF012 (set once by the Gateway)
+    catalog: ModelCatalog | None = None  # the served models, for metric labels
     metrics: MetricsClient | None = None
     auth: AuthConfig = AuthConfig()
     keys: KeyRing = KeyRing([])
@@ -55,6 +55,9 @@ class GatewaySettings:
 
 DISCONNECTED = object()  # what _read_body returns when the client leaves mid-body
 SHARED_LIMITER_TIMEOUT_S = 1.0  # past this the shared rate limiter is taken as down, and requests admitted
+# /v1/models/{name}/versions/{version}[/...]: the route without the version, pinned to it (ModelCatalog.served).
+VERSIONED_PATH = re.compile(r"^/v1/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)(?P<rest>/.*)?$")
+VERSION_HEADER = b"genserve-model-version"
 GENERATION_ROUTES = re.compile(r"^/v1/(completions|models/[^/]+/generate)$")
 # Why a request was refused before reaching a model, for genserve_requests_rejected_total.
 REJECTION_REASONS = {401: "unauthenticated", 403: "forbidden", 413: "too_large", 415: "unsupported_media_type",
@@ -107,10 +110,19 @@ class GatewayMiddleware:
         REQUEST_ID.set(edge.request_id)
         GENERATED_TOKENS.set(edge.generated)
 
+        routing_context = routing_scope()
+        routing = routing_context.__enter__()
+        self._pin_version(scope, edge, routing)
+
         async def tracking_send(message):
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                if routing.served:  # the version that answered (the only model, or each as name=version)
+                    served = next(iter(routing.served.values())) if len(routing.served) == 1 else \
+                        ", ".join(f"{n}={v}" for n, v in sorted(routing.served.items()))
+                    message = {**message, "headers": [*message.get("headers", []),
+                                                      (VERSION_HEADER, served.encode("latin-1"))]}
             await send(message)
 
         try:
@@ -132,7 +144,22 @@ class GatewayMiddleware:
             else:
                 await self.app(scope, receive, tracking_send)
         finally:
-            self._record(scope, status, started, edge)
+            if GatewaySettings.catalog is not None:
+                GatewaySettings.catalog.release(routing)
+            self._record(scope, status, started, edge, routing)
+            routing_context.__exit__(None, None, None)
+
+    @staticmethod
+    def _pin_version(scope, edge: RequestEdge, routing: RequestRouting) -> None:
+        """/v1/models/NAME/versions/V/rest is /v1/models/NAME/rest pinned to version V."""
+        found = VERSIONED_PATH.match(edge.path)
+        if found is None:
+            return
+        routing.pins[found["name"]] = found["version"]
+        unversioned = f"/v1/models/{found['name']}{found['rest'] or ''}"
+        root = scope.get("root_path", "")
+        scope["path"] = (root + unversioned) if root and scope["path"].startswith(root) else unversioned
+        scope["raw_path"] = scope["path"].encode()
 
     # ---- keys and limits --------------------------------------------------------------------------------------
 
@@ -253,17 +280,23 @@ class GatewayMiddleware:
 
     # ---- what happened ----------------------------------------------------------------------------------------
 
-    def _record(self, scope, status: int, started: float, edge: RequestEdge) -> None:
+    def _record(self, scope, status: int, started: float, edge: RequestEdge, routing: RequestRouting) -> None:
         latency = time.perf_counter() - started
         route = scope.get("route")
         endpoint = getattr(route, "name", None) or "unmatched"
         name = (scope.get("path_params") or {}).get("name")
-        model = "" if name is None else (name if name in GatewaySettings.known_models else "unknown")
+        catalog = GatewaySettings.catalog
+        if name is None and len(routing.served) == 1:  # a model named in the body (OpenAI's completions, ...)
+            name = next(iter(routing.served))
+        model = "" if name is None else (name if catalog is not None and name in catalog.models else "unknown")
+        version = routing.served.get(name or "", "")
         tokens = edge.generated[0]
         self._charge(edge, tokens)
-        metric_events = (scope.get("state") or {}).get("metric_events", [])
+        metric_events = [(metric, {**labels, "version": routing.served.get(labels["model"], "")}
+                          if "model" in labels and "version" not in labels else labels, value)
+                         for metric, labels, value in (scope.get("state") or {}).get("metric_events", [])]
         if GatewaySettings.metrics is not None:
-            labels = {"model": model, "endpoint": endpoint}
+            labels = {"model": model, "endpoint": endpoint, "version": version}
             events = [
                 ("genserve_requests_total", {**labels, "status": str(status)}, 1),
                 ("genserve_request_latency_seconds", labels, latency),
@@ -277,7 +310,7 @@ class GatewayMiddleware:
         if config.enabled:
             record = access_record(
                 method=scope["method"], route=getattr(route, "path", None) or edge.path, model=model or None,
-                version=GatewaySettings.versions.get(model), status=status, latency_ms=round(latency * 1000, 2),
+                version=version or None, status=status, latency_ms=round(latency * 1000, 2),
                 items=int(sum(e[2] for e in metric_events)) or None, tokens=tokens or None,
                 request_id=edge.request_id, key_id=edge.key_id, reason=edge.reason)
             access_log.info(format_access(record, config.format))

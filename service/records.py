@@ -57,7 +57,7 @@ class RecordsModelReplica:
         self.options = RecordsOptions()
         self.loaded = load_model(artifact_path, self.options.runtime)
         self.name = self.loaded.artifact.name
-        self.metrics = MetricsClient()
+        self.metrics = MetricsClient(version=self.loaded.artifact.version)
         log.info("loaded %s v%s (%s on %s)", self.name, self.loaded.artifact.version,
                  self.loaded.runtime.name, self.loaded.runtime.device)
 

@@ -64,7 +64,7 @@ class TextModelReplica:
         self.loop: asyncio.AbstractEventLoop | None = None  # the replica's event loop, where updates are delivered
         self.decoder: threading.Thread | None = None
         self.wakeup = threading.Event()  # set when the engine may have new work
-        self.metrics = MetricsClient()
+        self.metrics = MetricsClient(version=self.loaded.artifact.version)
         self.replica = str(os.getpid())  # outside Serve (tests) the process id will do
         with contextlib.suppress(Exception):
             self.replica = serve.get_replica_context().replica_id.unique_id

@@ -8,6 +8,7 @@ from fastapi import FastAPI
 from genserve.service.api import openapi
 from genserve.service.api.errors import install_error_handlers
 from genserve.service.api.openai.router import router as openai_router
+from genserve.service.api.v1.admin import router as v1_admin
 from genserve.service.api.v1.density import router as v1_density
 from genserve.service.api.v1.models import router as v1_models
 from genserve.service.api.v1.text import router as v1_text
@@ -25,7 +26,7 @@ def build_api() -> FastAPI:
         "scores and samples. Errors are JSON: {\"error\": {\"type\", \"message\"}}.",
     )
     api.add_middleware(GatewayMiddleware)
-    for router in (v1_text, v1_models, v1_density, v2_router, openai_router):
+    for router in (v1_text, v1_models, v1_density, v1_admin, v2_router, openai_router):
         api.include_router(router)
     install_error_handlers(api)
     openapi.install(api)  # the X-Request-ID parameter; no 422 that is never sent

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from genserve.service.edge import REQUEST_ID, REQUEST_ID_RULE, route_path
 from genserve.service.errors import (
+    Conflict,
     InvalidInput,
     ModelFailed,
     NotFound,
@@ -30,7 +31,7 @@ from genserve.service.errors import (
 
 # The HTTP status of each domain error (the first class in an error's MRO that is here).
 STATUS: dict[type[ServiceError], int] = {
-    NotFound: 404, TooLarge: 413, InvalidInput: 400, ModelFailed: 500, Overloaded: 503, Unavailable: 503,
+    NotFound: 404, Conflict: 409, TooLarge: 413, InvalidInput: 400, ModelFailed: 500, Overloaded: 503, Unavailable: 503,
     ServiceError: 500,
 }
 RETRY_AFTER_S = 1  # what a 503 asks the client to wait
@@ -141,12 +142,16 @@ def install_error_handlers(api: FastAPI) -> None:
 REQUEST_ID_HEADER = {"X-Request-ID": {"description": "the request's id (the client's X-Request-ID if it sent one, "
                                       "else a new one); error bodies carry it as request_id", "required": True,
                                       "schema": {"type": "string"}}}
+VERSION_HEADER = {"Genserve-Model-Version": {
+    "description": "the version of the model that served the request (NAME=VERSION, comma-separated, when it "
+    "used several models); absent when no model was reached", "required": False, "schema": {"type": "string"}}}
 BAD_REQUEST_ID = f"the X-Request-ID header is not a valid request id ({REQUEST_ID_RULE})"
 STATUS_DESCRIPTIONS = {
     400: "invalid input (the message says what and what is allowed)",
     401: "API keys are on and the request carries no valid key",
     403: "the API key lacks the role this route needs",
     404: "unknown model (or version)",
+    409: "the model version is changing state (e.g. still unloading); retry once it has",
     413: "body, records, samples, texts or images over their limit",
     415: "body is not application/json",
     422: "body does not match the schema",
@@ -165,11 +170,11 @@ def responses(model: type[BaseModel], *statuses: int, ok: dict[str, Any] | None 
     """`responses=` for a route: each status with `model`, the route protocol's error body, as its body
     (descriptions by status, overridable as s404="..."), 400 always (any route refuses a malformed X-Request-ID),
     every response with the X-Request-ID header, and the 200 response completed by `ok`."""
-    out: dict[int | str, dict[str, Any]] = {200: {**(ok or {}), "headers": REQUEST_ID_HEADER}}
+    out: dict[int | str, dict[str, Any]] = {200: {**(ok or {}), "headers": {**REQUEST_ID_HEADER, **VERSION_HEADER}}}
     default = {**STATUS_DESCRIPTIONS, 400: f"{STATUS_DESCRIPTIONS[400]}; or {BAD_REQUEST_ID}" if 400 in statuses
                else BAD_REQUEST_ID}
     for status in sorted({400, *statuses}):
-        headers = {**REQUEST_ID_HEADER, **(RETRY_AFTER if status in (429, 503) else {})}
+        headers = {**REQUEST_ID_HEADER, **VERSION_HEADER, **(RETRY_AFTER if status in (429, 503) else {})}
         description = descriptions.get(f"s{status}", default[status])
         out[status] = {"model": model, "description": description, "headers": headers}
     return out

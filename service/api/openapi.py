@@ -5,11 +5,14 @@ gateway does (tests/service/test_openapi_fuzz.py holds it to that):
 - FastAPI lists a 422 with its own HTTPValidationError body on every route with parameters that does not declare
   one. genserve never sends that body (its validation errors are genserve's ErrorResponse, and every route with a
   validated body declares that 422 itself); the routes left have only string path parameters, which nothing can
-  fail, or read their body themselves (/v2 infer), so that 422 is dropped.
+  fail, or read their body themselves (/v2 infer), so that 422 is dropped;
+- every /v1/models/{name}/... route is also /v1/models/{name}/versions/{version}/..., the same route pinned to one
+  loaded version (the gateway's middleware routes it; service/middleware.py), so each is listed twice.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from fastapi import FastAPI
@@ -23,10 +26,37 @@ REQUEST_ID_PARAMETER = {
     "schema": {"type": "string", "pattern": f"^{REQUEST_ID_PATTERN.pattern}$"},
 }
 FASTAPI_422 = "#/components/schemas/HTTPValidationError"
+MODEL_PATH = "/v1/models/{name}"
+VERSION_PARAMETER = {
+    "name": "version", "in": "path", "required": True,
+    "description": "one loaded version of the model (GET /v1/admin/models lists them); without it the request goes "
+    "to the default version, or one drawn by the model's traffic split",
+    "schema": {"type": "string", "title": "Version"},
+}
+
+
+def versioned_paths(paths: dict[str, Any]) -> dict[str, Any]:
+    """`paths` with each /v1/models/{name}[/...] route also as /v1/models/{name}/versions/{version}[/...]."""
+    out = {}
+    for path, operations in paths.items():
+        out[path] = operations
+        if path != MODEL_PATH and not path.startswith(MODEL_PATH + "/"):
+            continue
+        pinned = {}
+        for method, operation in operations.items():
+            operation = copy.deepcopy(operation)
+            operation["operationId"] = operation.get("operationId", path) + "_version"
+            operation["parameters"] = [*operation.get("parameters", []), VERSION_PARAMETER]
+            if "404" in operation.get("responses", {}):
+                operation["responses"]["404"]["description"] = "unknown model, or the version is not loaded"
+            pinned[method] = operation
+        out[MODEL_PATH + "/versions/{version}" + path[len(MODEL_PATH):]] = pinned
+    return out
 
 
 def finish(schema: dict[str, Any]) -> dict[str, Any]:
-    """`schema` (FastAPI's, changed in place) with the X-Request-ID parameter and without unsendable 422s."""
+    """`schema` (FastAPI's, changed in place) with the X-Request-ID parameter, without unsendable 422s, and with
+    the version-pinned model routes."""
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():
             parameters = operation.setdefault("parameters", [])
@@ -36,6 +66,7 @@ def finish(schema: dict[str, Any]) -> dict[str, Any]:
             body = response.get("content", {}).get("application/json", {}).get("schema", {})
             if body.get("$ref") == FASTAPI_422:
                 del operation["responses"]["422"]
+    schema["paths"] = versioned_paths(schema.get("paths", {}))
     components = schema.get("components", {}).get("schemas", {})
     if FASTAPI_422 not in repr(schema.get("paths")):
         components.pop("HTTPValidationError", None)

@@ -6,10 +6,12 @@ translate requests and responses."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from genserve.service.catalog import ModelCatalog
 from genserve.service.services.anomaly import AnomalyService
 from genserve.service.services.images import ImageService
+from genserve.service.services.management import ManagementService
 from genserve.service.services.records import RecordsService
 from genserve.service.services.text import TextService
 
@@ -23,8 +25,11 @@ class Services:
     images: ImageService
     text: TextService
     anomaly: AnomalyService
+    management: ManagementService
 
     @classmethod
-    def over(cls, catalog: ModelCatalog) -> Services:
+    def over(cls, catalog: ModelCatalog, repository: Any) -> Services:
+        """The services over `catalog`; model management asks `repository` (the ModelRepository's handle)."""
         records, images, text = RecordsService(catalog), ImageService(catalog), TextService(catalog)
-        return cls(catalog, records, images, text, AnomalyService(catalog, records, images, text))
+        return cls(catalog, records, images, text, AnomalyService(catalog, records, images, text),
+                   ManagementService(repository))

@@ -204,7 +204,7 @@ class AnomalyService:
         manifest = self.catalog.require_density(name, "anomaly scores")
         input_type = manifest.input.type
         self._check_fields(name, inputs)
-        score, calibration = resolve_score(name, input_type, score, self.catalog.calibrations.get(name), per_line)
+        score, calibration = resolve_score(name, input_type, score, self.catalog.calibration(name), per_line)
         if input_type == "records":
             values, log_prob, extras, n = await self._records(name, inputs, score)
         elif input_type == "image":

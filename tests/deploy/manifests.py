@@ -104,6 +104,43 @@ def serve_config(obj: dict[str, Any]) -> dict[str, Any]:
     return yaml.safe_load(obj["spec"]["serveConfigV2"])
 
 
+DEFAULT_DEPLOYMENT = "(default_deployment)"
+
+
+def app_deployments(app: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Every deployment's options in a genserve application of a Serve config, by name: the application's own
+    (`deployments:`, the Gateway and the ModelRepository) and each model's (`args.deployments`, which every
+    version of the model is deployed with, as an application of its own), `args.default_deployment` under
+    DEFAULT_DEPLOYMENT."""
+    found = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in app.get("deployments") or []}
+    args = app.get("args") or {}
+    found.update(args.get("deployments") or {})
+    if "default_deployment" in args:
+        found[DEFAULT_DEPLOYMENT] = args["default_deployment"]
+    return found
+
+
+def replica_bounds(options: dict[str, Any]) -> tuple[int, int]:
+    """(fewest, most) replicas of a deployment: its autoscaling bounds, or its fixed num_replicas."""
+    scaling = options.get("autoscaling_config")
+    if scaling:
+        return scaling["min_replicas"], scaling["max_replicas"]
+    replicas = options.get("num_replicas", 1)
+    return replicas, replicas
+
+
+def start_param_resources(group: dict[str, Any]) -> dict[str, float]:
+    """The custom resources of a Ray node group's rayStartParams (`resources: '"{\\"name\\": 1}"'`, quoted for
+    the shell KubeRay runs `ray start` in)."""
+    import json
+
+    text = (group.get("rayStartParams") or {}).get("resources")
+    if not text:
+        return {}
+    assert text.startswith('"') and text.endswith('"'), f"resources must be a quoted JSON object: {text}"
+    return json.loads(text[1:-1].replace('\\"', '"'))
+
+
 # ---- schemas -------------------------------------------------------------------------------------------------
 
 

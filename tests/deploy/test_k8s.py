@@ -19,11 +19,13 @@ import yaml
 from genserve.service.cli import DEFAULT_MODELS, SERVE_ENV
 from tests.deploy.manifests import (
     CRDS,
+    DEFAULT_DEPLOYMENT,
     K8S,
     KUBECTL,
     RAY_KINDS,
     ROOT,
     SHARED_CRDS,
+    app_deployments,
     container_ports,
     kustomization,
     kustomization_dirs,
@@ -34,8 +36,10 @@ from tests.deploy.manifests import (
     pod_labels,
     ray_container,
     ray_groups,
+    replica_bounds,
     resource_files,
     serve_config,
+    start_param_resources,
     validate,
 )
 from tests.deploy.test_docker import DOCKERFILES, base_image
@@ -156,8 +160,8 @@ def test_cpu_overlay_has_no_gpus(built):
     service = one(built["overlays/cpu"], "RayService")
     assert not gpu_groups(service["spec"]["rayClusterConfig"])
     for app in serve_config(service)["applications"]:
-        for d in app["deployments"]:
-            assert d["ray_actor_options"].get("num_gpus", 0) == 0, d["name"]
+        for name, d in app_deployments(app).items():
+            assert d.get("ray_actor_options", {}).get("num_gpus", 0) == 0, name
     images = {ray_container(g)["image"] for _, _, g in ray_groups(service)}
     assert all("genserve-cpu" in i for i in images), images
 
@@ -171,9 +175,10 @@ def test_gpu_overlay(built):
     assert container["resources"]["limits"]["nvidia.com/gpu"] == container["resources"]["requests"]["nvidia.com/gpu"]
     assert "genserve-cuda" in container["image"]
     assert any(t["key"] == "nvidia.com/gpu" for t in gpu["template"]["spec"].get("tolerations") or [])
-    # Only the neural models get GPUs; the GMMs and the Gateway stay on CPU.
+    # Only the neural models get GPUs; the GMMs, the Gateway and the ModelRepository stay on CPU.
     (app,) = serve_config(service)["applications"]
-    with_gpu = {d["name"] for d in app["deployments"] if d["ray_actor_options"].get("num_gpus", 0) > 0}
+    with_gpu = {name for name, d in app_deployments(app).items()
+                if d.get("ray_actor_options", {}).get("num_gpus", 0) > 0}
     neural = {name for name, spec in DEFAULT_MODELS.items() if spec["kind"] in ("text", "image")}
     assert with_gpu == neural
     # Every other group keeps the CPU image.
@@ -336,8 +341,10 @@ def quantity(value: str | int | float) -> float:
 @needs_kubectl
 @pytest.mark.parametrize("overlay", ["overlays/cpu", "overlays/gpu"])
 def test_worker_groups_fit_serve_autoscaling(built, overlay):
-    """The workers at minReplicas host every deployment at min_replicas, and at maxReplicas every one at
-    max_replicas (so Serve autoscaling is never stuck waiting for a pod the autoscaler may not add)."""
+    """The workers at minReplicas host every deployment (the Gateway, the ModelRepository, each model's one
+    version) at min_replicas, and at maxReplicas every one at max_replicas plus one replica of any model: two
+    versions of a model sharing its traffic (a new version loading, a canary) need one replica more than one
+    version would. So Serve autoscaling is never stuck waiting for a pod the autoscaler may not add."""
     service = one(built[overlay], "RayService")
     cluster = service["spec"]["rayClusterConfig"]
     assert cluster["enableInTreeAutoscaling"] is True
@@ -350,15 +357,29 @@ def test_worker_groups_fit_serve_autoscaling(built, overlay):
         return sum(g[key] * quantity(ray_container(g)["resources"]["limits"].get(resource, 0)) for g in groups)
 
     (app,) = serve_config(service)["applications"]
+    deployments = {n: d for n, d in app_deployments(app).items() if n != DEFAULT_DEPLOYMENT}
+    models = set(app["args"]["deployments"])
 
-    def demand(bound: str, resource: str) -> float:
-        return sum(d["autoscaling_config"][bound] * d["ray_actor_options"].get(resource, 0)
-                   for d in app["deployments"])
+    def need(options: dict[str, Any], resource: str) -> float:
+        return (options.get("ray_actor_options") or {}).get(resource, 0)
 
-    for bound, key in (("min_replicas", "minReplicas"), ("max_replicas", "maxReplicas")):
-        assert demand(bound, "num_cpus") <= capacity(key, "cpu"), bound
-        assert demand(bound, "num_gpus") <= capacity("maxReplicas", "nvidia.com/gpu"), bound
-    assert demand("max_replicas", "num_gpus") <= capacity("maxReplicas", "nvidia.com/gpu")
+    def demand(bound: int, resource: str) -> float:
+        return sum(replica_bounds(d)[bound] * need(d, resource) for d in deployments.values())
+
+    def second_version(resource: str) -> float:
+        return max(need(deployments[m], resource) for m in models)
+
+    assert demand(0, "num_cpus") <= capacity("minReplicas", "cpu")
+    assert demand(1, "num_cpus") + second_version("num_cpus") <= capacity("maxReplicas", "cpu")
+    assert demand(1, "num_gpus") + second_version("num_gpus") <= capacity("maxReplicas", "nvidia.com/gpu")
+    # Custom resources (the ModelRepository's, which pins it to the head) are offered where they are asked for.
+    offered = start_param_resources(cluster["headGroupSpec"])
+    for g in groups:
+        for key, value in start_param_resources(g).items():
+            offered[key] = offered.get(key, 0) + g["maxReplicas"] * value
+    for name, d in deployments.items():
+        for key, value in ((d.get("ray_actor_options") or {}).get("resources") or {}).items():
+            assert replica_bounds(d)[1] * value <= offered.get(key, 0), (name, key)
 
 
 # ---- the training job ------------------------------------------------------------------------------------------
@@ -396,11 +417,11 @@ def options(args: list[str]) -> dict[str, str | bool]:
 
 
 def test_rayjob_trains_every_served_model_as_genserve_serve_would():
-    """The job writes each model serving's config names (else Serve refuses the config), with the
-    settings of service.cli.DEFAULT_MODELS, into the store."""
+    """The job writes each model serving's config has options for (args.deployments), with the settings of
+    service.cli.DEFAULT_MODELS, into the store."""
     source = yaml.safe_load((ROOT / "deploy" / "serve" / "genserve.yaml").read_text())
     (app,) = source["applications"]
-    served = {d["name"] for d in app["deployments"]} - {"Gateway"}
+    served = set(app["args"]["deployments"])
     trained = {}
     for argv in entrypoint_commands():
         if argv[0] != "train":
@@ -443,8 +464,8 @@ def test_rayjob_commands_parse_with_the_cli():
     for argv in entrypoint_commands():
         group, *rest = argv
         command = cli.commands[group]
-        if hasattr(command, "commands"):
-            command, rest = command.commands[rest[0]], rest[1:]
+        if hasattr(command, "commands") and rest and rest[0] in command.commands:
+            command, rest = command.commands[rest[0]], rest[1:]  # else the group's own options (`genserve models`)
         command.make_context(" ".join(argv[:2]), list(rest))  # raises on an unknown option or a bad value
 
 

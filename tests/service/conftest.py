@@ -75,40 +75,49 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_config(path: Path, port: int) -> None:
-    config = {
+def model_deployments() -> dict[str, dict]:
+    """Each test model's Ray Serve deployment options (args.deployments)."""
+    return {
+        REPLICATED: {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0},
+                     "user_config": {"runtime": "onnx", "max_batch_size": 16, "batch_wait_timeout_s": 0.05}},
+        SINGLE: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
+                 "user_config": {"runtime": "torch", "max_batch_size": 8, "batch_wait_timeout_s": 0.01}},
+        TEXT: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
+               "user_config": {"runtime": "torch", "slots": TEXT_SLOTS, "max_waiting": 64}},
+        TEXT_ONNX: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}, "user_config": {"runtime": "onnx",
+                                                                                             "slots": 4}},
+        TEXT_NGRAM: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
+        IMAGE_COND: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
+                     "user_config": {"runtime": "onnx", "max_batch_size": 16, "batch_wait_timeout_s": 0.01}},
+        IMAGE_BIN: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}, "user_config": {"runtime": "torch"}},
+        FLOW: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}, "user_config": {"runtime": "auto"}},
+        VAE: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
+        GAN: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
+        IMAGE_FLOW: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
+    }
+
+
+CPU0 = {"ray_actor_options": {"num_cpus": 0}}  # a test's replicas reserve no CPU: many share 2 cores
+
+
+def write_serve_config(path: Path, port: int, args: dict, deployments: list[dict] | None = None) -> None:
+    """A Serve config file with the one genserve application on loopback `port`: `args` are its build args,
+    `deployments` its deployment options (by default the Gateway's, reserving no CPU)."""
+    path.write_text(yaml.safe_dump({
         "http_options": {"host": "127.0.0.1", "port": port},
         "applications": [{
-            "name": "genserve",
-            "route_prefix": "/",
-            "import_path": "genserve.service.app:build_app",
-            "args": {"limits": {"max_records_per_request": 500, "max_samples_per_request": 1000,
-                                "max_body_bytes": 1_000_000, "max_new_tokens": 40, "max_num_beams": 4, "max_n": 4,
-                                "max_texts_per_request": 8, "max_images_per_request": MAX_IMAGES}},
-            "deployments": [
-                {"name": "Gateway", "ray_actor_options": {"num_cpus": 0}},
-                {"name": REPLICATED, "num_replicas": 2, "ray_actor_options": {"num_cpus": 0},
-                 "user_config": {"runtime": "onnx", "max_batch_size": 16, "batch_wait_timeout_s": 0.05}},
-                {"name": SINGLE, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
-                 "user_config": {"runtime": "torch", "max_batch_size": 8, "batch_wait_timeout_s": 0.01}},
-                {"name": TEXT, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
-                 "user_config": {"runtime": "torch", "slots": TEXT_SLOTS, "max_waiting": 64}},
-                {"name": TEXT_ONNX, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
-                 "user_config": {"runtime": "onnx", "slots": 4}},
-                {"name": TEXT_NGRAM, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
-                {"name": IMAGE_COND, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
-                 "user_config": {"runtime": "onnx", "max_batch_size": 16, "batch_wait_timeout_s": 0.01}},
-                {"name": IMAGE_BIN, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
-                 "user_config": {"runtime": "torch"}},
-                {"name": FLOW, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
-                 "user_config": {"runtime": "auto"}},
-                {"name": VAE, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
-                {"name": GAN, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
-                {"name": IMAGE_FLOW, "num_replicas": 1, "ray_actor_options": {"num_cpus": 0}},
-            ],
+            "name": "genserve", "route_prefix": "/", "import_path": "genserve.service.app:build_app",
+            "args": args, "deployments": deployments or [{"name": "Gateway", **CPU0}],
         }],
-    }
-    path.write_text(yaml.safe_dump(config))
+    }))
+
+
+def write_config(path: Path, port: int) -> None:
+    write_serve_config(path, port, {
+        "limits": {"max_records_per_request": 500, "max_samples_per_request": 1000, "max_body_bytes": 1_000_000,
+                   "max_new_tokens": 40, "max_num_beams": 4, "max_n": 4, "max_texts_per_request": 8,
+                   "max_images_per_request": MAX_IMAGES},
+        "deployments": model_deployments()})
 
 
 @pytest.fixture(scope="session")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 from typer.testing import CliRunner
 
 from genserve.artifacts import artifact as art
-from genserve.service.app import AppArgs
+from genserve.service.app import CONTROL_DEPLOYMENTS, AppArgs
 from genserve.service.cli import DEFAULT_MODELS, app, read_serve_config
 from genserve.service.records import RecordsOptions
 
@@ -23,16 +24,40 @@ def test_serve_config_is_a_valid_serve_config_for_the_default_models() -> None:
     config = ServeDeploySchema.model_validate(yaml.safe_load(SERVE_CONFIG.read_text()))
     (application,) = config.applications
     assert application.import_path == "genserve.service.app:build_app"
-    AppArgs.model_validate(application.args)
-    names = {d.name for d in application.deployments}
-    assert names == {"Gateway", *DEFAULT_MODELS}
-    for d in application.deployments:
-        if d.name != "Gateway":
-            RecordsOptions.model_validate(d.user_config)
+    args = AppArgs.model_validate(application.args)
+    # The application's own deployments; each model's options are in args.deployments (its versions' apps).
+    assert {d.name for d in application.deployments} <= set(CONTROL_DEPLOYMENTS)
+    assert set(args.deployments) == set(DEFAULT_MODELS)
+    for options in args.deployments.values():
+        RecordsOptions.model_validate(options["user_config"])
 
     http, args, overrides = read_serve_config(SERVE_CONFIG)
     assert http["port"] == 8000 and args["limits"]["max_records_per_request"] == 10_000
-    assert overrides["wine"]["user_config"]["runtime"] == "auto"
+    assert args["deployments"]["wine"]["user_config"]["runtime"] == "auto"
+    assert set(overrides) <= set(CONTROL_DEPLOYMENTS)
+
+
+def test_a_config_with_model_deployments_beside_the_gateway_still_serves(tmp_path: Path) -> None:
+    """The layout from before live model management: `genserve serve` moves model options into args.deployments."""
+    config = tmp_path / "serve.yaml"
+    config.write_text(yaml.safe_dump({"applications": [{
+        "name": "genserve", "import_path": "genserve.service.app:build_app", "args": {"models": ["wine"]},
+        "deployments": [{"name": "Gateway", "num_replicas": 2}, {"name": "wine", "num_replicas": 3}]}]}))
+    _, args, overrides = read_serve_config(config)
+    assert overrides == {"Gateway": {"num_replicas": 2}}
+    assert args["deployments"] == {"wine": {"num_replicas": 3}}
+    AppArgs.model_validate(args)
+
+
+def test_model_deployment_options_are_checked_as_serve_would() -> None:
+    with pytest.raises(ValueError, match=r"deployments\.wine"):
+        AppArgs.model_validate({"deployments": {"wine": {"num_replica": 2}}})
+    with pytest.raises(ValueError, match="named after the model"):
+        AppArgs.model_validate({"deployments": {"wine": {"name": "other"}}})
+    with pytest.raises(ValueError, match="one of latest, all or specific"):
+        AppArgs.model_validate({"management": {"version_policy": {"all": {}, "latest": {"num_versions": 2}}}})
+    with pytest.raises(ValueError, match="control"):
+        AppArgs.model_validate({"management": {"control": "sometimes"}})
 
 
 def test_train_gmm_and_list_models(tmp_path: Path) -> None:
@@ -70,9 +95,9 @@ def test_readme_opens_with_the_two_commands_that_ci_runs() -> None:
 
 def test_default_deployments_fit_a_two_core_machine() -> None:
     """Ray places a replica only where its logical CPUs fit: on a 2-core laptop the defaults must sum to <= 2."""
-    _, _, overrides = read_serve_config(Path("deploy/serve/genserve.yaml"))
+    _, args, overrides = read_serve_config(Path("deploy/serve/genserve.yaml"))
     total = sum(o.get("ray_actor_options", {}).get("num_cpus", 1) * o.get("num_replicas", 1)
-                for o in overrides.values())
+                for o in [*overrides.values(), *args["deployments"].values()])
     assert total <= 2.0
 
 

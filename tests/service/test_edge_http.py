@@ -18,7 +18,6 @@ import numpy as np
 import openai
 import pytest
 import tritonclient.http as triton
-import yaml
 from sklearn.datasets import load_wine
 from tritonclient.http.auth import BasicAuth
 from tritonclient.utils import InferenceServerException
@@ -26,7 +25,17 @@ from tritonclient.utils import InferenceServerException
 from genserve.service.client import GenserveClient, GenserveError
 from genserve.service.file_scorer import score_file
 from genserve.training.gmm_pipeline import GMMTrainConfig, train_gmm
-from tests.service.conftest import TEXT, Server, free_port, metric, start_server, stop, write_text_models
+from tests.service.conftest import (
+    CPU0,
+    TEXT,
+    Server,
+    free_port,
+    metric,
+    start_server,
+    stop,
+    write_serve_config,
+    write_text_models,
+)
 from tests.service.test_ui import make_driver, needs_browser, open_page, script_errors, set_value, wait
 
 pytestmark = pytest.mark.integration
@@ -58,19 +67,15 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Server:
                     f"{TOKENS_KEY} infer tokens\nsha256:{admin_hash} admin ops\n")
     port = free_port()
     config = root / "serve.yaml"
-    config.write_text(yaml.safe_dump({
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{
-            "name": "genserve", "route_prefix": "/", "import_path": "genserve.service.app:build_app",
-            "args": {"models": [GMM, TEXT], "limits": {"max_new_tokens": 40},
-                     "auth": {"protect_metrics": True}, "rate_limits": RATE, "access_log": {"format": "json"}},
-            "deployments": [
-                {"name": "Gateway", "num_replicas": 2, "ray_actor_options": {"num_cpus": 0}},
-                {"name": GMM, "ray_actor_options": {"num_cpus": 0}, "user_config": {"runtime": "torch"}},
-                {"name": TEXT, "ray_actor_options": {"num_cpus": 0}, "user_config": {"runtime": "torch", "slots": 4}},
-            ],
-        }],
-    }))
+    write_serve_config(
+        config, port,
+        {"models": [GMM, TEXT], "limits": {"max_new_tokens": 40}, "auth": {"protect_metrics": True},
+         "rate_limits": RATE, "access_log": {"format": "json"}},
+        # The layout from before live model management (model options beside the Gateway's): `genserve serve`
+        # still reads it, moving them into args.deployments.
+        [{"name": "Gateway", "num_replicas": 2, **CPU0},
+         {"name": GMM, **CPU0, "user_config": {"runtime": "torch"}},
+         {"name": TEXT, **CPU0, "user_config": {"runtime": "torch", "slots": 4}}])
     srv = start_server(config, store, port, root / "serve.log", extra_args=("--api-key", CLI_KEY),
                        env={"GENSERVE_API_KEYS_FILE": str(keys)})
     yield srv
@@ -132,7 +137,7 @@ def test_admin_routes_need_the_admin_role(edge: Server):
         assert {"name": GMM, "version": "1", "state": "READY", "reason": ""} in r.json()
     index = post(edge, "/v2/repository/index", None, ADMIN_KEY).json()
     unserved = [m for m in index if m["name"] == "bard-onnx"]  # in the store, not in args.models
-    assert unserved and unserved[0]["state"] == "UNAVAILABLE" and unserved[0]["reason"]
+    assert unserved and unserved[0]["state"] == "UNLOADED" and "not loaded" in unserved[0]["reason"]
 
 
 def test_metrics_and_docs_follow_the_settings(edge: Server):
@@ -275,7 +280,8 @@ def test_access_log_line_and_replica_logs_carry_the_request_id(edge: Server):
     while True:
         found = serve_logs(rid)
         access = [json.loads(line[line.index("{"):]) for _, line in found if '"event":"access"' in line]
-        served = [line for name, line in found if name.startswith(f"replica_genserve_{GMM}_")]
+        # The model version's own application: genserve--NAME--vN (service/repository.py).
+        served = [line for name, line in found if name.startswith(f"replica_genserve--{GMM}--v1_{GMM}_")]
         if (access and served) or time.monotonic() > deadline:
             break
         time.sleep(0.5)

@@ -19,7 +19,6 @@ from typing import Any
 import httpx
 import pytest
 import torch
-import yaml
 from sklearn.datasets import load_wine
 
 from genserve.artifacts import artifact as art
@@ -30,6 +29,7 @@ from genserve.service.isolation import LOG_PROB_FLOOR
 from genserve.training.gmm_pipeline import GMMTrainConfig, train_gmm
 from genserve.training.records_pipeline import RecordsTrainConfig, train_records
 from tests.service.conftest import (
+    CPU0,
     DIGITS_TRAIN,
     TEXT,
     TEXT_CORPUS,
@@ -40,6 +40,7 @@ from tests.service.conftest import (
     start_server,
     stop,
     write_image_artifact,
+    write_serve_config,
     write_text_models,
 )
 
@@ -97,28 +98,18 @@ def iso(tmp_path_factory: pytest.TempPathFactory) -> Server:
                          binary[:DIGITS_TRAIN], binary[DIGITS_TRAIN:], onnx=False)
     port = free_port()
     config = root / "serve.yaml"
-    cpu0 = {"ray_actor_options": {"num_cpus": 0}}
-    config.write_text(yaml.safe_dump({
-        "http_options": {"host": "127.0.0.1", "port": port},
-        "applications": [{
-            "name": "genserve", "route_prefix": "/", "import_path": "genserve.service.app:build_app",
-            "args": {"models": [TEXT, BROKEN, GMM, FLOW, IMAGES, SLOW],
-                     "limits": {"max_new_tokens": 40, "max_images_per_request": 64,
-                                "max_image_pixels_per_request": MAX_PIXELS}},
-            "deployments": [
-                {"name": "Gateway", **cpu0},
-                {"name": TEXT, **cpu0, "user_config": {"runtime": "torch", "slots": 16}},
-                {"name": BROKEN, **cpu0, "user_config": {"slots": 16}},
-                {"name": GMM, **cpu0, "user_config": {"runtime": "torch", "max_batch_size": 16,
-                                                      "batch_wait_timeout_s": 0.02}},
-                {"name": FLOW, **cpu0, "user_config": {"runtime": "torch", "max_batch_size": 16,
-                                                       "batch_wait_timeout_s": 0.02}},
-                {"name": IMAGES, **cpu0, "user_config": {"runtime": "torch", "max_queued_pixels": QUEUED_PIXELS,
-                                                         "batch_wait_timeout_s": 0.02}},
-                {"name": SLOW, **cpu0, "user_config": {"runtime": "torch", "max_queued_pixels": SLOW_JOB * 28 * 28}},
-            ],
-        }],
-    }))
+    write_serve_config(config, port, {
+        "models": [TEXT, BROKEN, GMM, FLOW, IMAGES, SLOW],
+        "limits": {"max_new_tokens": 40, "max_images_per_request": 64, "max_image_pixels_per_request": MAX_PIXELS},
+        "deployments": {
+            TEXT: {**CPU0, "user_config": {"runtime": "torch", "slots": 16}},
+            BROKEN: {**CPU0, "user_config": {"slots": 16}},
+            GMM: {**CPU0, "user_config": {"runtime": "torch", "max_batch_size": 16, "batch_wait_timeout_s": 0.02}},
+            FLOW: {**CPU0, "user_config": {"runtime": "torch", "max_batch_size": 16, "batch_wait_timeout_s": 0.02}},
+            IMAGES: {**CPU0, "user_config": {"runtime": "torch", "max_queued_pixels": QUEUED_PIXELS,
+                                             "batch_wait_timeout_s": 0.02}},
+            SLOW: {**CPU0, "user_config": {"runtime": "torch", "max_queued_pixels": SLOW_JOB * 28 * 28}},
+        }})
     srv = start_server(config, store, port, root / "serve.log")
     yield srv
     stop(srv)

@@ -25,7 +25,10 @@ HEAD = "genserve_head"  # only the head node has it
 RECORD = [13.2, 1.78, 2.14, 11.2, 100.0, 2.65, 2.76, 0.26, 1.28, 4.38, 1.05, 3.4, 1050.0]
 
 
-def replica_nodes(app: str = "genserve") -> dict[str, str]:
+APP = f"genserve--{MODEL}--v1"  # the model version's own Serve application (service/repository.py)
+
+
+def replica_nodes(app: str = APP) -> dict[str, str]:
     """Running replicas of MODEL: actor name -> node id, from the Serve controller's view of them."""
     import ray
 
@@ -54,7 +57,7 @@ def node_id(node) -> str:
 def running_replicas() -> int:
     from ray import serve
 
-    deployment = serve.status().applications["genserve"].deployments[MODEL]
+    deployment = serve.status().applications[APP].deployments[MODEL]
     return deployment.replica_states.get("RUNNING", 0)
 
 
@@ -91,16 +94,20 @@ def test_requests_survive_a_removed_worker_node_and_replicas_come_back_elsewhere
             port = free_port()
             serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
             head = ray.get_runtime_context().get_node_id()
+            on_head = {"ray_actor_options": {"num_cpus": 0, "resources": {HEAD: 0.01}}}
             overrides = {
-                # The ingress on the head node, so that removing a worker node leaves it (and the proxy) alone.
-                "Gateway": {"ray_actor_options": {"num_cpus": 0, "resources": {HEAD: 0.01}}},
-                MODEL: {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0, "resources": {SLOT: 1}},
-                        "health_check_period_s": 1, "health_check_timeout_s": 5},
+                # The ingress and the repository on the head node, so removing a worker node leaves them (and the
+                # proxy) alone.
+                "Gateway": on_head, "ModelRepository": on_head,
             }
-            serve.run(build(AppArgs(store=store, models=[MODEL]), overrides), name="genserve", route_prefix="/")
+            model = {MODEL: {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0, "resources": {SLOT: 1}},
+                             "health_check_period_s": 1, "health_check_timeout_s": 5}}
+            serve.run(build(AppArgs(store=store, models=[MODEL], deployments=model), overrides), name="genserve",
+                      route_prefix="/")
             url = f"http://127.0.0.1:{port}/v1/models/{MODEL}/log_prob"
             client = httpx.Client(timeout=30)
-            assert client.post(url, json={"records": [RECORD]}).status_code == 200
+            wait_for(lambda: client.post(url, json={"records": [RECORD]}).status_code == 200, 120,
+                     "the model to be served")
 
             before = replica_nodes()
             assert len(before) == 2 and len(set(before.values())) == 2  # one replica on each worker node

@@ -174,7 +174,8 @@ def test_a_client_leaving_mid_stream_frees_its_slots(server: Server, client):
                 break  # leave after the first event
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
-        running = re.findall(r'genserve_requests_running\{model="bard",replica="[^"]+"\} (\S+)', client.metrics())
+        pattern = r'genserve_requests_running\{model="bard",replica="[^"]+",version="\d+"\} (\S+)'
+        running = re.findall(pattern, client.metrics())
         if running and all(float(v) == 0 for v in running):
             break
         time.sleep(0.3)

@@ -142,8 +142,10 @@ def test_unimplemented_v2_routes_answer_in_the_protocols_form(server: Server,
                                                               client: triton.InferenceServerClient) -> None:
     with pytest.raises(InferenceServerException, match="no route GET /v2/models/bc/config"):
         client.get_model_config(REPLICATED)
-    assert "/v2/repository/models/bc/load" in error(httpx.post(f"{server.url}/v2/repository/models/bc/load",
-                                                              json={}), 404)
+    assert "/v2/repository/models/bc/config" in error(httpx.post(f"{server.url}/v2/repository/models/bc/config",
+                                                                json={}), 404)
+    # The session server's model control mode is none: loading is refused, saying how to allow it.
+    assert "control mode is 'none'" in error(httpx.post(f"{server.url}/v2/repository/models/bc/load", json={}))
 
 
 def test_repository_index(server: Server, client: triton.InferenceServerClient) -> None:

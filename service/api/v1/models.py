@@ -52,7 +52,7 @@ def model_info(catalog: ModelCatalog, name: str, replica: dict[str, Any]) -> Mod
     """The model's manifest and calibration with what its replica reports (runtime, how it was chosen)."""
     m = catalog.manifest(name)
     choice = replica.get("runtime_choice")
-    cals = catalog.calibrations.get(name)
+    cals = catalog.calibration(name)
     default = DEFAULT_SCORE[m.input.type]
     cal = None if cals is None else (cals.get(default) or next(iter(cals.scores.values())))
     return ModelInfo(
@@ -65,7 +65,7 @@ def model_info(catalog: ModelCatalog, name: str, replica: dict[str, Any]) -> Mod
             score=cal.score, n_heldout=cal.n, false_positive_rate=cal.false_positive_rate,
             threshold=cal.threshold, thresholds={k: c.threshold for k, c in cals.scores.items()},
             quantiles={k: quantiles(c.levels, c.values) for k, c in cals.scores.items()}),
-        limits=catalog.limits, pictures=sorted(catalog.pictures.get(name, {})),
+        limits=catalog.limits, pictures=sorted(catalog.pictures(name)),
     )
 
 
@@ -79,9 +79,10 @@ async def healthz() -> Health:
             responses={**responses(ErrorResponse), 503: {"model": Readiness, "headers": REQUEST_ID_HEADER,
                                                          "description": "some model is not loaded yet"}})
 async def readyz(services: ServicesDep) -> JSONResponse:
-    """Readiness: every model has a replica that has loaded it."""
+    """Readiness: the models served at start are loaded (or failed), and every model's default version has a
+    replica that has loaded it."""
     states = await services.catalog.readiness()
-    body = Readiness(ready=all(states.values()), models=states)
+    body = Readiness(ready=services.catalog.started and all(states.values()), models=states)
     return JSONResponse(body.model_dump(), status_code=200 if body.ready else 503)
 
 
@@ -120,7 +121,7 @@ async def model_file(name: str, filename: str, services: ServicesDep) -> Respons
     """A picture from the model's artifact: loss_curve.png (gradient-trained models), samples.png (image models),
     as listed in the model's `pictures`. Read-only; no other file of the artifact is served."""
     services.catalog.manifest(name)
-    files = services.catalog.pictures.get(name, {})
+    files = services.catalog.pictures(name)
     if filename not in files:
         shown = ", ".join(sorted(files)) or "none"
         raise NotFound(f"model {name!r} has no picture {filename!r}; its pictures: {shown}", type_="file_not_found")

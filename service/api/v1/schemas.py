@@ -411,3 +411,63 @@ class ScoreResponse(BaseModel):
     model: str
     version: str
     results: list[TextScore]
+
+
+# ---- model management (/v1/admin; the admin role when API keys are on) ---------------------------------
+
+VersionId = Annotated[str, Field(pattern=r"^[0-9]{1,9}$", description="a version number, as in the store")]
+VersionState = Literal["READY", "LOADING", "UNLOADING", "UNAVAILABLE", "UNLOADED"]
+
+
+class ManagedVersion(BaseModel):
+    version: str
+    state: VersionState
+    reason: str = Field(description="why it is not READY (a failed load's error); empty when it is")
+    since: float = Field(description="when it entered this state, seconds since the epoch")
+
+
+class ManagedModel(BaseModel):
+    name: str
+    default_version: str | None = Field(description="the version unversioned requests go to, with no split")
+    traffic: dict[str, int] = Field(description="percent of the unversioned requests per version")
+    version_policy: str = Field(description="which versions in the store are loaded: latest N, all, specific")
+    versions: list[ManagedVersion]
+
+
+class ManagementStatus(BaseModel):
+    control: Literal["none", "explicit", "poll"] = Field(description="the model control mode")
+    started: bool = Field(description="the models served at start are loaded (or failed)")
+    generation: int = Field(description="bumped on every change of what is served")
+    models: list[ManagedModel]
+
+
+class StoreVersion(BaseModel):
+    name: str
+    version: str
+    state: VersionState
+    reason: str
+
+
+class VersionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"version": "2"}]})
+    version: VersionId | None = Field(None, description="one version; default: what the model's version policy "
+                                      "selects (load) or every loaded version (unload)")
+
+
+class PromoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"version": "2"}]})
+    version: VersionId = Field(description="the version that becomes the default, with all the traffic (loaded "
+                               "first when it is not)")
+
+
+class TrafficRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"split": {"3": 90, "4": 10}}]})
+    split: dict[VersionId, Annotated[int, Field(ge=0, le=100)]] = Field(
+        min_length=1, max_length=16, description="percent of the unversioned requests per READY version, summing "
+        "to 100; the version with the most becomes the default")
+
+    @model_validator(mode="after")
+    def sums_to_100(self) -> TrafficRequest:
+        if sum(self.split.values()) != 100:
+            raise ValueError(f"the percentages must sum to 100, not {sum(self.split.values())}")
+        return self

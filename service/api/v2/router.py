@@ -3,7 +3,9 @@ and Triton clients (`tritonclient.http`, KServe's InferenceRESTClient, plain HTT
 and texts. This router is a thin adapter over the services (service/services/); the tensor codec is tensors.py.
 
 Routes: GET /v2 (server metadata), /v2/health/live, /v2/health/ready, /v2/models/{name}[/versions/{v}]
-(model metadata), .../ready, and POST .../infer. A model has one version: the one being served.
+(model metadata), .../ready, and POST .../infer; the model repository extension: POST /v2/repository/index,
+/v2/repository/models/{name}/load and /unload (admin role when API keys are on). Unversioned routes go to the
+model's default version (or one drawn by its traffic split); /versions/{v}/ routes to that loaded version.
 
 Tensor mapping (-1: any batch size >= 1; one output element per input item):
 
@@ -41,7 +43,6 @@ cannot answer.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
@@ -49,10 +50,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from genserve.artifacts import artifact as art
-from genserve.artifacts.store import open_store
 from genserve.service.api.common import ServicesDep, inline_schema, record_metrics
 from genserve.service.api.errors import AUTH, responses
 from genserve.service.api.v2.schemas import (
@@ -61,7 +61,9 @@ from genserve.service.api.v2.schemas import (
     INFER_BODY,
     INFER_OK,
     RepositoryIndexRequest,
+    RepositoryLoadRequest,
     RepositoryModel,
+    RepositoryUnloadRequest,
     V2ErrorResponse,
     V2InferResponse,
     V2Input,
@@ -124,7 +126,8 @@ async def live() -> Response:
             responses={**responses(V2ErrorResponse, ok=HEALTH_OK), 503: HEALTH_FALSE})
 async def ready(services: ServicesDep) -> Response:
     """200 when every model has a replica that has loaded it, else 503 (the same check as /readyz)."""
-    return Response(status_code=200 if all((await services.catalog.readiness()).values()) else 503)
+    catalog = services.catalog
+    return Response(status_code=200 if catalog.started and all((await catalog.readiness()).values()) else 503)
 
 
 @router.get("/v2/models/{name}", name="v2_model_metadata", response_model=V2ModelMetadata,
@@ -144,7 +147,7 @@ async def _metadata(services: Services, name: str, version: str | None) -> Respo
     manifest = services.catalog.manifest(name, version)
     platform = PLATFORMS.get((await services.catalog.replica_info(name))["runtime"], "genserve")
     return JSONResponse({
-        "name": name, "versions": [manifest.version], "platform": platform,
+        "name": name, "versions": services.catalog.versions(name), "platform": platform,
         "inputs": [spec.metadata() for spec in input_specs(manifest)],
         "outputs": [{"name": n, "datatype": OUTPUTS[n], "shape": [-1]} for n in output_names(manifest)],
     })
@@ -165,8 +168,7 @@ async def model_version_ready(name: str, version: str, services: ServicesDep) ->
 
 async def _model_ready(services: Services, name: str, version: str | None) -> Response:
     services.catalog.manifest(name, version)
-    states = await services.catalog.readiness()
-    return Response(status_code=200 if states.get(name) else 503)
+    return Response(status_code=200 if await services.catalog.version_ready(name) else 503)
 
 
 # ---- inference ----------------------------------------------------------------------------------------------
@@ -329,30 +331,63 @@ async def _anomaly(services: Services, name: str, inputs: AnomalyInputs, params:
 # ---- model repository (Triton's extension; admin role when API keys are on) ---------------------------------
 
 
+REPOSITORY_ERRORS = (400, 413, 415, *AUTH)
+ADMIN_403 = "API keys are on and the key's role is not admin"
+
+
 @router.post("/v2/repository/index", name="v2_repository_index", response_model=list[RepositoryModel],
-             responses=responses(V2ErrorResponse, 400, 413, 415, *AUTH, s403="API keys are on and the key's role is "
-                                 "not admin"),
+             responses=responses(V2ErrorResponse, *REPOSITORY_ERRORS, 503, s403=ADMIN_403),
              openapi_extra={"requestBody": {"required": False, "content": {
                  "application/json": {"schema": inline_schema(RepositoryIndexRequest)}}}})
 async def repository_index(request: Request, services: ServicesDep) -> Response:
-    """Every model and version in the store with its state: READY where this server serves it, UNAVAILABLE (with
-    the reason) where it does not. The body is optional: {"ready": true} lists only READY ones."""
+    """Every model and version in the store or served, with its state (READY, LOADING, UNLOADING, UNAVAILABLE,
+    UNLOADED) and the reason it is not READY. The body is optional: {"ready": true} lists only READY ones."""
+    body = await _repository_body(request, RepositoryIndexRequest, "repository index")
+    index = [RepositoryModel.model_validate(row) for row in await services.management.index()]
+    return JSONResponse([m.model_dump() for m in index if m.state == "READY" or not body.ready])
+
+
+@router.post("/v2/repository/models/{name}/load", name="v2_repository_load",
+             responses=responses(V2ErrorResponse, *REPOSITORY_ERRORS, 404, 409, 503, s403=ADMIN_403,
+                                 s400="invalid request, the model control mode does not allow loading, or the "
+                                      "version failed to load (the message says why: hash mismatch, corrupt "
+                                      "artifact, replicas that would not start)"),
+             openapi_extra={"requestBody": {"required": False, "content": {
+                 "application/json": {"schema": inline_schema(RepositoryLoadRequest)}}}})
+async def repository_load(name: str, request: Request, services: ServicesDep) -> Response:
+    """Load the model from the store: the versions its version policy selects, or `parameters.version`. Answers
+    once they are READY (200) or failed (400, the version stays UNAVAILABLE in the index with the reason; a
+    version already serving keeps serving). Explicit model control mode only."""
+    body = await _repository_body(request, RepositoryLoadRequest, "repository load")
+    version = body.parameters.version
+    loaded = await services.management.load(name, None if version is None else str(version))
+    return JSONResponse({"name": name, "versions": loaded})
+
+
+@router.post("/v2/repository/models/{name}/unload", name="v2_repository_unload",
+             responses=responses(V2ErrorResponse, *REPOSITORY_ERRORS, 404, 409, 503, s403=ADMIN_403,
+                                 s400="invalid request, or the model control mode does not allow unloading"),
+             openapi_extra={"requestBody": {"required": False, "content": {
+                 "application/json": {"schema": inline_schema(RepositoryUnloadRequest)}}}})
+async def repository_unload(name: str, request: Request, services: ServicesDep) -> Response:
+    """Unload every loaded version of the model (or `parameters.version`): it stops taking new requests at once,
+    the requests it already accepted finish (streams included), then its replicas stop. Answers once it is
+    UNLOADED. Explicit model control mode only."""
+    body = await _repository_body(request, RepositoryUnloadRequest, "repository unload")
+    version = body.parameters.version
+    await services.management.unload(name, None if version is None else str(version))
+    return JSONResponse({"name": name})
+
+
+async def _repository_body(request: Request, schema: type[BaseModel], what: str) -> Any:
+    """A repository request's optional JSON body (tritonclient sends none, or {} without a content type)."""
     raw = await request.body()
     try:
-        body = RepositoryIndexRequest.model_validate_json(raw or b"{}")
+        return schema.model_validate_json(raw.strip() or b"{}")
     except ValidationError as e:
-        raise InvalidInput(f"not a repository index request: {validation_message(e)}") from None
-    catalog = services.catalog
-    stored = await asyncio.to_thread(open_store(catalog.store_uri).list_models)
-    index = []
-    for name in sorted(set(stored) | set(catalog.manifests)):
-        served = catalog.manifests[name].version if name in catalog.manifests else None
-        for version in stored.get(name) or [served]:
-            is_ready = version == served
-            if is_ready or not body.ready:
-                index.append(RepositoryModel(name=name, version=version, state="READY" if is_ready else "UNAVAILABLE",
-                                             reason="" if is_ready else "not loaded by this server"))
-    return JSONResponse([m.model_dump() for m in index])
+        extra = "; genserve loads models from its store only (no config or file overrides)" \
+            if schema is RepositoryLoadRequest else ""
+        raise InvalidInput(f"not a {what} request: {validation_message(e)}{extra}") from None
 
 
 @router.api_route("/v2/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], name="v2_unknown",
@@ -360,4 +395,4 @@ async def repository_index(request: Request, services: ServicesDep) -> Response:
 async def unknown(path: str, request: Request) -> Response:
     """Any other /v2 path (statistics, shared memory, ...) in the protocol's error form."""
     raise NotFound(f"no route {request.method} /v2/{path}: genserve implements the v2 health, server and model "
-                   "metadata, model ready, infer and repository index APIs", type_="not_found")
+                   "metadata, model ready, infer and model repository (index, load, unload) APIs", type_="not_found")

@@ -63,8 +63,37 @@ class RepositoryIndexRequest(BaseModel):
 class RepositoryModel(BaseModel):
     name: str
     version: str
-    state: Literal["READY", "UNAVAILABLE"]
+    state: Literal["READY", "LOADING", "UNLOADING", "UNAVAILABLE", "UNLOADED"] = Field(
+        description="READY: served; LOADING: its replicas are starting; UNLOADING: draining the requests it "
+        "accepted; UNAVAILABLE: it failed to load (see reason); UNLOADED: in the store, not served")
     reason: str = Field(description="why a version is not READY; empty when it is")
+
+
+class RepositoryLoadParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str | int | None = Field(None, description="genserve's extension: the one version to load; default "
+                                      "the versions the model's version policy selects")
+
+
+class RepositoryLoadRequest(BaseModel):
+    """Triton's load request. genserve loads models from its store only: a `config` or `file:` override is
+    refused."""
+
+    model_config = ConfigDict(extra="forbid")
+    parameters: RepositoryLoadParameters = RepositoryLoadParameters()
+
+
+class RepositoryUnloadParameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    unload_dependents: bool = Field(False, description="accepted for Triton's clients; genserve models have no "
+                                    "dependents")
+    version: str | int | None = Field(None, description="genserve's extension: the one version to unload; default "
+                                      "every loaded version")
+
+
+class RepositoryUnloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    parameters: RepositoryUnloadParameters = RepositoryUnloadParameters()
 
 
 class V2ServerMetadata(BaseModel):
