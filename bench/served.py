@@ -15,7 +15,10 @@ every replica: 20-40 s here), and a change in the shared machine's load touches 
 1. throughput and latency under a closed-loop load (N clients, each sending its next request as soon as the
    last one is answered) at 1, 8 and 32 clients, batching on and off;
 2. the overhead of serving: one client's latency over HTTP against the same work called in-process;
-3. the peak resident memory (VmHWM) of every replica process after the load.
+3. the peak resident memory (VmHWM) of every replica process after the load;
+4. the data plane against the model's own speed (bench/dataplane.py): large requests over JSON and binary
+   tensors, one record against GET /healthz, a plain FastAPI + uvicorn + ONNX Runtime app as the baseline, and
+   served generate against the in-process Engine.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from bench import dataplane
 from bench.common import Goal, Report, load_average, load_note, ratio, table
 from genserve.service.metrics import FLUSH_INTERVAL_S
 
@@ -447,6 +451,19 @@ def in_process_calls(paths: dict[str, Path], eps: list[Endpoint]) -> dict[str, C
             "images": lambda: image_model.runtime.score(images, None)}
 
 
+def text_engine(path: Path) -> tuple[Callable[[], Any], Callable[[], object]]:
+    """(submit one generate request as the load tables send it, run one decoding step) of a fresh Engine on the
+    GPT with the served slots: the in-process side of the text data-plane goal."""
+    from genserve.service.decoding import Engine, GenerationParams
+    from genserve.service.text_runtime import load_text_model
+
+    text = load_text_model(path, "auto")
+    engine = Engine(text.model, text.tokenizer, slots=BATCHING_ON[TEXT]["slots"])
+    prompt = [text.tokenizer.bos_token_id, *text.tokenizer.encode(PROMPT)]
+    params = GenerationParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
+    return (lambda: engine.submit(prompt, params)), engine.step
+
+
 async def overhead_pairs(url: str, endpoint: Endpoint, call: Callable[[], object], pairs: int
                          ) -> tuple[list[float], list[float]]:
     """One HTTP request, then the same work in-process, `pairs` times in turn (after 3 warm-up pairs), so a
@@ -677,13 +694,30 @@ def run(quick: bool = False, ray_serve_defaults: bool = False) -> Report:
             overhead = measure_overhead(url, paths, eps, plan)
             results = measure_loads(url, eps, plan)
             memory = memory_table(serve_processes())
+            plane = measure_data_plane(url, paths, plan, results)
             timings = (f"Store trained and Ray and Serve started in {setup_s:.0f} s, then measured in "
                        f"{time.perf_counter() - started - setup_s:.0f} s.")
             if ray_serve_defaults:
                 timings += (" **Run with Ray Serve's default settings** (--ray-serve-defaults: "
                             + ", ".join(f"{k}={v}" for k, v in RAY_SERVE_DEFAULTS.items()) + "), not genserve's.")
             lines = markdown(eps, plan, results, overhead, memory, timings, load_note(load_before, load_average()))
-    return Report(markdown=lines, goals=goals(eps, plan, results, overhead))
+            lines[-2:-2] = dataplane.markdown(plane)  # before the load note
+    return Report(markdown=lines, goals=goals(eps, plan, results, overhead) + dataplane.goals(plane))
+
+
+def measure_data_plane(url: str, paths: dict[str, Path], plan: Plan, results: Results) -> dataplane.DataPlane:
+    """bench/dataplane.py's measurements on this server, with one torch thread as the replicas run."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(int(THREADS))
+    try:
+        top = plan.clients[-1]
+        return dataplane.measure(url, {"records": paths[RECORDS], "images": paths[IMAGES]},
+                                 {"records": RECORDS, "images": IMAGES}, plan is QUICK,
+                                 results[("generate", True, top)].tokens_per_s, top,
+                                 lambda: text_engine(paths[TEXT]), NEW_TOKENS, paths[RECORDS] / "model.onnx",
+                                 free_port())
+    finally:
+        torch.set_num_threads(previous)
 
 
 def main(argv: list[str] | None = None) -> Report:

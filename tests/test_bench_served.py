@@ -17,7 +17,7 @@ def table_rows(lines: list[str], heading: str) -> list[dict[str, str]]:
     start = lines.index(heading)
     rows = []
     for line in lines[start + 1:]:
-        if line.startswith("#"):
+        if line.startswith("#") or (rows and not line.startswith("|")):
             break
         if line.startswith("|") and not line.startswith("|---"):
             rows.append([cell.strip() for cell in line.strip("|").split("|")])
@@ -59,5 +59,13 @@ def test_served_quick_fills_every_table_without_errors():
         for copy in (name, name + served.UNBATCHED):
             assert memory[f"{copy} replica"] > 10
     assert memory["Gateway replica"] > 10
-    assert len(report.goals) == 2 * len(endpoints)
+    plane = table_rows(lines, "## Served: the data plane against the model's own speed")
+    assert [(r["request"].split(",")[0], r["route"].split(",")[0]) for r in plane] == [
+        ("records", "/v1 log_prob"), ("records", "/v2 infer"), ("images", "/v1 log_prob"), ("images", "/v2 infer"),
+        ("records", "baseline app (FastAPI + uvicorn + ONNX Runtime)")]
+    for row in plane:
+        for column in ("served items/s", "in-process items/s"):
+            assert float(row[column].replace(",", "")) > 0, row
+    assert any("Failed requests in all of this section: 0." in line for line in lines)
+    assert len(report.goals) == 2 * len(endpoints) + 6
     assert all(goal.measured for goal in report.goals)

@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from genserve.artifacts.tokenizer import TextTokenizer
 from genserve.service.api.common import ServicesDep, Usage, event_stream, sse
 from genserve.service.api.errors import AUTH, POST, openai_error, responses
+from genserve.service.api.fast_json import FastJSONRoute
 from genserve.service.api.openai.schemas import (
     CompletionChoice,
     CompletionLogprobs,
@@ -27,7 +28,7 @@ from genserve.service.errors import InvalidInput
 from genserve.service.isolation import failure_message
 from genserve.service.services.text import TextService, failure_type, generation_params, token_piece
 
-router = APIRouter()
+router = APIRouter(route_class=FastJSONRoute)
 COMPLETION_ERRORS = (400, 404, *POST, 500, 503, *AUTH)
 
 UNSUPPORTED_FIELDS = {

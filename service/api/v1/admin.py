@@ -9,6 +9,7 @@ from fastapi import APIRouter
 
 from genserve.service.api.common import ServicesDep
 from genserve.service.api.errors import AUTH, POST, responses
+from genserve.service.api.fast_json import FastJSONRoute
 from genserve.service.api.v1.schemas import (
     ErrorResponse,
     ManagedModel,
@@ -21,7 +22,7 @@ from genserve.service.api.v1.schemas import (
 from genserve.service.errors import NotFound
 from genserve.service.services import Services
 
-router = APIRouter(prefix="/v1/admin", tags=["admin"])
+router = APIRouter(prefix="/v1/admin", tags=["admin"], route_class=FastJSONRoute)
 ADMIN_403 = "API keys are on and the key's role is not admin"
 GET_ERRORS = responses(ErrorResponse, 503, *AUTH, s403=ADMIN_403)
 CHANGE_ERRORS = responses(

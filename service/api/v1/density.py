@@ -12,6 +12,7 @@ from genserve.artifacts import artifact as art
 from genserve.artifacts.families import GMM_KIND
 from genserve.service.api.common import ServicesDep, record_metrics
 from genserve.service.api.errors import AUTH, POST, responses
+from genserve.service.api.fast_json import FastJSONRoute
 from genserve.service.api.v1.schemas import (
     AnomalyRequest,
     AnomalyResponse,
@@ -38,7 +39,7 @@ from genserve.service.services.images import GeneratedImages
 
 LN2 = math.log(2.0)
 ERRORS = responses(ErrorResponse, 400, 404, *POST, 500, 503, *AUTH)  # /v1 POST routes of a model
-router = APIRouter()
+router = APIRouter(route_class=FastJSONRoute)
 
 
 def image_objects(result: GeneratedImages, format_: str, levels: int) -> list[GeneratedImage]:

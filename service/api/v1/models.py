@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from genserve.artifacts.scores import DEFAULT_SCORE
 from genserve.service.api.common import ServicesDep
 from genserve.service.api.errors import AUTH, REQUEST_ID_HEADER, responses
+from genserve.service.api.fast_json import FastJSONRoute
 from genserve.service.api.v1.schemas import (
     CalibrationInfo,
     ErrorResponse,
@@ -29,7 +30,7 @@ from genserve.service.catalog import ModelCatalog
 from genserve.service.errors import NotFound
 from genserve.service.metrics import CONTENT_TYPE
 
-router = APIRouter()
+router = APIRouter(route_class=FastJSONRoute)
 GET_ERRORS = responses(ErrorResponse, 404, *AUTH)  # GET /v1/models/{name}
 AUTH_ERRORS = responses(ErrorResponse, *AUTH)  # other protected /v1 GET routes
 QUANTILE_LEVELS = np.linspace(0.0, 1.0, 101)  # what /v1/models reports of each held-out score distribution

@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from genserve.artifacts.tokenizer import TextTokenizer
 from genserve.service.api.common import ServicesDep, event_stream, record_metrics, sse
 from genserve.service.api.errors import AUTH, POST, openai_error, responses
+from genserve.service.api.fast_json import FastJSONRoute
 from genserve.service.api.openai.schemas import OpenAIErrorResponse
 from genserve.service.api.v1.schemas import (
     Completion,
@@ -38,7 +39,7 @@ from genserve.service.services.text import (
 )
 
 TEXT_ERRORS = (400, 404, *POST, 500, 503, *AUTH)  # what the text routes can answer besides 200
-router = APIRouter()
+router = APIRouter(route_class=FastJSONRoute)
 
 
 def token_logprobs(tokenizer: TextTokenizer, ids: list[int], logprobs: list[float],

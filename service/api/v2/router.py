@@ -55,6 +55,7 @@ from pydantic import BaseModel, ValidationError
 from genserve.artifacts import artifact as art
 from genserve.service.api.common import ServicesDep, inline_schema, record_metrics
 from genserve.service.api.errors import AUTH, responses
+from genserve.service.api.fast_json import FastJSONRoute
 from genserve.service.api.v2.schemas import (
     HEALTH_FALSE,
     HEALTH_OK,
@@ -96,7 +97,7 @@ from genserve.service.errors import InvalidInput, NotCalibrated, NotFound
 from genserve.service.services import Services
 from genserve.service.services.anomaly import AnomalyInputs, gmm_extras
 
-router = APIRouter(tags=["v2"])
+router = APIRouter(tags=["v2"], route_class=FastJSONRoute)
 V2_ERRORS = responses(V2ErrorResponse, 400, 404, 413, 415, 500, 503, *AUTH)  # infer
 V2_GET_ERRORS = responses(V2ErrorResponse, 404, *AUTH)  # model metadata and readiness
 
@@ -249,7 +250,9 @@ def read_inputs(name: str, manifest: art.Manifest, inputs: list[V2Input], binary
         values = tensor_values(t, sections.get(t.name))
         if t.name in ("images", "labels"):
             values = integral(t.name, values)
-        fields[t.name] = values if isinstance(values, list) else values.tolist()
+        # Records and images go on as arrays (the services check them whole, and item by item only to name
+        # what is wrong); labels as a list.
+        fields[t.name] = values if isinstance(values, list) or t.name != "labels" else values.tolist()
     return AnomalyInputs(**fields)
 
 
@@ -298,10 +301,10 @@ async def _run(services: Services, name: str, manifest: art.Manifest, inputs: An
         return {"log_prob": [s.log_prob for s in scores]}, {}
     if input_type == "image":
         scored = await services.images.log_prob(name, inputs.images, inputs.labels)
-        n, columns = len(scored.images), {"log_prob": scored.log_prob.tolist()}
+        n, columns = len(scored.images), {"log_prob": scored.log_prob}
     else:
         records = await services.records.log_prob(name, inputs.records)
-        n, columns = len(records.records), {"log_prob": records.log_prob.tolist()}
+        n, columns = len(records.records), {"log_prob": records.log_prob}
         if names & set(GMM_OUTPUTS):
             columns |= gmm_extras(records.responsibilities)
     record_metrics(request, ("genserve_records_scored_total", {"model": name, "endpoint": "log_prob"}, n))

@@ -16,6 +16,7 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from genserve.artifacts import artifact as art
+from genserve.service.api import fast_json
 from genserve.service.api.v2.schemas import V2InferRequest, V2Input
 from genserve.service.errors import InvalidInput, TooLarge
 
@@ -116,7 +117,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[V2InferRequest, 
             raise InvalidInput(f"{HEADER_LENGTH}: {header_length!r} is not a length in 1..{len(body)} (the body's "
                           "size): it must be the byte length of the JSON request at the start of the body")
     try:
-        header = json.loads(body[:n])
+        header = fast_json.loads(body[:n])
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         hint = "" if header_length is not None else f" (binary tensor data need the {HEADER_LENGTH} header)"
         raise InvalidInput(f"request is not valid JSON: {e}{hint}") from None
@@ -289,8 +290,10 @@ def integral(name: str, values: np.ndarray) -> np.ndarray:
 # ---- the response -------------------------------------------------------------------------------------------
 
 
-def encode_response(body: dict[str, Any], columns: dict[str, list[Any]], wanted: list[tuple[str, bool]]) -> Response:
-    """The inference response: JSON, or JSON then raw tensors when some output is binary."""
+def encode_response(body: dict[str, Any], columns: dict[str, list[Any] | np.ndarray],
+                    wanted: list[tuple[str, bool]]) -> Response:
+    """The inference response: JSON, or JSON then raw tensors when some output is binary. A column is a list or
+    an array (turned into a list only for JSON)."""
     outputs, chunks = [], []
     for name, binary in wanted:
         values, datatype = columns[name], OUTPUTS[name]
@@ -300,7 +303,7 @@ def encode_response(body: dict[str, Any], columns: dict[str, list[Any]], wanted:
             output["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
-            output["data"] = values
+            output["data"] = values.tolist() if isinstance(values, np.ndarray) else values
         outputs.append(output)
     header = json.dumps({**body, "outputs": outputs}).encode()
     if not chunks:
