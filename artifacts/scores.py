@@ -14,6 +14,21 @@ Every score is "higher = more anomalous" and is computed per item from the model
                       artifact (models/reference.py), in nats; text: in bits per character. It cancels what both
                       models find easy or hard (background statistics) and keeps what only the full model learned
                       (Ren et al. 2019; Schirrmeister et al. 2020).
+    knn               records, images: the Euclidean distance to the k-th nearest training item in the space the
+                      model reads its inputs in (records standardised by the model, images as intensities in
+                      [0, 1]), from the index stored in the artifact (artifacts/neighbours.py). Catches a new
+                      class made of ordinary parts, which likelihoods miss (Nalisnick et al. 2019).
+    mahalanobis       images: the smallest over training classes of the class's Gaussian negative log-density
+                      (constant dropped) in the training images' first 50 principal components
+                      (artifacts/class_gaussians.py; Lee et al. 2018): how far x is from every class's ellipsoid.
+    typicality        records, images: |nll - H|, H the mean nll of the validation split (the model's estimate of
+                      its entropy): how far x lies from the typical set, on either side (Nalisnick et al. 2019's
+                      test, per item). An item more likely than any typical one is anomalous too.
+    ensemble          records, images: its first member's calibrated tail score (artifacts/calibration.py
+                      `Calibration.tail`: -ln of the held-out exceedance probability, extrapolated beyond the
+                      held-out range) plus every other member's tail beyond its held-out 99th percentile
+                      (`CalibrationSet.ensemble`); members chosen per artifact on validation data only, never
+                      on anomalies: knn first, then those that do not rank held-out items like one kept.
 
 For fixed-size inputs nll and bits_per_dim rank items identically; for text, length matters and bits_per_char
 is the default.
@@ -30,16 +45,31 @@ from PIL import Image
 LN2 = math.log(2.0)
 
 SCORE_TYPES: dict[str, tuple[str, ...]] = {
-    "records": ("nll", "bits_per_dim", "likelihood_ratio"),
-    "image": ("nll", "bits_per_dim", "complexity", "likelihood_ratio"),
+    "records": ("nll", "bits_per_dim", "likelihood_ratio", "knn", "typicality", "ensemble"),
+    "image": ("nll", "bits_per_dim", "complexity", "likelihood_ratio", "knn", "mahalanobis", "typicality",
+              "ensemble"),
     "text": ("nll", "bits_per_char", "likelihood_ratio"),
 }
+# The default of an artifact that does not name its own (artifacts calibrated before the ensemble existed);
+# newer artifacts name theirs in calibration.json (CalibrationSet.default) and say why in the manifest.
 DEFAULT_SCORE: dict[str, str] = {"records": "nll", "image": "complexity", "text": "bits_per_char"}
 UNITS: dict[str, str] = {
     "nll": "nats", "bits_per_dim": "bits per dimension", "bits_per_char": "bits per character",
     "complexity": "bits", "likelihood_ratio": "nats (text: bits per character)",
+    "knn": "distance in the model's feature space", "mahalanobis": "nats",
+    "typicality": "nats", "ensemble": "mean tail score (nats)",
 }
 NEEDS_REFERENCE = "likelihood_ratio"
+# Candidate ensemble members in order of preference: a later one that ranks the validation items like an
+# earlier one (Spearman correlation above ENSEMBLE_MAX_CORRELATION) adds nothing and is left out.
+ENSEMBLE_CANDIDATES: dict[str, tuple[str, ...]] = {
+    "records": ("knn", "nll", "likelihood_ratio", "typicality"),
+    "image": ("knn", "mahalanobis", "complexity", "likelihood_ratio", "nll", "typicality"),
+}
+# Members that rank together (their tails averaged) where an ensemble has them: the distances to what training
+# saw. Every other member only adds its tail beyond its held-out 99th percentile (CalibrationSet.ensemble).
+ENSEMBLE_PRIMARY = ("knn", "mahalanobis")
+ENSEMBLE_MAX_CORRELATION = 0.9
 
 
 def png_bits(images: np.ndarray, levels: int) -> np.ndarray:
@@ -65,9 +95,14 @@ def compute_scores(
     dims: np.ndarray | int,
     reference_log_prob: np.ndarray | None = None,
     complexity_bits: np.ndarray | None = None,
+    knn_distance: np.ndarray | None = None,
+    typical_nll: float | None = None,
+    mahalanobis: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Every score type of `input_type` computable from what is given (likelihood_ratio needs the reference
-    model's log p, complexity the PNG lengths). `dims` is features or pixels per item, or characters per text."""
+    model's log p, complexity the PNG lengths, knn the neighbour index's distances, typicality the validation
+    split's mean nll). `dims` is features or pixels per item, or characters per text. The ensemble is not here:
+    it needs the calibrations (CalibrationSet.ensemble)."""
     log_prob = np.asarray(log_prob, dtype=np.float64)
     dims = np.asarray(dims, dtype=np.float64)
     nll = -log_prob
@@ -79,17 +114,30 @@ def compute_scores(
     if reference_log_prob is not None:
         ratio = np.asarray(reference_log_prob, dtype=np.float64) - log_prob
         scores["likelihood_ratio"] = ratio / (np.maximum(dims, 1.0) * LN2) if input_type == "text" else ratio
+    if knn_distance is not None:
+        scores["knn"] = np.asarray(knn_distance, dtype=np.float64)
+    if mahalanobis is not None:
+        scores["mahalanobis"] = np.asarray(mahalanobis, dtype=np.float64)
+    if typical_nll is not None and input_type != "text":
+        scores["typicality"] = np.abs(nll - typical_nll)
     return scores
 
 
-def check_score(input_type: str, score: str | None) -> str:
-    """The score type to use: the default when None; ValueError naming the choices when unknown."""
+def needed_scores(score: str, members: tuple[str, ...] | list[str] = ()) -> set[str]:
+    """The score types whose raw values `score` is computed from: itself, or an ensemble's members."""
+    return set(members) if score == "ensemble" else {score}
+
+
+def check_score(input_type: str, score: str | None, default: str | None = None) -> str:
+    """The score type to use: the default when None (the artifact's own `default`, else the kind's); ValueError
+    naming the choices when unknown."""
+    default = default or DEFAULT_SCORE[input_type]
     if score is None:
-        return DEFAULT_SCORE[input_type]
+        return default
     if score not in SCORE_TYPES[input_type]:
         kind = {"records": "models of records", "image": "image models", "text": "text models"}[input_type]
         raise ValueError(f"score {score!r} is not available for {kind}; available: "
-                         f"{', '.join(SCORE_TYPES[input_type])} (default {DEFAULT_SCORE[input_type]})")
+                         f"{', '.join(SCORE_TYPES[input_type])} (default {default})")
     return score
 
 

@@ -583,7 +583,7 @@ def score_command(
     local: Annotated[bool, typer.Option("--local", help="score in this process, from --store, without a "
                                                         "server")] = False,
     store: StoreOption = None,
-    score: Annotated[str | None, typer.Option("--score", help="score type, e.g. nll, bits_per_dim, "
+    score: Annotated[str | None, typer.Option("--score", help="score type, e.g. ensemble, knn, nll, "
                                                               "likelihood_ratio [default: the model's]")] = None,
     false_positive_rate: Annotated[float | None, typer.Option(help="flag at this held-out false-positive "
                                                                    "rate")] = None,

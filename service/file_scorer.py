@@ -100,11 +100,13 @@ class ModelSpec:
     levels: int = 0
     n_classes: int = 0
     max_per_request: int | None = None  # None: no limit (in-process)
+    default_score: str | None = None  # the artifact's default score type; None: its kind's
 
     @classmethod
-    def from_input(cls, name: str, version: str, kind: str, spec: Any, max_per_request: int | None) -> ModelSpec:
+    def from_input(cls, name: str, version: str, kind: str, spec: Any, max_per_request: int | None,
+                   default_score: str | None = None) -> ModelSpec:
         """From a ModelInfo's `input` or an artifact manifest's `input`: both name their fields alike."""
-        return cls(name=name, version=version, kind=kind, input_type=spec.type,
+        return cls(name=name, version=version, kind=kind, input_type=spec.type, default_score=default_score,
                    feature_names=tuple(getattr(spec, "feature_names", None) or ()),
                    height=getattr(spec, "height", None) or 0, width=getattr(spec, "width", None) or 0,
                    levels=getattr(spec, "levels", None) or 0, n_classes=getattr(spec, "n_classes", None) or 0,
@@ -164,7 +166,8 @@ class HttpBackend:
         limits = info.limits
         limit = {"records": limits.max_records_per_request, "image": limits.max_images_per_request,
                  "text": limits.max_texts_per_request}[info.input.type]
-        self.spec = ModelSpec.from_input(info.name, info.version, info.kind, info.input, limit)
+        default = None if info.calibration is None else info.calibration.score
+        self.spec = ModelSpec.from_input(info.name, info.version, info.kind, info.input, limit, default)
 
     def anomaly(self, items: list[Any], labels: list[int] | None, options: ScoreOptions) -> AnomalyResponse:
         common = {"score": options.score, "threshold": options.threshold,
@@ -196,7 +199,8 @@ class LocalBackend:
         except (ArtifactError, FileNotFoundError, ValueError) as e:
             raise ScoreFileError(str(e)) from None
         m = self.scorer.manifest
-        self.spec = ModelSpec.from_input(m.name, m.version, m.kind, m.input, None)
+        cals = self.scorer.calibrations
+        self.spec = ModelSpec.from_input(m.name, m.version, m.kind, m.input, None, cals and cals.default)
 
     def anomaly(self, items: list[Any], labels: list[int] | None, options: ScoreOptions) -> AnomalyResponse:
         from genserve.service.api.errors import status_of
@@ -805,7 +809,7 @@ def _score_type(spec: ModelSpec, score: str | None) -> str:
     from genserve.artifacts.scores import check_score
 
     try:
-        return check_score(spec.input_type, score)
+        return check_score(spec.input_type, score, spec.default_score)
     except ValueError as e:
         raise ScoreFileError(f"model {spec.name!r}: {e}") from None
 

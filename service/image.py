@@ -38,6 +38,7 @@ from genserve.service.isolation import (
     ReplicaBusy,
     RequestFailed,
     finite_log_probs,
+    knn_distances,
     reference_log_probs,
     run_isolated,
 )
@@ -210,6 +211,16 @@ class PixelImageReplica:
         """log p_ref(x) of int64 images (N, H, W) under the artifact's local-neighbourhood reference model
         (likelihood-ratio scores); None when the artifact has none. A table lookup: not batched."""
         return reference_log_probs(self.loaded.reference, images, np.int64)
+
+    async def knn_distance(self, images: np.ndarray) -> np.ndarray | None:
+        """Each image's distance to its k-th nearest training image (the knn score); None when the artifact has
+        no neighbour index. A brute-force search over the stored images: off the event loop."""
+        return await knn_distances(self.loaded.neighbours, images)
+
+    async def mahalanobis_distance(self, images: np.ndarray) -> np.ndarray | None:
+        """Each image's distance to the nearest training class's Gaussian (the mahalanobis score); None when the
+        artifact has no class Gaussians. Off the event loop."""
+        return await knn_distances(self.loaded.gaussians, images)
 
     async def sample(self, n: int, labels: np.ndarray | None, seed: int | None) -> dict[str, Any]:
         """n images in one batch; see `draw_images`."""

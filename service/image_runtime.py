@@ -21,7 +21,9 @@ import torch
 
 from genserve.artifacts import artifact as art
 from genserve.artifacts.calibration import CalibrationSet, read_calibration
+from genserve.artifacts.class_gaussians import ClassGaussians, load_class_gaussians
 from genserve.artifacts.families import IMAGE
+from genserve.artifacts.neighbours import NeighbourIndex, load_neighbours
 from genserve.artifacts.reference import load_reference
 from genserve.artifacts.store import load_artifact_at
 from genserve.models.image import ImageModel, marginalise_labels
@@ -107,6 +109,8 @@ class LoadedImageModel:
     calibration: CalibrationSet | None  # None when the artifact has no calibration.json
     device: str
     reference: torch.nn.Module | None = None  # likelihood-ratio reference model, on the CPU
+    neighbours: NeighbourIndex | None = None  # the knn score's index of training images, on the CPU
+    gaussians: ClassGaussians | None = None  # the mahalanobis score's class Gaussians, on the CPU
     choice: RuntimeChoice | None = None  # how the runtime was chosen (timings, for 'auto')
 
     @property
@@ -145,7 +149,9 @@ def load_image_model(path: str | Path, runtime: RuntimeName = "auto", device: st
     }
     rt, choice = load_runtime(runtime, art.ONNX in loaded.contents, build, image_probe(module), loaded.path)
     return LoadedImageModel(artifact=loaded, module=module, runtime=rt, calibration=read_calibration(loaded),
-                            device=device, reference=load_reference(loaded), choice=choice)
+                            device=device, reference=load_reference(loaded),
+                            neighbours=load_neighbours(loaded), gaussians=load_class_gaussians(loaded),
+                            choice=choice)
 
 
 def image_probe(module: ImageModel) -> Callable[[ImageRuntime, int], ImageScore]:

@@ -4,12 +4,16 @@ made finite (JSON has no infinities)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import TypeVar
 
 import numpy as np
 import torch
+
+from genserve.artifacts.class_gaussians import ClassGaussians
+from genserve.artifacts.neighbours import NeighbourIndex
 
 log = logging.getLogger("ray.serve")
 T = TypeVar("T")
@@ -92,6 +96,15 @@ def reference_log_probs(reference: torch.nn.Module | None, inputs: np.ndarray, d
         return None
     with torch.inference_mode():
         return finite_log_probs(reference.log_prob(torch.as_tensor(np.asarray(inputs, dtype))).numpy())
+
+
+async def knn_distances(index: NeighbourIndex | ClassGaussians | None, inputs: np.ndarray) -> np.ndarray | None:
+    """The raw distances of `inputs` under an artifact's neighbour index (the knn score, artifacts/neighbours.py)
+    or class Gaussians (mahalanobis, artifacts/class_gaussians.py), on the CPU, in a worker thread (an exact
+    search costs O(stored items) per input); None when the artifact has none."""
+    if index is None:
+        return None
+    return await asyncio.to_thread(index.distance, inputs)
 
 
 def run_isolated(fn: Callable[[list[T]], list[R]], requests: list[T]) -> list[R | RequestFailed]:

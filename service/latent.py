@@ -28,7 +28,9 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from genserve.artifacts import artifact as art
+from genserve.artifacts.class_gaussians import ClassGaussians, load_class_gaussians
 from genserve.artifacts.families import LATENT
+from genserve.artifacts.neighbours import NeighbourIndex, load_neighbours
 from genserve.artifacts.reference import load_reference
 from genserve.artifacts.store import load_artifact_at
 from genserve.models.registry import build_latent_model
@@ -40,7 +42,7 @@ from genserve.service.image import (
     SamplingBudget,
     run_sampling_job,
 )
-from genserve.service.isolation import finite_log_probs, reference_log_probs
+from genserve.service.isolation import finite_log_probs, knn_distances, reference_log_probs
 from genserve.service.metrics import MetricsClient
 from genserve.service.runtime_choice import load_runtime
 
@@ -83,6 +85,8 @@ class LoadedLatentModel:
     runtime: TorchLatentRuntime
     device: str
     reference: torch.nn.Module | None = None  # likelihood-ratio reference model, on the CPU
+    neighbours: NeighbourIndex | None = None  # the knn score's index of training images, on the CPU
+    gaussians: ClassGaussians | None = None  # the mahalanobis score's class Gaussians, on the CPU
 
     @property
     def manifest(self) -> art.Manifest:
@@ -107,7 +111,8 @@ def load_latent_model(path: str, runtime: str = "auto", device: str | None = Non
     build = {"torch": lambda: TorchLatentRuntime(module, device, score_samples)}
     rt, _ = load_runtime(runtime, False, build, lambda rt, batch: (), loaded.path)  # no graph: no timing either
     return LoadedLatentModel(artifact=loaded, module=module, runtime=rt, device=device,
-                             reference=load_reference(loaded))
+                             reference=load_reference(loaded), neighbours=load_neighbours(loaded),
+                             gaussians=load_class_gaussians(loaded))
 
 
 class LatentImageReplica:
@@ -153,6 +158,12 @@ class LatentImageReplica:
 
     def reference_log_prob(self, images: np.ndarray) -> np.ndarray | None:
         return reference_log_probs(self.reference, images, np.int64)
+
+    async def knn_distance(self, images: np.ndarray) -> np.ndarray | None:
+        return await knn_distances(self.loaded.neighbours, images)
+
+    async def mahalanobis_distance(self, images: np.ndarray) -> np.ndarray | None:
+        return await knn_distances(self.loaded.gaussians, images)
 
     async def sample(self, n: int, labels: np.ndarray | None, seed: int | None) -> dict[str, Any]:
         """n images; a VAE's come with the bound on their log p(x) (at the model's K), a GAN's with none."""

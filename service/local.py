@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from genserve.artifacts.calibration import CalibrationSet, read_calibration
-from genserve.artifacts.scores import compute_scores, png_bits
+from genserve.artifacts.scores import compute_scores, needed_scores, png_bits
 from genserve.artifacts.store import load_artifact_at
 from genserve.models.lm import score_token_lists
 from genserve.service.catalog import require_density
@@ -30,7 +30,9 @@ from genserve.service.isolation import finite_log_probs, finite_responsibilities
 from genserve.service.services.anomaly import (
     AnomalyResponse,
     anomaly_response,
+    chosen_score,
     gmm_extras,
+    no_index,
     resolve_score,
     text_extras,
     text_items,
@@ -51,6 +53,8 @@ class LocalScorer:
         # What a replica of its family loads (a VAE: its bound at the calibration's K and seed), without Ray.
         self._model: Any = serving_family(self.manifest).load(path, runtime, device)
         self.reference = self._model.reference
+        self.neighbours = getattr(self._model, "neighbours", None)  # the knn index (records and image models)
+        self.gaussians = getattr(self._model, "gaussians", None)  # the mahalanobis score's (image models)
         self.tokenizer = getattr(self._model, "tokenizer", None)  # text models
 
     @classmethod
@@ -67,16 +71,21 @@ class LocalScorer:
                 threshold: float | None = None, false_positive_rate: float | None = None) -> AnomalyResponse:
         """Calibrated anomaly results, as POST /v1/models/{name}/anomaly answers them."""
         score, calibration = resolve_score(self.name, self.input_type, score, self.calibrations, per_line)
-        raw, extras = self._raw(records, images, texts, labels, per_line, score)
-        response = anomaly_response(self.name, self.manifest.version, score, calibration, raw[score],
+        needed = needed_scores(score, self.calibrations.members)
+        raw, extras = self._raw(records, images, texts, labels, per_line, needed)
+        values = chosen_score(score, raw, self.calibrations)
+        response = anomaly_response(self.name, self.manifest.version, score, calibration, values,
                                     raw["log_prob"], threshold, false_positive_rate, extras)
         response.density = self.manifest.density  # exact, or a bound (a VAE)
         return response
 
     def scores(self, *, records: Any = None, images: Any = None, texts: Sequence[str] | None = None,
                labels: Sequence[int] | None = None, per_line: bool = False) -> dict[str, np.ndarray]:
-        """Every score type this model can give (uncalibrated), and "log_prob", one value per item."""
+        """Every score type this model can give, and "log_prob", one value per item: raw scores, but for the
+        ensemble, which is made of its members' calibrated tail scores."""
         raw, _ = self._raw(records, images, texts, labels, per_line, None)
+        if self.calibrations is not None and self.calibrations.members and not per_line:
+            raw["ensemble"] = self.calibrations.ensemble(raw)
         return raw
 
     def percentiles(self, score: str, values: np.ndarray, per_line: bool = False) -> np.ndarray:
@@ -86,8 +95,9 @@ class LocalScorer:
 
     # ---- per kind --------------------------------------------------------------------------------
 
-    def _raw(self, records, images, texts, labels, per_line: bool, score: str | None
+    def _raw(self, records, images, texts, labels, per_line: bool, needed: set[str] | None
              ) -> tuple[dict[str, np.ndarray], dict[str, list]]:
+        """The raw scores in `needed` (None: every one this model can give), and the per-item extras."""
         fields = {"records": records, "images": images, "texts": texts}
         need = {"records": "records", "image": "images", "text": "texts"}[self.input_type]
         wrong = [f for f, v in fields.items() if v is not None and f != need]
@@ -101,12 +111,29 @@ class LocalScorer:
             raise WrongKind(f"per_line is for text models; {self.name!r} takes "
                            f"{self.input_type}")
         if self.input_type == "records":
-            return self._records(records, score)
+            return self._records(records, needed)
         if self.input_type == "image":
-            return self._images(images, labels, score)
-        return self._texts(texts, per_line, score)
+            return self._images(images, labels, needed)
+        return self._texts(texts, per_line, needed)
 
-    def _records(self, records: Any, score: str | None):
+    def _wants(self, needed: set[str] | None, score: str) -> bool:
+        return needed is None or score in needed
+
+    def _distance(self, inputs: np.ndarray, needed: set[str] | None, score: str) -> np.ndarray | None:
+        """The raw distances of the knn or mahalanobis score, when wanted and the artifact has their index."""
+        index = self.neighbours if score == "knn" else self.gaussians
+        if not self._wants(needed, score):
+            return None
+        if index is None:
+            if needed is None:
+                return None
+            raise no_index(self.name, score)
+        return index.distance(inputs)
+
+    def _typical(self) -> float | None:
+        return None if self.calibrations is None else self.calibrations.typical_nll
+
+    def _records(self, records: Any, needed: set[str] | None):
         x = np.asarray(records, dtype=np.float64)
         d = self.manifest.input.n_features
         if x.ndim != 2 or x.shape[1] != d or len(x) == 0:
@@ -117,11 +144,13 @@ class LocalScorer:
         # Finite as the served answers are (service.isolation.finite_log_probs): the file scorer writes them as is.
         log_prob, resp = self._model.runtime.log_prob(x)
         log_prob, resp = finite_log_probs(log_prob), finite_responsibilities(resp)
-        ref = reference_log_probs(self.reference, x, np.float64) if score in (None, "likelihood_ratio") else None
-        raw = compute_scores("records", log_prob, d, reference_log_prob=ref)
+        ref = reference_log_probs(self.reference, x, np.float64) if self._wants(needed, "likelihood_ratio") else None
+        raw = compute_scores("records", log_prob, d, reference_log_prob=ref,
+                             knn_distance=self._distance(x, needed, "knn"),
+                             typical_nll=self._typical())
         return {**raw, "log_prob": log_prob}, gmm_extras(resp)
 
-    def _images(self, images: Any, labels: Sequence[int] | None, score: str | None):
+    def _images(self, images: Any, labels: Sequence[int] | None, needed: set[str] | None):
         spec = self.manifest.input
         try:
             x = np.stack([decode_image(image.tolist() if isinstance(image, np.ndarray) else image,
@@ -137,21 +166,20 @@ class LocalScorer:
                                    f"{spec.n_classes} classes)", type_="invalid_label")
         log_prob, _ = self._model.runtime.score(x, y)
         log_prob = finite_log_probs(log_prob)
-        ref = reference_log_probs(self.reference, x, np.int64) if score in (None, "likelihood_ratio") else None
-        bits = None
-        if score in (None, "complexity"):
-            bits = png_bits(x, spec.levels)
+        ref = reference_log_probs(self.reference, x, np.int64) if self._wants(needed, "likelihood_ratio") else None
+        bits = png_bits(x, spec.levels) if self._wants(needed, "complexity") else None
         raw = compute_scores("image", log_prob, spec.height * spec.width, reference_log_prob=ref,
-                             complexity_bits=bits)
+                             complexity_bits=bits, knn_distance=self._distance(x, needed, "knn"),
+                             mahalanobis=self._distance(x, needed, "mahalanobis"), typical_nll=self._typical())
         return {**raw, "log_prob": log_prob}, {}
 
-    def _texts(self, texts: Sequence[str], per_line: bool, score: str | None):
+    def _texts(self, texts: Sequence[str], per_line: bool, needed: set[str] | None):
         items = text_items(texts, per_line)
         token_lists = text_token_lists(self.name, self.tokenizer, items, self._model.spec.context_length)
         with torch.inference_mode():
             log_prob = np.array([sum(t) for t in score_token_lists(self._model.scorer, token_lists)])
             ref = None
-            if score in (None, "likelihood_ratio") and self.reference is not None:
+            if self._wants(needed, "likelihood_ratio") and self.reference is not None:
                 ref = np.array([sum(t) for t in score_token_lists(self.reference, token_lists)])
         chars = np.array([len(it.text) for it in items])
         raw = compute_scores("text", log_prob, chars, reference_log_prob=ref)

@@ -25,6 +25,7 @@ from genserve.service.isolation import (
     RequestFailed,
     finite_log_probs,
     finite_responsibilities,
+    knn_distances,
     reference_log_probs,
     run_isolated,
 )
@@ -103,6 +104,11 @@ class RecordsModelReplica:
         """log p_ref(x) of (N, D) records under the artifact's reference Gaussian (likelihood-ratio scores);
         None when the artifact has none. Closed form and cheap: not batched."""
         return reference_log_probs(self.loaded.reference, records, np.float64)
+
+    async def knn_distance(self, records: np.ndarray) -> np.ndarray | None:
+        """Each record's distance to its k-th nearest training record (the knn score); None when the artifact
+        has no neighbour index. A brute-force search over the stored records: off the event loop."""
+        return await knn_distances(self.loaded.neighbours, records)
 
     def sample(self, n: int, seed: int | None) -> np.ndarray:
         return self.loaded.module.sample(n, make_generator("cpu", seed)).numpy()

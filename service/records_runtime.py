@@ -16,6 +16,7 @@ from safetensors.torch import load as load_safetensors
 from genserve.artifacts import artifact as art
 from genserve.artifacts.calibration import CalibrationSet, read_calibration
 from genserve.artifacts.families import RECORDS
+from genserve.artifacts.neighbours import NeighbourIndex, load_neighbours
 from genserve.artifacts.reference import load_reference
 from genserve.artifacts.store import load_artifact_at
 from genserve.models.registry import build_records_model as build_records_model_of_kind
@@ -88,6 +89,7 @@ class LoadedRecordsModel:
     runtime: RecordsRuntime
     calibration: CalibrationSet | None
     reference: torch.nn.Module | None = None  # likelihood-ratio reference model (one Gaussian)
+    neighbours: NeighbourIndex | None = None  # the knn score's index of training records
     choice: RuntimeChoice | None = None  # how the runtime was chosen (timings, for 'auto')
 
     @property
@@ -106,7 +108,7 @@ def load_model(path: str, runtime: RuntimeName = "auto", device: str | None = No
     }
     rt, choice = load_runtime(runtime, art.ONNX in loaded.contents, build, records_probe(module), loaded.path)
     return LoadedRecordsModel(artifact=loaded, module=module, runtime=rt, calibration=read_calibration(loaded),
-                       reference=load_reference(loaded), choice=choice)
+                       reference=load_reference(loaded), neighbours=load_neighbours(loaded), choice=choice)
 
 
 def records_probe(module: RecordsModel) -> Callable[[RecordsRuntime, int], tuple[np.ndarray, np.ndarray]]:

@@ -50,6 +50,10 @@ class RecordsReplica(Replica, Protocol):
     def reference_log_prob(self, records: np.ndarray) -> np.ndarray | None:
         ...
 
+    async def knn_distance(self, records: np.ndarray) -> np.ndarray | None:
+        """Distances to the k-th nearest training record (the knn score); None without a neighbour index."""
+        ...
+
     def sample(self, n: int, seed: int | None) -> np.ndarray:
         ...
 
@@ -69,6 +73,14 @@ class ImageReplica(Replica, Protocol):
         ...
 
     def reference_log_prob(self, images: np.ndarray) -> np.ndarray | None:
+        ...
+
+    async def knn_distance(self, images: np.ndarray) -> np.ndarray | None:
+        """Distances to the k-th nearest training image (the knn score); None without a neighbour index."""
+        ...
+
+    async def mahalanobis_distance(self, images: np.ndarray) -> np.ndarray | None:
+        """Distances to the nearest training class's Gaussian (the mahalanobis score); None without them."""
         ...
 
 

@@ -30,7 +30,8 @@ def test_anomaly_quick_writes_a_row_per_task(tmp_path):
     summary = text.split("## Summary", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| task")]
     expected = [name for s in sections for name, *_ in anomaly.summary_rows(s)]
-    assert len(rows) == len(expected) == 9  # breast_cancer, wine 0, digits, MNIST 0, four trap kinds, text
+    # breast_cancer, wine 0, digits, shifted and enlarged digits, MNIST 0, five trap kinds, text
+    assert len(rows) == len(expected) == 12
     assert all(row.startswith(f"| {name} |") for row, name in zip(rows, expected, strict=True))
     values = [float(v.strip("* ")) for line in text.splitlines() if line.startswith("| genserve")
               or line.startswith("| IsolationForest") for v in line.split("|")[2:-1]]
@@ -39,7 +40,17 @@ def test_anomaly_quick_writes_a_row_per_task(tmp_path):
         for task in section.tasks:
             assert all(0.0 <= auroc <= 1.0 and 0.0 <= auprc <= 1.0 for auroc, auprc in task.metrics().values())
     breast = sections[0].tasks[0].metrics()
-    assert breast["genserve GMM nll (default)"][0] > 0.85
+    assert breast["genserve GMM ensemble (default)"][0] > 0.85 and breast["genserve GMM knn"][0] > 0.85
+    met, total, _, singles = anomaly.goal_counts(sections)
+    assert total == 12 and singles == 12 and f"Met on **{met} of 12** rows" in text
+    assert sum(row.endswith(" met |") for row in rows) == met
+    # Each genserve default's flagged share of normal items at the calibrated rates, and the cost of each score.
+    assert set(sections[0].tasks[0].flagged) == {"genserve GMM ensemble (default)"}
+    *shares, n_calibration = sections[0].tasks[0].flagged["genserve GMM ensemble (default)"]
+    assert len(shares) == 2 and all(0.0 <= f <= 1.0 for f in shares) and n_calibration > 10
+    assert "normal test items of each task" in text and "## Cost of each score type" in text
+    cost_rows = [line for line in text.split("## Cost of each score type")[1].splitlines() if line.startswith("| ")]
+    assert [r.split(" (")[0] for r in cost_rows[1:]] == ["| GMM", "| MADE", "| PixelCNN"]
     assert "## breast_cancer" in text and "## Runtime" in text
 
 

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from genserve.artifacts.calibration import CalibrationSet
+from genserve.artifacts.calibration import CalibrationSet, fit_anomaly_calibration
+from genserve.artifacts.class_gaussians import class_gaussian_files, fit_class_gaussians
+from genserve.artifacts.neighbours import NeighbourIndex, fit_neighbours
 from genserve.artifacts.reference import fit_local_pixels
 from genserve.artifacts.scores import compute_scores, png_bits
 
@@ -152,12 +154,17 @@ def split_sizes(data: ImageDataset, train: ImageSplit) -> dict[str, Any]:
 
 
 def calibrate_images(validation_log_prob: np.ndarray, n_pixels: int, data: ImageDataset,
-                     train: ImageSplit) -> tuple[CalibrationSet, nn.Module]:
+                     train: ImageSplit) -> tuple[CalibrationSet, nn.Module, NeighbourIndex, dict[str, bytes]]:
     """Every image anomaly score type calibrated on the validation split, given the model's log p(x) (or a bound
-    on it) of each validation image; and the likelihood-ratio reference model, fitted on the training split."""
+    on it) of each validation image; the likelihood-ratio reference model, the knn index and the files of the
+    mahalanobis score's class Gaussians, all fitted on the training split."""
     reference = fit_local_pixels(train.images, data.levels)
+    neighbours = fit_neighbours(train.images, "pixels", levels=data.levels)
+    gaussians = fit_class_gaussians(train.images, train.labels, data.levels)
     images = data.validation.images
     reference_log_prob = reference.log_prob(torch.from_numpy(images)).numpy()
-    return CalibrationSet.fit(compute_scores("image", validation_log_prob, n_pixels,
-                                             reference_log_prob=reference_log_prob,
-                                             complexity_bits=png_bits(images, data.levels))), reference
+    validation = compute_scores("image", validation_log_prob, n_pixels, reference_log_prob=reference_log_prob,
+                                complexity_bits=png_bits(images, data.levels),
+                                knn_distance=neighbours.distance(images), mahalanobis=gaussians.distance(images))
+    return (fit_anomaly_calibration("image", validation), reference, neighbours,
+            class_gaussian_files(gaussians))

@@ -302,9 +302,9 @@ class ImageRun(CheckpointedRun):
         return metrics
 
     def calibrate(self, fitted: Fitted, metrics: dict[str, Any]) -> dict[str, bytes]:
-        calibration, reference = calibrate_images(self.validation_log_probs, fitted.module.n_pixels, self.data,
-                                                  self.train)
-        return calibration_files(calibration, reference, metrics)
+        calibration, reference, neighbours, gaussians = calibrate_images(
+            self.validation_log_probs, fitted.module.n_pixels, self.data, self.train)
+        return calibration_files(calibration, reference, metrics, neighbours, gaussians)
 
     def export(self, fitted: Fitted, metrics: dict[str, Any], files: dict[str, bytes]) -> Path:
         cfg, data, history = self.cfg, self.data, fitted.history

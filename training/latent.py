@@ -51,9 +51,9 @@ class BoundImageRun(FamilyRun, ABC):
         return {"validation_bound_nats": float(self.validation_log_probs.mean()), "score_samples": cfg.score_samples}
 
     def calibrate(self, fitted: Fitted, metrics: dict[str, Any]) -> dict[str, bytes]:
-        calibration, reference = calibrate_images(self.validation_log_probs, fitted.module.n_pixels, self.data,
-                                                  self.train)
-        return calibration_files(calibration, reference, metrics)
+        calibration, reference, neighbours, gaussians = calibrate_images(
+            self.validation_log_probs, fitted.module.n_pixels, self.data, self.train)
+        return calibration_files(calibration, reference, metrics, neighbours, gaussians)
 
     @abstractmethod
     def fit(self) -> Fitted: ...

@@ -27,6 +27,7 @@ from torch import nn
 
 from genserve.artifacts import artifact
 from genserve.artifacts.calibration import CalibrationSet
+from genserve.artifacts.neighbours import NeighbourIndex, neighbour_files
 from genserve.artifacts.reference import reference_files
 
 
@@ -78,11 +79,17 @@ def run_family(family: Family) -> Path:
     return family.export(fitted, metrics, files)
 
 
-def calibration_files(calibration: CalibrationSet, reference: nn.Module, metrics: dict[str, Any]) -> dict[str, bytes]:
-    """The files of a fitted calibration and its likelihood-ratio reference model; each score type's threshold
-    goes into `metrics` as `anomaly_thresholds`."""
+def calibration_files(calibration: CalibrationSet, reference: nn.Module, metrics: dict[str, Any],
+                      neighbours: NeighbourIndex | None = None, extra: dict[str, bytes] | None = None
+                      ) -> dict[str, bytes]:
+    """The files of a fitted calibration, its likelihood-ratio reference model, its knn index and any `extra`
+    files of other score types; each score type's threshold goes into `metrics` as `anomaly_thresholds`, the
+    default score type and why it is the default as `anomaly_default_score`."""
     metrics["anomaly_thresholds"] = {k: c.threshold for k, c in calibration.scores.items()}
-    return {artifact.CALIBRATION: json.dumps(calibration.to_dict()).encode(), **reference_files(reference)}
+    if calibration.default is not None:
+        metrics["anomaly_default_score"] = {"score": calibration.default, "why": calibration.why}
+    files = {artifact.CALIBRATION: json.dumps(calibration.to_dict()).encode(), **reference_files(reference)}
+    return files | (neighbour_files(neighbours) if neighbours is not None else {}) | (extra or {})
 
 
 # ---- device and threads -------------------------------------------------------------------------------------------

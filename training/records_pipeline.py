@@ -23,8 +23,9 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from genserve.artifacts import artifact
-from genserve.artifacts.calibration import CalibrationSet
+from genserve.artifacts.calibration import fit_anomaly_calibration
 from genserve.artifacts.families import GMM_KIND, RECORDS_KINDS
+from genserve.artifacts.neighbours import fit_neighbours
 from genserve.artifacts.reference import fit_gaussian
 from genserve.artifacts.scores import compute_scores
 from genserve.models.registry import build_records_model
@@ -133,16 +134,19 @@ class RecordsRun:
         }
 
     def calibrate(self, fitted: Fitted, metrics: dict[str, Any]) -> dict[str, bytes]:
-        """Every records score type on the validation split, against a Gaussian fitted to the training split."""
+        """Every records score type on the validation split, against a Gaussian and a neighbour index fitted to the
+        training split."""
         reference = fit_gaussian(self.parts.train)
+        neighbours = fit_neighbours(self.parts.train, "standardised", self.mean, self.scale)
         with torch.no_grad():
             ref_lp = reference.log_prob(torch.from_numpy(self.parts.validation)).numpy()
-        calibration = CalibrationSet.fit(compute_scores("records", self.validation_log_probs, self.data.x.shape[1],
-                                                        reference_log_prob=ref_lp))
+        validation = compute_scores("records", self.validation_log_probs, self.data.x.shape[1],
+                                    reference_log_prob=ref_lp, knn_distance=neighbours.distance(self.parts.validation))
+        calibration = fit_anomaly_calibration("records", validation)
         nll = calibration.scores["nll"]
         metrics["anomaly_threshold_nll_nats"] = nll.threshold
         metrics["anomaly_false_positive_rate"] = nll.false_positive_rate
-        return calibration_files(calibration, reference, metrics)
+        return calibration_files(calibration, reference, metrics, neighbours)
 
     def history_files(self, fitted: Fitted) -> dict[str, bytes]:
         """The files that tell how the model was fitted."""

@@ -19,7 +19,14 @@ from pydantic import BaseModel, Field
 
 from genserve.artifacts.artifact import DensityCapability
 from genserve.artifacts.calibration import Calibration, CalibrationSet
-from genserve.artifacts.scores import NEEDS_REFERENCE, check_score, compute_scores, png_bits, text_lines
+from genserve.artifacts.scores import (
+    NEEDS_REFERENCE,
+    check_score,
+    compute_scores,
+    needed_scores,
+    png_bits,
+    text_lines,
+)
 from genserve.artifacts.tokenizer import TextTokenizer, UnknownCharactersError
 from genserve.service.catalog import ModelCatalog, kind_phrase
 from genserve.service.errors import InvalidInput, LimitExceeded, NotCalibrated, TooLarge, WrongKind
@@ -27,13 +34,20 @@ from genserve.service.services.images import ImageService
 from genserve.service.services.records import RecordsService
 from genserve.service.services.text import TextService
 
-ScoreType = Literal["nll", "bits_per_dim", "bits_per_char", "complexity", "likelihood_ratio"]
+ScoreType = Literal["nll", "bits_per_dim", "bits_per_char", "complexity", "likelihood_ratio", "knn", "mahalanobis",
+                    "typicality", "ensemble"]
 SCORE_DESCRIPTION = (
     "anomaly score type (higher = more anomalous): nll (-log p(x), nats); bits_per_dim (records, images: -log2 "
     "p(x) / dimensions); bits_per_char (text: mean surprisal per character); complexity (images: -log2 p(x) "
     "minus the image's PNG size in bits); likelihood_ratio (log p_ref(x) - log p(x) against the artifact's "
-    "simpler reference model; nats, text: bits per character). Default: nll for records, complexity for images, "
-    "bits_per_char for text"
+    "simpler reference model; nats, text: bits per character); knn (records, images: distance to the 5th nearest "
+    "training item in the model's input space); mahalanobis (images: class-conditional Gaussian distance to the "
+    "nearest training class in the first 50 principal components); typicality (records, images: |nll - the "
+    "held-out mean nll|); ensemble (records, images: the mean calibrated tail score, -ln P(held-out score >= s), "
+    "of the distances knn and mahalanobis, plus each other member's tail beyond its held-out 99th percentile). "
+    "Default: the artifact's own (GET /v1/models/{name}: calibration.score, and why; the ensemble for records and "
+    "image models "
+    "trained since it exists), else nll for records, complexity for images, bits_per_char for text"
 )
 
 
@@ -70,7 +84,7 @@ def resolve_score(name: str, input_type: str, score: str | None, calibrations: C
     """The score type to compute and its calibration; InvalidInput when the type does not exist for this kind
     of model or the model was not calibrated for it."""
     try:
-        score = check_score(input_type, score)
+        score = check_score(input_type, score, None if calibrations is None else calibrations.default)
     except ValueError as e:
         raise InvalidInput(f"model {name!r}: {e}", type_="unknown_score") from None
     if per_line and input_type != "text":
@@ -129,8 +143,18 @@ def text_token_lists(name: str, tokenizer: TextTokenizer, items: list[TextItem],
     return token_lists
 
 
-def needs_reference(score: str) -> bool:
-    return score == NEEDS_REFERENCE
+def needs_reference(needed: set[str]) -> bool:
+    return NEEDS_REFERENCE in needed
+
+
+def chosen_score(score: str, raw: dict[str, np.ndarray], calibrations: CalibrationSet) -> np.ndarray:
+    """The values of the requested score type from the raw scores: the ensemble's from its members'."""
+    return calibrations.ensemble(raw) if score == "ensemble" else raw[score]
+
+
+def no_index(name: str, score: str) -> NotCalibrated:
+    what = {"knn": "neighbour index", "mahalanobis": "class Gaussians"}[score]
+    return NotCalibrated(f"model {name!r} has no {what} for the {score} score (its artifact predates it; retrain)")
 
 
 def anomaly_response(
@@ -186,8 +210,9 @@ INPUT_FIELD = {"records": "records", "image": "images", "text": "texts"}
 
 class AnomalyService:
     """Checks a request against the model's family and calibration before any model runs, gathers what the
-    score type needs (log p from the model's replica; the reference model's log p for likelihood_ratio; PNG sizes
-    for complexity, computed here) and turns the raw scores into percentiles, thresholds and flags."""
+    score type needs (log p from the model's replica; the reference model's log p for likelihood_ratio and the
+    neighbour index's distances for knn, from the replica too; PNG sizes for complexity, computed here; for the
+    ensemble, all of its members') and turns the raw scores into percentiles, thresholds and flags."""
 
     def __init__(self, catalog: ModelCatalog, records: RecordsService, images: ImageService, text: TextService):
         self.catalog, self.records, self.images, self.text = catalog, records, images, text
@@ -204,13 +229,16 @@ class AnomalyService:
         manifest = self.catalog.require_density(name, "anomaly scores")
         input_type = manifest.input.type
         self._check_fields(name, inputs)
-        score, calibration = resolve_score(name, input_type, score, self.catalog.calibration(name), per_line)
+        calibrations = self.catalog.calibration(name)
+        score, calibration = resolve_score(name, input_type, score, calibrations, per_line)
+        needed = needed_scores(score, calibrations.members)
         if input_type == "records":
-            values, log_prob, extras, n = await self._records(name, inputs, score)
+            raw, log_prob, extras, n = await self._records(name, inputs, needed, calibrations)
         elif input_type == "image":
-            values, log_prob, extras, n = await self._images(name, inputs, score)
+            raw, log_prob, extras, n = await self._images(name, inputs, needed, calibrations)
         else:
-            values, log_prob, extras, n = await self._texts(name, inputs, score, per_line)
+            raw, log_prob, extras, n = await self._texts(name, inputs, needed, per_line)
+        values = chosen_score(score, raw, calibrations)
         response = anomaly_response(name, manifest.version, score, calibration, values, log_prob, threshold,
                                     false_positive_rate, extras)
         response.density = manifest.density
@@ -225,29 +253,45 @@ class AnomalyService:
         if inputs.labels is not None and manifest.input.type != "image":
             raise WrongKind(f"labels are for image models; {kind_phrase(name, manifest)}")
 
-    async def _reference(self, name: str, inputs: Any) -> np.ndarray:
+    async def _reference(self, name: str, inputs: Any, needed: set[str]) -> np.ndarray | None:
+        if not needs_reference(needed):
+            return None
         ref = await self.catalog.call(name, "reference_log_prob", inputs, action="score")
         if ref is None:
             raise NotCalibrated(f"model {name!r} has no reference model for likelihood_ratio (its artifact predates "
                                 "it; retrain)")
         return np.asarray(ref, dtype=np.float64)
 
-    async def _records(self, name: str, inputs: AnomalyInputs, score: str):
-        scored = await self.records.log_prob(name, inputs.records)
-        ref = await self._reference(name, scored.records) if needs_reference(score) else None
-        values = compute_scores("records", scored.log_prob, scored.records.shape[1], reference_log_prob=ref)[score]
-        return values, scored.log_prob, gmm_extras(scored.responsibilities), len(scored.records)
+    async def _distance(self, name: str, inputs: np.ndarray, needed: set[str], score: str) -> np.ndarray | None:
+        """The replica's raw distances for the knn or mahalanobis score, when `needed`."""
+        if score not in needed:
+            return None
+        distance = await self.catalog.call(name, f"{score}_distance", inputs, action="score")
+        if distance is None:
+            raise no_index(name, score)
+        return np.asarray(distance, dtype=np.float64)
 
-    async def _images(self, name: str, inputs: AnomalyInputs, score: str):
+    async def _records(self, name: str, inputs: AnomalyInputs, needed: set[str], calibrations: CalibrationSet):
+        scored = await self.records.log_prob(name, inputs.records)
+        raw = compute_scores("records", scored.log_prob, scored.records.shape[1],
+                             reference_log_prob=await self._reference(name, scored.records, needed),
+                             knn_distance=await self._distance(name, scored.records, needed, "knn"),
+                             typical_nll=calibrations.typical_nll)
+        return raw, scored.log_prob, gmm_extras(scored.responsibilities), len(scored.records)
+
+    async def _images(self, name: str, inputs: AnomalyInputs, needed: set[str], calibrations: CalibrationSet):
         scored = await self.images.log_prob(name, inputs.images, inputs.labels, endpoint="anomaly")
         spec = self.catalog.manifest(name).input
-        ref = await self._reference(name, scored.images) if needs_reference(score) else None
-        bits = png_bits(scored.images, spec.levels) if score == "complexity" else None
-        values = compute_scores("image", scored.log_prob, spec.height * spec.width, reference_log_prob=ref,
-                                complexity_bits=bits)[score]
-        return values, scored.log_prob, {}, len(scored.images)
+        bits = png_bits(scored.images, spec.levels) if "complexity" in needed else None
+        raw = compute_scores("image", scored.log_prob, spec.height * spec.width,
+                             reference_log_prob=await self._reference(name, scored.images, needed),
+                             complexity_bits=bits,
+                             knn_distance=await self._distance(name, scored.images, needed, "knn"),
+                             mahalanobis=await self._distance(name, scored.images, needed, "mahalanobis"),
+                             typical_nll=calibrations.typical_nll)
+        return raw, scored.log_prob, {}, len(scored.images)
 
-    async def _texts(self, name: str, inputs: AnomalyInputs, score: str, per_line: bool):
+    async def _texts(self, name: str, inputs: AnomalyInputs, needed: set[str], per_line: bool):
         texts = inputs.texts
         limit = self.catalog.limits.max_texts_per_request
         if len(texts) > limit:
@@ -258,7 +302,7 @@ class AnomalyService:
         token_lists = text_token_lists(name, tokenizer, items, self.text.context_length(name))
         per_token = await self.catalog.call(name, "score", token_lists)
         log_prob = np.array([sum(lps) for lps in per_token], dtype=np.float64)
-        ref = await self._reference(name, token_lists) if needs_reference(score) else None
+        ref = await self._reference(name, token_lists, needed)
         chars = np.array([len(it.text) for it in items])
-        values = compute_scores("text", log_prob, chars, reference_log_prob=ref)[score]
-        return values, log_prob, text_extras(items, per_line), len(items)
+        raw = compute_scores("text", log_prob, chars, reference_log_prob=ref)
+        return raw, log_prob, text_extras(items, per_line), len(items)

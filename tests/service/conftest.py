@@ -24,7 +24,9 @@ import torch
 import yaml
 
 from genserve.artifacts import artifact as art
-from genserve.artifacts.calibration import CalibrationSet
+from genserve.artifacts.calibration import fit_anomaly_calibration
+from genserve.artifacts.class_gaussians import class_gaussian_files, fit_class_gaussians
+from genserve.artifacts.neighbours import fit_neighbours, neighbour_files
 from genserve.artifacts.reference import fit_bigram, fit_local_pixels, reference_files
 from genserve.artifacts.scores import compute_scores, png_bits
 from genserve.artifacts.tokenizer import train_char_tokenizer
@@ -248,19 +250,23 @@ def fit_fvsbn(images: np.ndarray, labels: np.ndarray | None, levels: int, steps:
 
 
 def write_image_artifact(store: Path, name: str, model: FVSBN, train: np.ndarray, heldout: np.ndarray, onnx: bool,
-                         class_names: list[str] | None = None) -> Path:
+                         class_names: list[str] | None = None, train_labels: np.ndarray | None = None) -> Path:
     """An image artifact as training/image_pipeline.py writes one: weights, optionally model.onnx, the
-    reference model fitted on `train`, and every score type calibrated on held-out images (the marginal)."""
+    reference model, the knn index and the class Gaussians fitted on `train`, and every score type calibrated on
+    held-out images (the marginal)."""
     levels = model.config.levels
     reference = fit_local_pixels(train, levels)
     with torch.no_grad():
         log_prob = model.log_prob(torch.as_tensor(heldout)).double().numpy()
         ref = reference.log_prob(torch.as_tensor(heldout)).numpy()
-    calibration = CalibrationSet.fit(compute_scores("image", log_prob, model.n_pixels, reference_log_prob=ref,
-                                                    complexity_bits=png_bits(heldout, levels)))
+    neighbours = fit_neighbours(train, "pixels", levels=levels)
+    gaussians = fit_class_gaussians(train, train_labels, levels)
+    calibration = fit_anomaly_calibration("image", compute_scores(
+        "image", log_prob, model.n_pixels, reference_log_prob=ref, complexity_bits=png_bits(heldout, levels),
+        knn_distance=neighbours.distance(heldout), mahalanobis=gaussians.distance(heldout)))
     scores = -log_prob
     files = {art.WEIGHTS: art.module_weights(model), art.CALIBRATION: json.dumps(calibration.to_dict()).encode(),
-             **reference_files(reference)}
+             **reference_files(reference), **neighbour_files(neighbours), **class_gaussian_files(gaussians)}
     if onnx:
         files[art.ONNX] = export_image_onnx(model)
     c = model.config
@@ -277,7 +283,7 @@ def write_image_models(store: Path) -> None:
     images, labels = digits()
     model = fit_fvsbn(images[:DIGITS_TRAIN], labels[:DIGITS_TRAIN], levels=17)
     write_image_artifact(store, IMAGE_COND, model, images[:DIGITS_TRAIN], images[DIGITS_TRAIN:], onnx=True,
-                         class_names=[str(d) for d in range(10)])
+                         class_names=[str(d) for d in range(10)], train_labels=labels[:DIGITS_TRAIN])
     binary, _ = digits(binary=True)
     write_image_artifact(store, IMAGE_BIN, fit_fvsbn(binary[:DIGITS_TRAIN], None, levels=2), binary[:DIGITS_TRAIN],
                          binary[DIGITS_TRAIN:], onnx=False)

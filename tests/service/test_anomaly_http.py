@@ -74,7 +74,8 @@ def test_every_score_type_over_http_equals_in_process(server, local, name, kind,
     r = post(server, name, body)
     assert r.status_code == 200, r.text
     got = r.json()
-    assert got["score_type"] == (score or DEFAULT_SCORE[kind]) and got["false_positive_rate"] == 0.01
+    default = local[name].calibrations.default or DEFAULT_SCORE[kind]  # the artifact's own, else its kind's
+    assert got["score_type"] == (score or default) and got["false_positive_rate"] == 0.01
     want = local[name].anomaly(**inputs(name), score=score)
     assert got["threshold"] == pytest.approx(want.threshold, rel=1e-9)
     np.testing.assert_allclose([x["score"] for x in got["results"]], [x.score for x in want.results],
@@ -108,16 +109,18 @@ def test_text_per_line(server, client, local):
 def test_thresholds_and_rates(client, local):
     images = inputs(IMAGE_COND)["images"]
     loose = client.anomaly_images(IMAGE_COND, images, false_positive_rate=0.5)
-    cal = local[IMAGE_COND].calibrations.get("complexity")
+    cal = local[IMAGE_COND].calibrations.get("ensemble")  # the artifact's default
     assert loose.threshold == pytest.approx(cal.threshold_for(0.5)) and loose.false_positive_rate == 0.5
     fixed = client.anomaly_texts(TEXT, TEXTS, threshold=-100.0)
     assert fixed.threshold == -100.0 and fixed.false_positive_rate is None and all(r.is_anomaly for r in fixed.results)
 
 
-def test_complexity_flags_the_blank_image(client):
+def test_complexity_and_the_default_ensemble_flag_the_blank_image(client):
     images = inputs(IMAGE_COND)["images"]
-    by_complexity = client.anomaly_images(IMAGE_COND, images)
+    by_complexity = client.anomaly_images(IMAGE_COND, images, score="complexity")
     assert by_complexity.score_type == "complexity" and by_complexity.results[-1].is_anomaly
+    by_default = client.anomaly_images(IMAGE_COND, images)
+    assert by_default.score_type == "ensemble" and by_default.results[-1].is_anomaly
 
 
 @pytest.mark.parametrize(("name", "body", "status", "type_", "message"), [

@@ -79,7 +79,7 @@ def test_records_csv_over_http_in_chunks_of_the_server_limit(server: Server, cli
         assert_results(rows[start:end], expected, rel=1e-6)
         assert [int(r["component"]) for r in rows[start:end]] == [r.component for r in expected.results]
     assert (summary.rows, summary.scored, summary.bad) == (570, 569, 1)
-    assert summary.score_type == "nll" and summary.version == info.version
+    assert summary.score_type == "ensemble" and summary.version == info.version
 
 
 def test_rows_the_server_refuses_are_isolated_and_the_rest_scored(server: Server, client: GenserveClient,

@@ -141,7 +141,7 @@ def test_every_jsonl_line_is_in_the_output(store: Path, scorer: LocalScorer, nam
     assert_scored_like([r for r in rows if r["line"] in records], scorer, list(records.values()))
     assert (summary.rows, summary.scored, summary.bad) == (len(lines), len(records), len(errors))
     assert summary.flagged == sum(r["is_anomaly"] is True for r in rows)
-    assert summary.score_type == "nll" and summary.bad_rows[0].startswith("line 4: empty line")
+    assert summary.score_type == "ensemble" and summary.bad_rows[0].startswith("line 4: empty line")
     report = summary.report()
     assert f"{len(lines)} rows read, {len(records)} scored" in report and "line 5: not valid JSON" in report
 
@@ -281,7 +281,7 @@ def test_changed_settings_are_refused_and_restart_starts_over(store: Path, tmp_p
     with pytest.raises(Crash):
         score(store, input, out, chunk_size=5, on_chunk=crash_after(2))
     for change, fragment in (({"threshold": 30.0}, "threshold: None then, 30.0 now"),
-                             ({"score": "bits_per_dim"}, "score: 'nll' then, 'bits_per_dim' now"),
+                             ({"score": "bits_per_dim"}, "score: 'ensemble' then, 'bits_per_dim' now"),
                              ({"id_column": "id"}, "id_column")):
         with pytest.raises(ScoreFileError, match="--restart") as e:
             score(store, input, out, **change)

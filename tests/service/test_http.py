@@ -80,9 +80,15 @@ def test_models_describe_artifacts(server: Server, client: GenserveClient) -> No
     assert models[SINGLE].runtime == "torch"
     manifest = art.load_artifact(art.resolve(server.store, REPLICATED)).manifest
     assert bc.metrics["validation_nll_nats"] == manifest.metrics["validation_nll_nats"]
-    assert bc.calibration.threshold == pytest.approx(manifest.metrics["anomaly_threshold_nll_nats"])
-    assert bc.calibration.score == "nll"
-    assert set(bc.calibration.thresholds) == {"nll", "bits_per_dim", "likelihood_ratio"}
+    assert bc.calibration.thresholds["nll"] == pytest.approx(manifest.metrics["anomaly_threshold_nll_nats"])
+    # The artifact's own default, and why, as its manifest records them.
+    default = manifest.metrics["anomaly_default_score"]
+    assert bc.calibration.score == default["score"] == "ensemble" and bc.calibration.why == default["why"]
+    assert bc.calibration.threshold == pytest.approx(bc.calibration.thresholds["ensemble"])
+    assert bc.calibration.ensemble_members[0] == "knn" and set(bc.calibration.ensemble_members) <= {
+        "knn", "nll", "likelihood_ratio", "typicality"}
+    assert set(bc.calibration.thresholds) == {"nll", "bits_per_dim", "likelihood_ratio", "knn", "typicality",
+                                              "ensemble"}
     assert client.model(SINGLE).config["covariance_type"] == "diag"
 
 
@@ -129,7 +135,7 @@ def test_anomaly_uses_the_calibration(server: Server, client: GenserveClient) ->
     normal = bc_records(5)
     odd = normal.copy()
     odd[:, 0] *= 8  # radii far outside anything seen
-    res = client.anomaly(REPLICATED, np.vstack([normal, odd]))
+    res = client.anomaly(REPLICATED, np.vstack([normal, odd]), score="nll")
     assert res.threshold == pytest.approx(nll.threshold) and res.false_positive_rate == 0.01
     scores = np.array([r.score for r in res.results])
     np.testing.assert_allclose(scores, -loaded.runtime.log_prob(np.vstack([normal, odd]))[0], rtol=1e-6)
@@ -138,10 +144,10 @@ def test_anomaly_uses_the_calibration(server: Server, client: GenserveClient) ->
     np.testing.assert_allclose([r.percentile for r in res.results],
                                nll.percentile(scores), rtol=1e-9)
 
-    looser = client.anomaly(REPLICATED, normal, false_positive_rate=0.5)
+    looser = client.anomaly(REPLICATED, normal, false_positive_rate=0.5, score="nll")
     assert looser.threshold == pytest.approx(nll.threshold_for(0.5))
     assert looser.threshold < res.threshold
-    fixed = client.anomaly(REPLICATED, normal, threshold=-1e9)
+    fixed = client.anomaly(REPLICATED, normal, threshold=-1e9, score="nll")
     assert fixed.threshold == -1e9 and fixed.false_positive_rate is None
     assert all(r.is_anomaly for r in fixed.results)
 

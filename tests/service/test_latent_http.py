@@ -50,7 +50,7 @@ def test_a_vae_answers_with_a_bound_on_log_p_seeded_and_tightened_by_k(server: S
     k1000 = post(server, f"/v1/models/{VAE}/log_prob", {"images": x, "importance_samples": 1000}).json()["log_prob"]
     assert np.mean(k1000) > np.mean(k1)  # the importance-weighted bound tightens with K
     anomaly = post(server, f"/v1/models/{VAE}/anomaly", {"images": x}).json()
-    assert anomaly["density"] == "bound" and anomaly["score_type"] == "complexity" and len(anomaly["results"]) == 4
+    assert anomaly["density"] == "bound" and anomaly["score_type"] == "ensemble" and len(anomaly["results"]) == 4
 
 
 def test_vae_samples_reconstructions_and_interpolations(server: Server) -> None:

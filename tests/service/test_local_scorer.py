@@ -74,7 +74,7 @@ def test_gmm_reports_component_and_responsibility(gmm):
     comps = [r.component for r in res.results]
     assert sorted(comps) == [0, 1] and all(r.responsibility > 0.99 for r in res.results)
     raw = gmm.scores(records=[MEANS[0]])
-    assert set(raw) == {"nll", "bits_per_dim", "likelihood_ratio", "log_prob"}
+    assert set(raw) == {"nll", "bits_per_dim", "likelihood_ratio", "knn", "typicality", "ensemble", "log_prob"}
     assert raw["bits_per_dim"][0] == pytest.approx(raw["nll"][0] / (4 * math.log(2)))
     with pytest.raises(ServiceError, match="score 'complexity' is not available for models of records"):
         gmm.anomaly(records=[MEANS[0]], score="complexity")
@@ -96,10 +96,18 @@ def digits_model(tmp_path_factory) -> LocalScorer:
 def test_image_scores_and_calibration(digits_model):
     data = load_digits()
     raw = digits_model.scores(images=data.test.images)
-    assert set(raw) == {"nll", "bits_per_dim", "complexity", "likelihood_ratio", "log_prob"}
+    assert set(raw) == {"nll", "bits_per_dim", "complexity", "likelihood_ratio", "knn", "mahalanobis", "typicality",
+                        "ensemble", "log_prob"}
     np.testing.assert_allclose(raw["complexity"], raw["nll"] / math.log(2) - png_bits(data.test.images, 17))
     ref = digits_model.reference.log_prob(torch.from_numpy(data.test.images)).numpy()
     np.testing.assert_allclose(raw["likelihood_ratio"], ref + raw["nll"])
+    cals = digits_model.calibrations
+    np.testing.assert_allclose(raw["typicality"], np.abs(raw["nll"] - cals.typical_nll))
+    primary = [m for m in cals.members if m in ("knn", "mahalanobis")]
+    assert primary and primary == cals.members[:len(primary)]
+    np.testing.assert_allclose(raw["ensemble"], np.mean([cals.get(m).tail(raw[m]) for m in primary], axis=0) + sum(
+        np.maximum(cals.get(m).tail(raw[m]) - math.log(100), 0) for m in cals.members if m not in primary))
+    assert cals.default == "ensemble" and digits_model.anomaly(images=data.test.images[:3]).score_type == "ensemble"
     for score in SCORE_TYPES["image"]:
         # 180 test digits against a calibration on 179 validation digits: about 20% flagged at fpr 0.2.
         rate = np.mean([r.is_anomaly for r in digits_model.anomaly(images=data.test.images, score=score,

@@ -224,7 +224,7 @@ def test_models_page_lists_every_model(server, browser):
                                 for img in vae.find_elements(By.CSS_SELECTOR, "img.picture")), 30, "pictures")
     assert vae.find_elements(By.CSS_SELECTOR, "img.picture")
     wine = page.find_element(By.ID, f"model-{SINGLE}")
-    assert "Default score nll" in wine.text and "threshold" in wine.text
+    assert "Default score ensemble" in wine.text and "threshold" in wine.text
     assert canvas_ink(browser, wine.find_element(By.CSS_SELECTOR, "canvas.chart")) > 0
     shot(browser, "models")
     assert not script_errors(browser)
@@ -414,7 +414,7 @@ def test_anomaly_csv_upload_histogram_and_flags(server, browser, tmp_path):
     assert '<img src=x onerror="window.__xss=1">' in text and "<b>far,away</b>" in text
     assert browser.execute_script("return window.__xss") is None
     assert not results.find_elements(By.CSS_SELECTOR, "img, b")
-    assert f"{len(rows)} items scored by nll" in text
+    assert f"{len(rows)} items scored by ensemble" in text
     assert results.find_element(By.NAME, "download").is_displayed()
     shot(browser, "anomaly-wine")
 

@@ -302,11 +302,13 @@ def test_request_id_parameters_and_output_subset(server: Server) -> None:
     assert outputs(versioned) == outputs(response)
 
 
-def test_score_parameter_selects_the_score_type(server: Server) -> None:
+@pytest.mark.parametrize("score", ["bits_per_dim", "knn", "typicality", "ensemble"])
+def test_score_parameter_selects_the_score_type(server: Server, score: str) -> None:
     x = bc_records(3)
-    response = infer(server, REPLICATED, {"inputs": [records_input(x)], "parameters": {"score": "bits_per_dim"}})
-    v1 = v1_anomaly(server, REPLICATED, {"records": x.tolist(), "score": "bits_per_dim"})
-    assert response.json()["parameters"]["score_type"] == v1["score_type"]
+    x[2, 0] *= 8  # far from every training record
+    response = infer(server, REPLICATED, {"inputs": [records_input(x)], "parameters": {"score": score}})
+    v1 = v1_anomaly(server, REPLICATED, {"records": x.tolist(), "score": score})
+    assert response.json()["parameters"]["score_type"] == v1["score_type"] == score
     assert_columns_equal(outputs(response), v1_columns(v1, GMM))
     message = error(infer(server, REPLICATED, {"inputs": [records_input(x)], "parameters": {"score": "nope"}}))
     assert "nope" in message and "nll" in message

@@ -13,6 +13,7 @@ import torch
 
 from genserve.artifacts import artifact as art
 from genserve.artifacts.calibration import Calibration, CalibrationSet
+from genserve.artifacts.neighbours import NEIGHBOURS_CONFIG, NEIGHBOURS_WEIGHTS
 from genserve.artifacts.reference import REFERENCE_CONFIG, REFERENCE_WEIGHTS
 from genserve.service.records_runtime import load_model
 from genserve.training.data import SKLEARN_DATASETS, load_tabular, split
@@ -59,7 +60,7 @@ def test_artifact_contents(trained):
     manifest = loaded.manifest
     assert manifest.kind == "gmm"
     assert set(manifest.files) == {art.WEIGHTS, art.CALIBRATION, art.ONNX, EM_HISTORY, REFERENCE_WEIGHTS,
-                                   REFERENCE_CONFIG}
+                                   REFERENCE_CONFIG, NEIGHBOURS_WEIGHTS, NEIGHBOURS_CONFIG}
     assert manifest.config == {"n_features": 3, "n_components": 2, "covariance_type": "full"}
     assert manifest.input.n_features == 3
     assert manifest.input.feature_names == FEATURES
@@ -112,7 +113,11 @@ def test_metrics_are_consistent(trained):
 
     calibrations = CalibrationSet.from_dict(json.loads((path / art.CALIBRATION).read_text()))
     assert loaded.calibration == calibrations
-    assert sorted(calibrations.names()) == ["bits_per_dim", "likelihood_ratio", "nll"]
+    assert sorted(calibrations.names()) == ["bits_per_dim", "ensemble", "knn", "likelihood_ratio", "nll",
+                                            "typicality"]
+    # The default and why, chosen on the validation split, in the calibration and the manifest alike.
+    assert calibrations.default == "ensemble" and len(calibrations.members) >= 2
+    assert metrics["anomaly_default_score"] == {"score": "ensemble", "why": calibrations.why}
     calibration = calibrations.get("nll")
     assert calibration.threshold == metrics["anomaly_threshold_nll_nats"]
     assert calibration.false_positive_rate == metrics["anomaly_false_positive_rate"]

@@ -54,7 +54,7 @@ def model_info(catalog: ModelCatalog, name: str, replica: dict[str, Any]) -> Mod
     m = catalog.manifest(name)
     choice = replica.get("runtime_choice")
     cals = catalog.calibration(name)
-    default = DEFAULT_SCORE[m.input.type]
+    default = (cals and cals.default) or DEFAULT_SCORE[m.input.type]
     cal = None if cals is None else (cals.get(default) or next(iter(cals.scores.values())))
     return ModelInfo(
         name=m.name, version=m.version, kind=m.kind, created=m.created, runtime=replica["runtime"],
@@ -63,7 +63,8 @@ def model_info(catalog: ModelCatalog, name: str, replica: dict[str, Any]) -> Mod
         input=InputInfo.model_validate(m.input.model_dump(exclude={"dtype", "bos_token_id", "eos_token_id"})),
         config=m.config, metrics=m.metrics, training=m.training,
         calibration=None if cal is None else CalibrationInfo(
-            score=cal.score, n_heldout=cal.n, false_positive_rate=cal.false_positive_rate,
+            score=cal.score, why=cals.why, ensemble_members=cals.members, n_heldout=cal.n,
+            false_positive_rate=cal.false_positive_rate,
             threshold=cal.threshold, thresholds={k: c.threshold for k, c in cals.scores.items()},
             quantiles={k: quantiles(c.levels, c.values) for k, c in cals.scores.items()}),
         limits=catalog.limits, pictures=sorted(catalog.pictures(name)),

@@ -77,7 +77,11 @@ class InputInfo(BaseModel):
 
 
 class CalibrationInfo(BaseModel):
-    score: str = Field(description="the default score type")
+    score: str = Field(description="the default score type: the artifact's own (its calibration names it and why), "
+                       "else its kind's")
+    why: str | None = Field(None, description="how the artifact's default score type was chosen (on held-out normal "
+                            "data only); null for artifacts calibrated before the ensemble, which use their kind's")
+    ensemble_members: list[str] = Field([], description="the score types the ensemble score combines")
     n_heldout: int = Field(description="held-out in-distribution items the default score was calibrated on")
     false_positive_rate: float = Field(description="the default false-positive rate of the thresholds")
     threshold: float = Field(description="the default score's threshold at that rate")
