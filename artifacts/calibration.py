@@ -17,7 +17,12 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 from scipy.stats import spearmanr
 
-from genserve.artifacts.scores import ENSEMBLE_CANDIDATES, ENSEMBLE_MAX_CORRELATION, ENSEMBLE_PRIMARY
+from genserve.artifacts.scores import (
+    ENSEMBLE_CANDIDATES,
+    ENSEMBLE_MAX_CORRELATION,
+    ENSEMBLE_PRIMARY,
+    ENSEMBLE_PRIMARY_BY_KIND,
+)
 
 ENSEMBLE_SECONDARY_TAIL = float(np.log(100.0))  # a secondary member's tail score at its held-out 99th percentile
 
@@ -36,17 +41,21 @@ class Calibration:
     values: list[float]  # held-out score quantile at each level, non-decreasing
     false_positive_rate: float
     threshold: float  # score above which a record is flagged at that false-positive rate
+    # The typicality score's centre where it is this calibration's own (text: the held-out mean bits/char of
+    # whole texts or of lines); records and images keep theirs in CalibrationSet.typical_nll.
+    centre: float | None = None
 
     @classmethod
     def fit(
-        cls, scores: np.ndarray, score: str = "nll", false_positive_rate: float = DEFAULT_FALSE_POSITIVE_RATE
+        cls, scores: np.ndarray, score: str = "nll", false_positive_rate: float = DEFAULT_FALSE_POSITIVE_RATE,
+        centre: float | None = None,
     ) -> Calibration:
         scores = np.asarray(scores, dtype=np.float64)
         if scores.ndim != 1 or scores.size == 0 or not np.isfinite(scores).all():
             raise ValueError("calibration needs a non-empty 1-d array of finite held-out scores")
         levels = np.linspace(0.0, 1.0, N_LEVELS)
         values = np.quantile(scores, levels)
-        cal = cls(score, int(scores.size), levels.tolist(), values.tolist(), false_positive_rate, 0.0)
+        cal = cls(score, int(scores.size), levels.tolist(), values.tolist(), false_positive_rate, 0.0, centre)
         return cls(**{**asdict(cal), "threshold": cal.threshold_for(false_positive_rate)})
 
     def threshold_for(self, false_positive_rate: float) -> float:
@@ -78,7 +87,10 @@ class Calibration:
         return np.minimum(tail, 1e300)  # finite, as every served score
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["centre"] is None:
+            del out["centre"]  # calibration.json as before for every score but text typicality
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> Calibration:
@@ -100,6 +112,8 @@ class CalibrationSet:
     why: str | None = None  # how the default was chosen
     members: list[str] = field(default_factory=list)  # the ensemble's score types
     typical_nll: float | None = None  # the typicality score's centre: the validation split's mean nll
+    # The members whose tails are averaged (`primary`); None: the distances among the members, else the first.
+    primary_members: list[str] | None = None
 
     @classmethod
     def fit(cls, scores: dict[str, np.ndarray], false_positive_rate: float = DEFAULT_FALSE_POSITIVE_RATE
@@ -108,7 +122,7 @@ class CalibrationSet:
                                          false_positive_rate=false_positive_rate)
                     for key, values in scores.items()})
 
-    def ensemble(self, raw: dict[str, np.ndarray]) -> np.ndarray:
+    def ensemble(self, raw: dict[str, np.ndarray], per_line: bool = False) -> np.ndarray:
         """The ensemble score of items from their members' raw scores: the mean tail score of its primary
         members (the distances, ENSEMBLE_PRIMARY; else the first member), plus each other member's tail beyond
         ENSEMBLE_SECONDARY_TAIL (its held-out 99th percentile). The primary members rank the items; another
@@ -116,17 +130,27 @@ class CalibrationSet:
         distances miss (a blank image, a digit too simple to be typical) without blurring their ranking with its
         noise (a plain mean of five tails lost 0.05-0.15 AUROC to knn alone on unseen digit classes)."""
         primary = self.primary()
-        total = np.mean([self.scores[m].tail(raw[m]) for m in primary], axis=0)
+        total = np.mean([self.get(m, per_line).tail(raw[m]) for m in primary], axis=0)
         for m in (m for m in self.members if m not in primary):
-            total = total + np.maximum(self.scores[m].tail(raw[m]) - ENSEMBLE_SECONDARY_TAIL, 0.0)
+            total = total + np.maximum(self.get(m, per_line).tail(raw[m]) - ENSEMBLE_SECONDARY_TAIL, 0.0)
         return np.minimum(total, 1e300)
 
     def primary(self) -> list[str]:
-        """The ensemble members whose tails are averaged: the distances among them, else the first."""
+        """The ensemble members whose tails are averaged: those named (text: bits_per_char), else the distances
+        among them, else the first."""
+        if self.primary_members:
+            return list(self.primary_members)
         return [m for m in self.members if m in ENSEMBLE_PRIMARY] or self.members[:1]
 
     def get(self, score: str, per_line: bool = False) -> Calibration | None:
         return self.scores.get(LINE + score if per_line else score)
+
+    def typical(self, per_line: bool = False) -> float | None:
+        """The typicality score's centre (per whole item, or per line), None when it is not calibrated."""
+        cal = self.get("typicality", per_line)
+        if cal is not None and cal.centre is not None:
+            return cal.centre
+        return None if per_line else self.typical_nll
 
     def names(self, per_line: bool = False) -> list[str]:
         """The calibrated score types (per whole item, or per line)."""
@@ -136,6 +160,8 @@ class CalibrationSet:
         out: dict = {"format": CALIBRATION_FORMAT, "scores": {k: c.to_dict() for k, c in self.scores.items()}}
         if self.default is not None:
             out |= {"default": self.default, "why": self.why, "members": self.members}
+        if self.primary_members:
+            out["primary"] = self.primary_members
         if self.typical_nll is not None:
             out["typical_nll"] = self.typical_nll
         return out
@@ -154,15 +180,42 @@ class CalibrationSet:
         if not scores:
             raise ValueError("the calibration has no score types")
         members = list(data.get("members") or [])
-        if "ensemble" in scores and (not members or any(m not in scores for m in members)):
-            raise ValueError("an ensemble calibration needs its members, each calibrated")
+        for prefix in ("", LINE):
+            if prefix + "ensemble" in scores and (not members or any(prefix + m not in scores for m in members)):
+                raise ValueError("an ensemble calibration needs its members, each calibrated")
         default = data.get("default")
         if default is not None and default not in scores:
             raise ValueError(f"the default score {default!r} is not calibrated")
         typical = data.get("typical_nll")
-        if "typicality" in scores and typical is None:
-            raise ValueError("a typicality calibration needs typical_nll")
-        return cls(scores, default, data.get("why"), members, None if typical is None else float(typical))
+        if any(c.score == "typicality" and c.centre is None for c in scores.values()) and typical is None:
+            raise ValueError("a typicality calibration needs typical_nll or its own centre")
+        primary = data.get("primary")
+        if primary is not None and (not primary or any(m not in members for m in primary)):
+            raise ValueError("the ensemble's primary members must be among its members")
+        return cls(scores, default, data.get("why"), members, None if typical is None else float(typical), primary)
+
+
+BATCH_BOOTSTRAP = 2000  # resampled batches behind a batch typicality test's p-value
+BATCH_BOOTSTRAP_CHUNK = 1 << 20  # draws per chunk: bounds the resampling's memory whatever the batch size
+
+
+def batch_typicality(calibration: Calibration, centre: float, values: np.ndarray, seed: int = 0
+                     ) -> tuple[float, float]:
+    """Nalisnick et al. 2019's typicality test of a whole batch ("Detecting out-of-distribution inputs to deep
+    generative models using typicality"): the statistic |mean(values) - centre| of the batch's per-item scores
+    (nll, or text's bits_per_char) and its p-value, the share of BATCH_BOOTSTRAP batches of the same size drawn
+    from the held-out distribution (its stored quantiles) whose statistic is at least as large. Seeded: the same
+    batch gets the same p-value."""
+    values = np.asarray(values, dtype=np.float64)
+    statistic = abs(float(values.mean()) - centre)
+    rng = np.random.default_rng(seed)
+    rows = max(1, BATCH_BOOTSTRAP_CHUNK // len(values))
+    exceed = 0
+    for start in range(0, BATCH_BOOTSTRAP, rows):
+        draws = np.interp(rng.random((min(rows, BATCH_BOOTSTRAP - start), len(values))), calibration.levels,
+                          calibration.values)
+        exceed += int((np.abs(draws.mean(axis=1) - centre) >= statistic).sum())
+    return statistic, (1 + exceed) / (1 + BATCH_BOOTSTRAP)
 
 
 def choose_members(validation: dict[str, np.ndarray], candidates: tuple[str, ...]) -> tuple[list[str], str]:
@@ -202,6 +255,36 @@ def fit_anomaly_calibration(input_type: str, validation: dict[str, np.ndarray],
     with_members = CalibrationSet(calibrations.scores, "ensemble", why, members, typical)
     ensemble = Calibration.fit(with_members.ensemble(validation), "ensemble", false_positive_rate)
     return CalibrationSet({**calibrations.scores, "ensemble": ensemble}, "ensemble", why, members, typical)
+
+
+def fit_text_calibration(units: dict[str, dict[str, np.ndarray]],
+                         false_positive_rate: float = DEFAULT_FALSE_POSITIVE_RATE) -> CalibrationSet:
+    """A text model's calibrations from the held-out raw scores of each unit (key prefix "" for whole texts,
+    LINE for lines): each score type as given, and the per-token typicality, |bits_per_char - the unit's mean
+    held-out bits_per_char|, whose centre its calibration keeps; and, when `choose_members` keeps two members or
+    more (knn needs a model with hidden states), the ensemble of each unit, the artifact's default."""
+    calibrations: dict[str, Calibration] = {}
+    units = dict(units)
+    for prefix, validation in units.items():
+        bpc = np.asarray(validation["bits_per_char"], dtype=np.float64)
+        centre = float(np.mean(bpc))
+        units[prefix] = validation = {**validation, "typicality": np.abs(bpc - centre)}
+        for name, values in validation.items():
+            calibrations[prefix + name] = Calibration.fit(values, name, false_positive_rate,
+                                                          centre if name == "typicality" else None)
+    # One member list for both units, chosen on the unit with more held-out items (usually lines: rank correlations
+    # of a few dozen paragraphs say little).
+    basis = max(units.values(), key=lambda validation: len(validation["bits_per_char"]))
+    members, why = choose_members(basis, ENSEMBLE_CANDIDATES["text"])
+    primary = [m for m in ENSEMBLE_PRIMARY_BY_KIND["text"] if m in members]
+    if len(members) < 2 or not primary:
+        return CalibrationSet(calibrations)
+    why += f"; ranked by {', '.join(primary)}, the others adding their tails beyond their held-out 99th percentile"
+    with_members = CalibrationSet(calibrations, "ensemble", why, members, primary_members=primary)
+    for prefix, validation in units.items():
+        ensemble = with_members.ensemble(validation, per_line=prefix == LINE)
+        calibrations[prefix + "ensemble"] = Calibration.fit(ensemble, "ensemble", false_positive_rate)
+    return CalibrationSet(calibrations, "ensemble", why, members, primary_members=primary)
 
 
 def read_calibration(loaded) -> CalibrationSet | None:

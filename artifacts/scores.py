@@ -14,17 +14,27 @@ Every score is "higher = more anomalous" and is computed per item from the model
                       artifact (models/reference.py), in nats; text: in bits per character. It cancels what both
                       models find easy or hard (background statistics) and keeps what only the full model learned
                       (Ren et al. 2019; Schirrmeister et al. 2020).
-    knn               records, images: the Euclidean distance to the k-th nearest training item in the space the
-                      model reads its inputs in (records standardised by the model, images as intensities in
-                      [0, 1]), from the index stored in the artifact (artifacts/neighbours.py). Catches a new
-                      class made of ordinary parts, which likelihoods miss (Nalisnick et al. 2019).
+    knn               the Euclidean distance to the k-th nearest training item in the space the model reads its
+                      inputs in (records standardised by the model, images as intensities in [0, 1]) or, for
+                      text, in the model's own representation (GPT, LSTM: the final hidden states averaged over
+                      the text's tokens, standardised; training lines stored), from the index stored in the
+                      artifact (artifacts/neighbours.py). Catches a new class made of ordinary parts, which
+                      likelihoods miss (Nalisnick et al. 2019).
     mahalanobis       images: the smallest over training classes of the class's Gaussian negative log-density
                       (constant dropped) in the training images' first 50 principal components
                       (artifacts/class_gaussians.py; Lee et al. 2018): how far x is from every class's ellipsoid.
+    class_evidence    class-conditional image models: -max_y log p(x | y) over the model's classes, in nats: how
+                      well the best-fitting class explains x.
+    class_entropy     class-conditional image models: the entropy of p(y | x) = p(y) p(x | y) / p(x), in nats: an
+                      item that no class claims (a new class resembling several) scores high, one that a class
+                      claims scores near 0. Both take one pass of the model per class.
     typicality        records, images: |nll - H|, H the mean nll of the validation split (the model's estimate of
                       its entropy): how far x lies from the typical set, on either side (Nalisnick et al. 2019's
-                      test, per item). An item more likely than any typical one is anomalous too.
-    ensemble          records, images: its first member's calibrated tail score (artifacts/calibration.py
+                      test, per item). An item more likely than any typical one is anomalous too. Text: the
+                      per-token variant, |bits_per_char - the held-out mean bits_per_char| (per whole text and per
+                      line, each with its own centre), since texts differ in length; for fixed-size records and
+                      images the per-dimension variant ranks items exactly as typicality does.
+    ensemble          its first member's calibrated tail score (artifacts/calibration.py
                       `Calibration.tail`: -ln of the held-out exceedance probability, extrapolated beyond the
                       held-out range) plus every other member's tail beyond its held-out 99th percentile
                       (`CalibrationSet.ensemble`); members chosen per artifact on validation data only, never
@@ -46,10 +56,11 @@ LN2 = math.log(2.0)
 
 SCORE_TYPES: dict[str, tuple[str, ...]] = {
     "records": ("nll", "bits_per_dim", "likelihood_ratio", "knn", "typicality", "ensemble"),
-    "image": ("nll", "bits_per_dim", "complexity", "likelihood_ratio", "knn", "mahalanobis", "typicality",
-              "ensemble"),
-    "text": ("nll", "bits_per_char", "likelihood_ratio"),
+    "image": ("nll", "bits_per_dim", "complexity", "likelihood_ratio", "knn", "mahalanobis", "class_evidence",
+              "class_entropy", "typicality", "ensemble"),
+    "text": ("nll", "bits_per_char", "likelihood_ratio", "knn", "typicality", "ensemble"),
 }
+CLASS_SCORES = ("class_evidence", "class_entropy")  # need a class-conditional model
 # The default of an artifact that does not name its own (artifacts calibrated before the ensemble existed);
 # newer artifacts name theirs in calibration.json (CalibrationSet.default) and say why in the manifest.
 DEFAULT_SCORE: dict[str, str] = {"records": "nll", "image": "complexity", "text": "bits_per_char"}
@@ -57,18 +68,25 @@ UNITS: dict[str, str] = {
     "nll": "nats", "bits_per_dim": "bits per dimension", "bits_per_char": "bits per character",
     "complexity": "bits", "likelihood_ratio": "nats (text: bits per character)",
     "knn": "distance in the model's feature space", "mahalanobis": "nats",
-    "typicality": "nats", "ensemble": "mean tail score (nats)",
+    "class_evidence": "nats", "class_entropy": "nats",
+    "typicality": "nats (text: bits per character)", "ensemble": "mean tail score (nats)",
 }
 NEEDS_REFERENCE = "likelihood_ratio"
 # Candidate ensemble members in order of preference: a later one that ranks the validation items like an
 # earlier one (Spearman correlation above ENSEMBLE_MAX_CORRELATION) adds nothing and is left out.
 ENSEMBLE_CANDIDATES: dict[str, tuple[str, ...]] = {
     "records": ("knn", "nll", "likelihood_ratio", "typicality"),
-    "image": ("knn", "mahalanobis", "complexity", "likelihood_ratio", "nll", "typicality"),
+    "image": ("knn", "mahalanobis", "class_entropy", "complexity", "likelihood_ratio", "nll", "class_evidence",
+              "typicality"),
+    "text": ("bits_per_char", "knn", "likelihood_ratio", "typicality"),
 }
 # Members that rank together (their tails averaged) where an ensemble has them: the distances to what training
 # saw. Every other member only adds its tail beyond its held-out 99th percentile (CalibrationSet.ensemble).
 ENSEMBLE_PRIMARY = ("knn", "mahalanobis")
+# Text ranks by bits per character instead, knn only adding its far tail: a character model's averaged hidden
+# state tells a line's style less well than its surprisal does (bench/anomaly.py: on Shakespeare against other
+# English prose, knn 0.58-0.78 AUROC where bits_per_char reaches 0.77-0.89).
+ENSEMBLE_PRIMARY_BY_KIND = {"text": ("bits_per_char",)}
 ENSEMBLE_MAX_CORRELATION = 0.9
 
 
@@ -98,11 +116,13 @@ def compute_scores(
     knn_distance: np.ndarray | None = None,
     typical_nll: float | None = None,
     mahalanobis: np.ndarray | None = None,
+    class_scores: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Every score type of `input_type` computable from what is given (likelihood_ratio needs the reference
     model's log p, complexity the PNG lengths, knn the neighbour index's distances, typicality the validation
-    split's mean nll). `dims` is features or pixels per item, or characters per text. The ensemble is not here:
-    it needs the calibrations (CalibrationSet.ensemble)."""
+    split's mean nll (text: mean bits_per_char), class_scores `class_evidence_scores`' output). `dims` is
+    features or pixels per item, or characters per text. The ensemble is not here: it needs the calibrations
+    (CalibrationSet.ensemble)."""
     log_prob = np.asarray(log_prob, dtype=np.float64)
     dims = np.asarray(dims, dtype=np.float64)
     nll = -log_prob
@@ -118,9 +138,27 @@ def compute_scores(
         scores["knn"] = np.asarray(knn_distance, dtype=np.float64)
     if mahalanobis is not None:
         scores["mahalanobis"] = np.asarray(mahalanobis, dtype=np.float64)
-    if typical_nll is not None and input_type != "text":
-        scores["typicality"] = np.abs(nll - typical_nll)
+    if class_scores is not None:
+        scores.update({k: np.asarray(v, dtype=np.float64) for k, v in class_scores.items()})
+    if typical_nll is not None:
+        scores["typicality"] = np.abs((per_dim if input_type == "text" else nll) - typical_nll)
     return scores
+
+
+def class_evidence_scores(class_log_prob: np.ndarray, class_log_prior: np.ndarray) -> dict[str, np.ndarray]:
+    """class_evidence and class_entropy of items from log p(x | y) (N, C) and the class prior log p(y) (C,).
+    Classes the prior rules out (log p(y) = -inf: none of them in training) take no part."""
+    cond = np.asarray(class_log_prob, dtype=np.float64)
+    prior = np.asarray(class_log_prior, dtype=np.float64)
+    seen = np.isfinite(prior)
+    cond, prior = cond[:, seen], prior[seen]
+    joint = cond + prior
+    top = joint.max(axis=1, keepdims=True)
+    posterior = np.exp(joint - top)
+    posterior /= posterior.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(posterior > 0, posterior * np.log(posterior), 0.0).sum(axis=1)
+    return {"class_evidence": -cond.max(axis=1), "class_entropy": np.maximum(entropy, 0.0)}
 
 
 def needed_scores(score: str, members: tuple[str, ...] | list[str] = ()) -> set[str]:

@@ -252,13 +252,18 @@ class GPT(nn.Module):
 
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """(B, T) tokens -> (B, T, vocab) logits, and the mean cross-entropy if targets are given."""
+        logits = self.lm_head(self.hidden_states(idx))
+        return logits, None if targets is None else next_token_loss(logits, targets)
+
+    def hidden_states(self, idx: Tensor) -> Tensor:
+        """(B, T) tokens -> (B, T, n_embd): the final layer's normalised output at each position, what the head
+        reads to predict the next token (the text knn score's features)."""
         self._check_length(idx.shape[1])
         pos = torch.arange(idx.shape[1], device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.h:
             x = block(x)
-        logits = self.lm_head(self.ln_f(x))
-        return logits, None if targets is None else next_token_loss(logits, targets)
+        return self.ln_f(x)
 
     # ---- the LanguageModel interface (models/lm.py) -------------------------------------------
 

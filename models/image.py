@@ -103,6 +103,14 @@ class ImageModel(nn.Module):
             log_prob, cond = self.score_given(x, labels)
         return log_prob, cond.view(-1, self.height, self.width)
 
+    def class_log_probs(self, x: Tensor) -> Tensor:
+        """(N, n_classes): log p(x | y) of every image under every class, one pass per class (conditional
+        models only): the class-conditional evidence anomaly scores are made of it."""
+        if not self.n_classes:
+            raise ValueError("this model is not class-conditional: it has no classes to compare")
+        self._check_images(x)
+        return torch.stack([self.score_given(x, self._full_labels(x, y))[0] for y in range(self.n_classes)], dim=1)
+
     def log_prob(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         return self.score(x, labels)[0]
 

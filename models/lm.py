@@ -65,6 +65,28 @@ def sequence_log_probs(model: LanguageModel, tokens: Tensor) -> Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
 
+def mean_hidden_states(model: torch.nn.Module, token_lists: list[list[int]], rows: int = 64) -> Tensor:
+    """(N, D) float64: each list's final hidden states (`model.hidden_states`, GPT and LSTM) averaged over the
+    positions after its first token (the context, BOS for a whole text): what the model made of the text, as one
+    vector. A one-token list gives the state at its only position."""
+    if not token_lists:
+        return torch.zeros(0, 0, dtype=torch.float64)
+    device = next(iter(model.parameters())).device
+    out = []
+    for start in range(0, len(token_lists), rows):
+        chunk = token_lists[start : start + rows]
+        width = max(len(t) for t in chunk)
+        tokens = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.float64)
+        for i, t in enumerate(chunk):
+            tokens[i, : len(t)] = torch.tensor(t)
+            mask[i, 1 if len(t) > 1 else 0 : len(t)] = 1.0
+        # Right padding is harmless here as in scoring: causal models, padded positions masked out of the mean.
+        hidden = model.hidden_states(tokens.to(device)).double().cpu()
+        out.append((hidden * mask[:, :, None]).sum(1) / mask.sum(1, keepdim=True))
+    return torch.cat(out)
+
+
 def score_token_lists(model: LanguageModel, token_lists: list[list[int]], budget_bytes: int = 256 << 20
                       ) -> list[list[float]]:
     """log p(token t | tokens < t) for t >= 1 of each list (the first token is the context, BOS for a whole

@@ -67,9 +67,14 @@ class CharLSTM(nn.Module):
     def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """(B, T) ids -> (B, T, V) logits, and the mean cross-entropy when targets (B, T) are given
         (targets equal to -1 are ignored, e.g. padding)."""
-        out, _ = self.lstm(self.drop(self.wte(idx)))
-        logits = self.lm_head(self.drop(out))
+        logits = self.lm_head(self.drop(self.hidden_states(idx)))
         return logits, None if targets is None else next_token_loss(logits, targets)
+
+    def hidden_states(self, idx: Tensor) -> Tensor:
+        """(B, T) ids -> (B, T, hidden_size): the top LSTM layer's output at each position, what the head reads
+        (the text knn score's features)."""
+        out, _ = self.lstm(self.drop(self.wte(idx)))
+        return out
 
     def logits(self, tokens: Tensor) -> Tensor:
         return self(tokens)[0]

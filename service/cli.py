@@ -251,7 +251,10 @@ def _image_command(kind: str, summary: str) -> None:
         threads: Annotated[int | None, typer.Option(help="CPU threads [default: one per core]")] = None,
         onnx: Annotated[bool, typer.Option(help="also export log_prob to ONNX (checked to 1e-4)")] = True,
         exclude_class: Annotated[list[int] | None, typer.Option(help="leave this class out of every split, "
-                                                                     "repeatable (anomaly detection)")] = None,
+                                                                     "repeatable (anomaly detection; with "
+                                                                     "--conditional the other classes are "
+                                                                     "renumbered 0.., class_names say which "
+                                                                     "is which)")] = None,
         schedule_epochs: Annotated[int | None, typer.Option(help="epochs the learning-rate decay spans "
                                                                  "[default: --epochs]; to stop early and --resume "
                                                                  "later")] = None,
@@ -584,7 +587,8 @@ def score_command(
                                                         "server")] = False,
     store: StoreOption = None,
     score: Annotated[str | None, typer.Option("--score", help="score type, e.g. ensemble, knn, nll, "
-                                                              "likelihood_ratio [default: the model's]")] = None,
+                                                              "likelihood_ratio, class_entropy, typicality "
+                                                              "[default: the model's]")] = None,
     false_positive_rate: Annotated[float | None, typer.Option(help="flag at this held-out false-positive "
                                                                    "rate")] = None,
     threshold: Annotated[float | None, typer.Option(help="flag scores above this instead")] = None,

@@ -32,7 +32,7 @@ from ray import serve
 
 from genserve.models.image import ImageModel, SamplingCancelled, cancellable
 from genserve.service.devices import make_generator
-from genserve.service.image_runtime import ImageScore, LoadedImageModel, load_image_model
+from genserve.service.image_runtime import ImageScore, LoadedImageModel, image_class_scores, load_image_model
 from genserve.service.isolation import (
     OverLimit,
     ReplicaBusy,
@@ -221,6 +221,19 @@ class PixelImageReplica:
         """Each image's distance to the nearest training class's Gaussian (the mahalanobis score); None when the
         artifact has no class Gaussians. Off the event loop."""
         return await knn_distances(self.loaded.gaussians, images)
+
+    async def class_scores(self, images: np.ndarray) -> dict[str, np.ndarray] | None:
+        """The class-conditional evidence scores (class_evidence, class_entropy) of int64 images (N, H, W): one
+        pass of the model per class, off the event loop, not batched; None when the model is not
+        class-conditional. RequestFailed if the model fails on these images (alone)."""
+        loaded = self.loaded
+        if not loaded.module.n_classes:
+            return None
+        try:
+            return await asyncio.to_thread(image_class_scores, loaded, images)
+        except Exception as e:
+            log.warning("class scores failed alone: %s: %s", type(e).__name__, e)
+            raise RequestFailed(f"the model failed on this request: {type(e).__name__}: {e}") from None
 
     async def sample(self, n: int, labels: np.ndarray | None, seed: int | None) -> dict[str, Any]:
         """n images in one batch; see `draw_images`."""

@@ -25,11 +25,13 @@ from genserve.artifacts.class_gaussians import ClassGaussians, load_class_gaussi
 from genserve.artifacts.families import IMAGE
 from genserve.artifacts.neighbours import NeighbourIndex, load_neighbours
 from genserve.artifacts.reference import load_reference
+from genserve.artifacts.scores import class_evidence_scores
 from genserve.artifacts.store import load_artifact_at
 from genserve.models.image import ImageModel, marginalise_labels
 from genserve.models.registry import build_image_model
 from genserve.service.devices import pick_device
 from genserve.service.families import require_family
+from genserve.service.isolation import finite_log_probs
 from genserve.service.onnx_session import open_session, session_device
 from genserve.service.runtime_choice import PROBE_BATCHES, RuntimeChoice, RuntimeName, load_runtime
 
@@ -42,6 +44,10 @@ class ImageRuntime(Protocol):
 
     def score(self, images: np.ndarray, labels: np.ndarray | None) -> ImageScore:
         """images int64 (N, H, W), labels int64 (N,) or None -> log p (N,), pixel log-probs (N, H, W)."""
+        ...
+
+    def class_log_probs(self, images: np.ndarray) -> np.ndarray:
+        """A class-conditional model's log p(x | y) (N, n_classes), float64, one pass per class."""
         ...
 
 
@@ -59,6 +65,11 @@ class TorchImageRuntime:
         y = None if labels is None else torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
         log_prob, pixels = self.module.score(x, y)
         return log_prob.double().cpu().numpy(), pixels.double().cpu().numpy()
+
+    @torch.inference_mode()
+    def class_log_probs(self, images: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(np.asarray(images, dtype=np.int64), device=self.module.class_log_prior.device)
+        return self.module.class_log_probs(x).double().cpu().numpy()
 
 
 class OnnxImageRuntime:
@@ -85,6 +96,12 @@ class OnnxImageRuntime:
             feeds[self.input_names[1]] = np.ascontiguousarray(labels, dtype=np.int64)
         log_prob, pixels = self.session.run(None, feeds)
         return log_prob.astype(np.float64), pixels.astype(np.float64).reshape(len(images), -1)
+
+    def class_log_probs(self, images: np.ndarray) -> np.ndarray:
+        if not self.n_classes:
+            raise ValueError("this model is not class-conditional: it has no classes to compare")
+        n = len(images)
+        return np.stack([self._run(images, np.full(n, y, dtype=np.int64))[0] for y in range(self.n_classes)], axis=1)
 
     def score(self, images: np.ndarray, labels: np.ndarray | None) -> ImageScore:
         n = len(images)
@@ -116,6 +133,16 @@ class LoadedImageModel:
     @property
     def spec(self) -> art.ImageInputSpec:
         return self.artifact.manifest.input  # type: ignore[return-value]
+
+
+def image_class_scores(loaded: LoadedImageModel, images: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The class-conditional evidence scores (artifacts.scores.class_evidence_scores) of int64 images (N, H, W),
+    from the scoring runtime; None for a model that is not class-conditional."""
+    module = loaded.module
+    if not module.n_classes:
+        return None
+    class_log_prob = finite_log_probs(loaded.runtime.class_log_probs(images))
+    return class_evidence_scores(class_log_prob, module.class_log_prior.detach().double().cpu().numpy())
 
 
 def build_image_module(loaded: art.Artifact) -> ImageModel:

@@ -165,6 +165,10 @@ class LatentImageReplica:
     async def mahalanobis_distance(self, images: np.ndarray) -> np.ndarray | None:
         return await knn_distances(self.loaded.gaussians, images)
 
+    async def class_scores(self, images: np.ndarray) -> None:
+        """Latent-variable image models are not class-conditional: no class evidence scores."""
+        return None
+
     async def sample(self, n: int, labels: np.ndarray | None, seed: int | None) -> dict[str, Any]:
         """n images; a VAE's come with the bound on their log p(x) (at the model's K), a GAN's with none."""
 

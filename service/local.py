@@ -19,25 +19,29 @@ import numpy as np
 import torch
 
 from genserve.artifacts.calibration import CalibrationSet, read_calibration
-from genserve.artifacts.scores import compute_scores, needed_scores, png_bits
+from genserve.artifacts.scores import CLASS_SCORES, compute_scores, needed_scores, png_bits
 from genserve.artifacts.store import load_artifact_at
 from genserve.models.lm import score_token_lists
 from genserve.service.catalog import require_density
 from genserve.service.errors import InvalidInput, WrongKind
 from genserve.service.families import serving_family
 from genserve.service.image_codec import ImageInputError, decode_image
+from genserve.service.image_runtime import LoadedImageModel, image_class_scores
 from genserve.service.isolation import finite_log_probs, finite_responsibilities, reference_log_probs
 from genserve.service.services.anomaly import (
     AnomalyResponse,
     anomaly_response,
+    batch_test_result,
     chosen_score,
     gmm_extras,
     no_index,
+    not_conditional,
     resolve_score,
     text_extras,
     text_items,
     text_token_lists,
 )
+from genserve.service.text_runtime import text_knn_distances
 
 
 class LocalScorer:
@@ -68,15 +72,19 @@ class LocalScorer:
 
     def anomaly(self, *, records: Any = None, images: Any = None, texts: Sequence[str] | None = None,
                 labels: Sequence[int] | None = None, score: str | None = None, per_line: bool = False,
-                threshold: float | None = None, false_positive_rate: float | None = None) -> AnomalyResponse:
+                threshold: float | None = None, false_positive_rate: float | None = None,
+                batch_test: bool = False) -> AnomalyResponse:
         """Calibrated anomaly results, as POST /v1/models/{name}/anomaly answers them."""
         score, calibration = resolve_score(self.name, self.input_type, score, self.calibrations, per_line)
-        needed = needed_scores(score, self.calibrations.members)
+        needed = needed_scores(score, self.calibrations.members) | ({"nll", "bits_per_char"} if batch_test else set())
         raw, extras = self._raw(records, images, texts, labels, per_line, needed)
-        values = chosen_score(score, raw, self.calibrations)
+        values = chosen_score(score, raw, self.calibrations, per_line)
         response = anomaly_response(self.name, self.manifest.version, score, calibration, values,
                                     raw["log_prob"], threshold, false_positive_rate, extras)
         response.density = self.manifest.density  # exact, or a bound (a VAE)
+        if batch_test:
+            response.batch = batch_test_result(self.name, self.input_type, raw, self.calibrations, per_line,
+                                               false_positive_rate)
         return response
 
     def scores(self, *, records: Any = None, images: Any = None, texts: Sequence[str] | None = None,
@@ -84,8 +92,8 @@ class LocalScorer:
         """Every score type this model can give, and "log_prob", one value per item: raw scores, but for the
         ensemble, which is made of its members' calibrated tail scores."""
         raw, _ = self._raw(records, images, texts, labels, per_line, None)
-        if self.calibrations is not None and self.calibrations.members and not per_line:
-            raw["ensemble"] = self.calibrations.ensemble(raw)
+        if self.calibrations is not None and self.calibrations.get("ensemble", per_line) is not None:
+            raw["ensemble"] = self.calibrations.ensemble(raw, per_line)
         return raw
 
     def percentiles(self, score: str, values: np.ndarray, per_line: bool = False) -> np.ndarray:
@@ -130,8 +138,18 @@ class LocalScorer:
             raise no_index(self.name, score)
         return index.distance(inputs)
 
-    def _typical(self) -> float | None:
-        return None if self.calibrations is None else self.calibrations.typical_nll
+    def _typical(self, per_line: bool = False) -> float | None:
+        return None if self.calibrations is None else self.calibrations.typical(per_line)
+
+    def _class_scores(self, images: np.ndarray, needed: set[str] | None) -> dict[str, np.ndarray] | None:
+        """class_evidence and class_entropy when wanted; None for a model that is not class-conditional (an
+        error when asked for)."""
+        if needed is not None and not needed & set(CLASS_SCORES):
+            return None
+        scores = image_class_scores(self._model, images) if isinstance(self._model, LoadedImageModel) else None
+        if scores is None and needed is not None:
+            raise not_conditional(self.name)
+        return scores
 
     def _records(self, records: Any, needed: set[str] | None):
         x = np.asarray(records, dtype=np.float64)
@@ -170,7 +188,8 @@ class LocalScorer:
         bits = png_bits(x, spec.levels) if self._wants(needed, "complexity") else None
         raw = compute_scores("image", log_prob, spec.height * spec.width, reference_log_prob=ref,
                              complexity_bits=bits, knn_distance=self._distance(x, needed, "knn"),
-                             mahalanobis=self._distance(x, needed, "mahalanobis"), typical_nll=self._typical())
+                             mahalanobis=self._distance(x, needed, "mahalanobis"),
+                             class_scores=self._class_scores(x, needed), typical_nll=self._typical())
         return {**raw, "log_prob": log_prob}, {}
 
     def _texts(self, texts: Sequence[str], per_line: bool, needed: set[str] | None):
@@ -181,6 +200,12 @@ class LocalScorer:
             ref = None
             if self._wants(needed, "likelihood_ratio") and self.reference is not None:
                 ref = np.array([sum(t) for t in score_token_lists(self.reference, token_lists)])
+        knn = None
+        if self._wants(needed, "knn"):
+            knn = text_knn_distances(self._model, token_lists)
+            if knn is None and needed is not None:
+                raise no_index(self.name, "knn")
         chars = np.array([len(it.text) for it in items])
-        raw = compute_scores("text", log_prob, chars, reference_log_prob=ref)
+        raw = compute_scores("text", log_prob, chars, reference_log_prob=ref, knn_distance=knn,
+                             typical_nll=self._typical(per_line))
         return {**raw, "log_prob": log_prob}, text_extras(items, per_line)

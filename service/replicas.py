@@ -79,6 +79,11 @@ class ImageReplica(Replica, Protocol):
         """Distances to the k-th nearest training image (the knn score); None without a neighbour index."""
         ...
 
+    async def class_scores(self, images: np.ndarray) -> dict[str, np.ndarray] | None:
+        """class_evidence and class_entropy (artifacts.scores.class_evidence_scores); None when the model is not
+        class-conditional."""
+        ...
+
     async def mahalanobis_distance(self, images: np.ndarray) -> np.ndarray | None:
         """Distances to the nearest training class's Gaussian (the mahalanobis score); None without them."""
         ...
@@ -96,6 +101,10 @@ class TextReplica(Replica, Protocol):
 
     async def score(self, token_lists: list[list[int]]) -> list[list[float]]:
         """log p(token t | tokens < t) for t >= 1 of each list."""
+        ...
+
+    async def knn_distance(self, token_lists: list[list[int]]) -> np.ndarray | None:
+        """Distances to the k-th nearest training line in the model's hidden-state space; None without an index."""
         ...
 
     async def reference_log_prob(self, token_lists: list[list[int]]) -> list[float] | None:

@@ -28,6 +28,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, Field
 from ray import serve
@@ -37,7 +38,12 @@ from genserve.service.decoding import Engine, GenerationParams, SequenceOutput, 
 from genserve.service.isolation import ReplicaBusy, RequestFailed, finite_log_probs
 from genserve.service.metrics import MetricsClient
 from genserve.service.runtime_choice import RuntimeName
-from genserve.service.text_runtime import LoadedTextModel, load_text_model, resolve_text_runtime
+from genserve.service.text_runtime import (
+    LoadedTextModel,
+    load_text_model,
+    resolve_text_runtime,
+    text_knn_distances,
+)
 
 log = logging.getLogger("ray.serve")
 SCORE_LOGITS_BUDGET = 256 * 1024 * 1024  # bytes of float32 logits one scoring forward pass may hold
@@ -225,6 +231,13 @@ class TextModelReplica:
         if self.loaded.reference is None:
             return None
         return await asyncio.to_thread(self._reference, token_lists)
+
+    async def knn_distance(self, token_lists: list[list[int]]) -> np.ndarray | None:
+        """Each list's distance to the k-th nearest training line in the model's hidden-state space (the text
+        knn score); None when the artifact has no index. One pass of the model, off the event loop."""
+        if self.loaded.neighbours is None:
+            return None
+        return await asyncio.to_thread(text_knn_distances, self.loaded, token_lists)
 
     @torch.inference_mode()
     def _reference(self, token_lists: list[list[int]]) -> list[float]:

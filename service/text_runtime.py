@@ -7,15 +7,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from genserve.artifacts import artifact as art
 from genserve.artifacts.families import TEXT
+from genserve.artifacts.neighbours import NeighbourIndex, load_neighbours
 from genserve.artifacts.reference import load_reference
 from genserve.artifacts.store import load_artifact_at
 from genserve.artifacts.tokenizer import TextTokenizer
 from genserve.models.gpt import GPTConfig
-from genserve.models.lm import LanguageModel
+from genserve.models.lm import LanguageModel, mean_hidden_states
 from genserve.models.registry import build_text_model
 from genserve.service.devices import pick_device
 from genserve.service.families import require_family
@@ -31,6 +33,7 @@ class LoadedTextModel:
     runtime_name: str  # the decoding runtime: torch or onnx (the others hold a runtime object; this one, its model)
     device: str
     reference: torch.nn.Module | None = None  # likelihood-ratio reference (artifacts/reference.py), on CPU
+    neighbours: NeighbourIndex | None = None  # the knn score's index of training lines' hidden states, on CPU
 
     @property
     def spec(self) -> art.TextInputSpec:
@@ -98,7 +101,16 @@ def load_text_model(path: str | Path, runtime: RuntimeName = "auto", device: str
     elif chosen != "torch":
         raise ValueError(f"unknown runtime {runtime!r}; use 'torch', 'onnx' or 'auto'")
     return LoadedTextModel(artifact=loaded, model=model, scorer=module, tokenizer=tokenizer, runtime_name=chosen,
-                           device=str(device), reference=load_reference(loaded))
+                           device=str(device), reference=load_reference(loaded), neighbours=load_neighbours(loaded))
+
+
+@torch.inference_mode()
+def text_knn_distances(loaded: LoadedTextModel, token_lists: list[list[int]]) -> np.ndarray | None:
+    """The knn score's raw distances of token lists (each from its context token): the scorer's mean final hidden
+    state against the artifact's index of training lines; None when the artifact has no index."""
+    if loaded.neighbours is None:
+        return None
+    return loaded.neighbours.distance(mean_hidden_states(loaded.scorer, token_lists).numpy())
 
 
 def load_text_scorer(path: str | Path, runtime: RuntimeName = "auto", device: str | None = None) -> LoadedTextModel:

@@ -30,8 +30,8 @@ def test_anomaly_quick_writes_a_row_per_task(tmp_path):
     summary = text.split("## Summary", 1)[1].split("\n## ", 1)[0]
     rows = [line for line in summary.splitlines() if line.startswith("| ") and not line.startswith("| task")]
     expected = [name for s in sections for name, *_ in anomaly.summary_rows(s)]
-    # breast_cancer, wine 0, digits, shifted and enlarged digits, MNIST 0, five trap kinds, text
-    assert len(rows) == len(expected) == 12
+    # breast_cancer, wine 0, digits, shifted and enlarged digits, MNIST 0, five trap kinds, two kinds of prose
+    assert len(rows) == len(expected) == 13
     assert all(row.startswith(f"| {name} |") for row, name in zip(rows, expected, strict=True))
     values = [float(v.strip("* ")) for line in text.splitlines() if line.startswith("| genserve")
               or line.startswith("| IsolationForest") for v in line.split("|")[2:-1]]
@@ -42,7 +42,7 @@ def test_anomaly_quick_writes_a_row_per_task(tmp_path):
     breast = sections[0].tasks[0].metrics()
     assert breast["genserve GMM ensemble (default)"][0] > 0.85 and breast["genserve GMM knn"][0] > 0.85
     met, total, _, singles = anomaly.goal_counts(sections)
-    assert total == 12 and singles == 12 and f"Met on **{met} of 12** rows" in text
+    assert total == 13 and singles == 13 and f"Met on **{met} of 13** rows" in text
     assert sum(row.endswith(" met |") for row in rows) == met
     # Each genserve default's flagged share of normal items at the calibrated rates, and the cost of each score.
     assert set(sections[0].tasks[0].flagged) == {"genserve GMM ensemble (default)"}
@@ -50,7 +50,11 @@ def test_anomaly_quick_writes_a_row_per_task(tmp_path):
     assert len(shares) == 2 and all(0.0 <= f <= 1.0 for f in shares) and n_calibration > 10
     assert "normal test items of each task" in text and "## Cost of each score type" in text
     cost_rows = [line for line in text.split("## Cost of each score type")[1].splitlines() if line.startswith("| ")]
-    assert [r.split(" (")[0] for r in cost_rows[1:]] == ["| GMM", "| MADE", "| PixelCNN"]
+    assert [r.split(" (")[0] for r in cost_rows[1:]] == ["| GMM", "| MADE", "| conditional MADE", "| PixelCNN",
+                                                          "| 3-gram", "| GPT"]
+    # the class-conditional MADE has the class scores, the GPT text knn; the n-gram has none (no hidden states)
+    assert "genserve conditional MADE class entropy" in text and "genserve GPT knn" in text
+    assert "genserve 3-gram knn" not in text
     assert "## breast_cancer" in text and "## Runtime" in text
 
 

@@ -116,12 +116,19 @@ def without_classes(data: ImageDataset, classes: list[int]) -> ImageDataset:
     if unknown:
         raise ValueError(f"{data.name} has no class {unknown}; its classes are 0..{data.n_classes - 1}")
 
+    kept = [c for c in range(data.n_classes) if c not in classes]
+    # Labels renumbered 0..len(kept)-1 in the kept classes' order, names kept: a class-conditional model of the
+    # rest has exactly the classes it saw, and its manifest's class_names say which label is which.
+    renumber = np.full(data.n_classes, -1, dtype=np.int64)
+    renumber[kept] = np.arange(len(kept))
+
     def keep(split: ImageSplit) -> ImageSplit:
         mask = ~np.isin(split.labels, classes)
-        return ImageSplit(split.images[mask], split.labels[mask])
+        return ImageSplit(split.images[mask], renumber[split.labels[mask]])
 
     return ImageDataset(name=data.name, description=f"{data.description}, without classes {sorted(classes)}",
-                        height=data.height, width=data.width, levels=data.levels, class_names=data.class_names,
+                        height=data.height, width=data.width, levels=data.levels,
+                        class_names=[data.class_names[c] for c in kept],
                         train=keep(data.train), validation=keep(data.validation), test=keep(data.test))
 
 
@@ -153,11 +160,13 @@ def split_sizes(data: ImageDataset, train: ImageSplit) -> dict[str, Any]:
             "rule": "stratified 80/10/10, seed 0"}
 
 
-def calibrate_images(validation_log_prob: np.ndarray, n_pixels: int, data: ImageDataset,
-                     train: ImageSplit) -> tuple[CalibrationSet, nn.Module, NeighbourIndex, dict[str, bytes]]:
+def calibrate_images(validation_log_prob: np.ndarray, n_pixels: int, data: ImageDataset, train: ImageSplit,
+                     class_scores: dict[str, np.ndarray] | None = None,
+                     ) -> tuple[CalibrationSet, nn.Module, NeighbourIndex, dict[str, bytes]]:
     """Every image anomaly score type calibrated on the validation split, given the model's log p(x) (or a bound
-    on it) of each validation image; the likelihood-ratio reference model, the knn index and the files of the
-    mahalanobis score's class Gaussians, all fitted on the training split."""
+    on it) of each validation image, and a class-conditional model's class evidence scores of them; the
+    likelihood-ratio reference model, the knn index and the files of the mahalanobis score's class Gaussians, all
+    fitted on the training split."""
     reference = fit_local_pixels(train.images, data.levels)
     neighbours = fit_neighbours(train.images, "pixels", levels=data.levels)
     gaussians = fit_class_gaussians(train.images, train.labels, data.levels)
@@ -165,6 +174,7 @@ def calibrate_images(validation_log_prob: np.ndarray, n_pixels: int, data: Image
     reference_log_prob = reference.log_prob(torch.from_numpy(images)).numpy()
     validation = compute_scores("image", validation_log_prob, n_pixels, reference_log_prob=reference_log_prob,
                                 complexity_bits=png_bits(images, data.levels),
-                                knn_distance=neighbours.distance(images), mahalanobis=gaussians.distance(images))
+                                knn_distance=neighbours.distance(images), mahalanobis=gaussians.distance(images),
+                                class_scores=class_scores)
     return (fit_anomaly_calibration("image", validation), reference, neighbours,
             class_gaussian_files(gaussians))

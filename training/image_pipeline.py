@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from genserve.artifacts import artifact
 from genserve.artifacts.families import IMAGE_KINDS
+from genserve.artifacts.scores import class_evidence_scores
 from genserve.models.image import ImageModel
 from genserve.models.registry import build_image_model, image_classes
 from genserve.training.checkpoints import (
@@ -181,9 +182,6 @@ class ImageTrainConfig:
                 raise ValueError(f"{field} must be at least 1, got {getattr(cfg, field)}")
         if not cfg.learning_rate > 0:
             raise ValueError(f"learning_rate must be positive, got {cfg.learning_rate}")
-        if cfg.exclude_classes and cfg.conditional:
-            raise ValueError("exclude_classes is for unconditional models: a class-conditional model's prior "
-                             "would give the excluded classes probability 0")
         if cfg.workers < 0:
             raise ValueError(f"workers must be 0 (this process) or a positive number of Ray Train workers, "
                              f"got {cfg.workers}")
@@ -232,6 +230,16 @@ def split_log_probs(model: ImageModel, split: ImageSplit, device: torch.device, 
         y = torch.from_numpy(split.labels[start:start + EVAL_BATCH]).to(device) if given_labels else None
         out.append(model.log_prob(x, y).double().cpu().numpy())
     return np.concatenate(out)
+
+
+@torch.no_grad()
+def split_class_scores(model: ImageModel, split: ImageSplit, device: torch.device) -> dict[str, np.ndarray] | None:
+    """The class-conditional evidence scores of every image of a split (None for an unconditional model)."""
+    if not model.n_classes:
+        return None
+    out = [model.class_log_probs(torch.from_numpy(split.images[start:start + EVAL_BATCH]).to(device))
+           .double().cpu().numpy() for start in range(0, len(split.images), EVAL_BATCH)]
+    return class_evidence_scores(np.concatenate(out), model.class_log_prior.double().cpu().numpy())
 
 
 def nll_metrics(log_probs: np.ndarray, n_pixels: int, prefix: str) -> dict[str, float]:
@@ -303,7 +311,8 @@ class ImageRun(CheckpointedRun):
 
     def calibrate(self, fitted: Fitted, metrics: dict[str, Any]) -> dict[str, bytes]:
         calibration, reference, neighbours, gaussians = calibrate_images(
-            self.validation_log_probs, fitted.module.n_pixels, self.data, self.train)
+            self.validation_log_probs, fitted.module.n_pixels, self.data, self.train,
+            split_class_scores(fitted.module, self.data.validation, self.device))
         return calibration_files(calibration, reference, metrics, neighbours, gaussians)
 
     def export(self, fitted: Fitted, metrics: dict[str, Any], files: dict[str, bytes]) -> Path:

@@ -53,8 +53,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from genserve.artifacts import artifact
-from genserve.artifacts.calibration import LINE, CalibrationSet
+from genserve.artifacts.calibration import LINE, CalibrationSet, fit_text_calibration
 from genserve.artifacts.families import TEXT_KINDS
+from genserve.artifacts.neighbours import NeighbourIndex, fit_neighbours
 from genserve.artifacts.reference import fit_bigram
 from genserve.artifacts.scores import compute_scores, paragraphs, text_lines
 from genserve.artifacts.tokenizer import KINDS as TOKENIZER_KINDS
@@ -64,7 +65,7 @@ from genserve.artifacts.tokenizer import (
     train_bpe_tokenizer,
     train_char_tokenizer,
 )
-from genserve.models.lm import score_token_lists
+from genserve.models.lm import mean_hidden_states, score_token_lists
 from genserve.training.checkpoints import (
     MODEL,
     LocalRun,
@@ -279,6 +280,7 @@ class TextData:
     validation_characters: int
     sha256: str  # of the texts, so a resumed run can tell that its data changed
     validation_documents: dict[str, str] = field(default_factory=dict)  # calibrates the anomaly scores
+    train_documents: dict[str, str] = field(default_factory=dict)  # their lines make the text knn index
 
 
 def read_corpus(cfg: TextTrainConfig) -> tuple[dict[str, str], dict[str, str], dict[str, Any]]:
@@ -341,7 +343,8 @@ def prepare_data(cfg: TextTrainConfig, tokenizer: TextTokenizer | None = None) -
         "train_tokens": int(train.numel()), "validation_tokens": int(validation.numel()),
         "stream": "EOS doc1 EOS doc2 EOS ... (EOS is the tokenizer's special token, also BOS)",
     })
-    return TextData(tokenizer, train, validation, description, n_chars["validation"], digest.hexdigest(), val_docs)
+    return TextData(tokenizer, train, validation, description, n_chars["validation"], digest.hexdigest(), val_docs,
+                    train_docs)
 
 
 # ---- optimisation ---------------------------------------------------------------------------------------------
@@ -558,10 +561,12 @@ class TextRun(CheckpointedRun):
     def calibrate(self, fitted: Fitted, metrics: dict[str, Any]) -> dict[str, bytes]:
         data = self.data
         reference = fit_bigram(data.train, data.tokenizer.vocab_size)
+        context = self.cfg.context_length if self.cfg.model == "gpt" else None
+        neighbours = fit_text_neighbours(fitted.module, data.tokenizer, data.train_documents, context)
         calibration, items = calibrate_text(fitted.module, reference, data.tokenizer, data.validation_documents,
-                                            self.cfg.context_length if self.cfg.model == "gpt" else None)
+                                            context, neighbours)
         metrics["anomaly_calibration_items"] = items
-        return calibration_files(calibration, reference, metrics)
+        return calibration_files(calibration, reference, metrics, neighbours)
 
     def export(self, fitted: Fitted, metrics: dict[str, Any], files: dict[str, bytes]) -> Path:
         cfg, tokenizer, module = self.cfg, self.data.tokenizer, fitted.module
@@ -615,16 +620,42 @@ CALIBRATION_ITEMS = 2000  # most held-out paragraphs, and lines, scored to calib
 CALIBRATION_MAX_TOKENS = 1024  # models without a context of their own: longest calibration item
 
 
+TEXT_INDEX_LINES = 10_000  # most training lines in a text model's knn index (10,000 x 384 floats: 15 MB)
+
+
+def fit_text_neighbours(module: nn.Module, tokenizer: TextTokenizer, documents: dict[str, str],
+                        context: int | None) -> NeighbourIndex | None:
+    """The text knn score's index: the model's mean final hidden state (models.lm.mean_hidden_states) of each
+    non-blank training line read from BOS, standardised, at most TEXT_INDEX_LINES lines (a seeded sample); None
+    for a model without hidden states (the n-gram)."""
+    if not hasattr(module, "hidden_states"):
+        return None
+    limit = (context or CALIBRATION_MAX_TOKENS + 1) - 1
+    lines = list(dict.fromkeys(line.strip() for d in documents.values() for _, line in text_lines(d)))
+    if len(lines) > TEXT_INDEX_LINES:
+        lines = [lines[i] for i in np.sort(np.random.default_rng(0).choice(len(lines), TEXT_INDEX_LINES, False))]
+    token_lists = [[tokenizer.bos_token_id, *ids] for ids in tokenizer.encode_batch(lines) if 0 < len(ids) <= limit]
+    if len(token_lists) < 2:
+        return None
+    with torch.inference_mode():
+        features = mean_hidden_states(module, token_lists).numpy()
+    mean, scale = features.mean(0), np.maximum(features.std(0), 1e-6)
+    return fit_neighbours(features, "standardised", mean=mean, scale=scale, max_items=TEXT_INDEX_LINES)
+
+
 def calibrate_text(module: nn.Module, reference: nn.Module, tokenizer: TextTokenizer, documents: dict[str, str],
-                   context: int | None) -> tuple[CalibrationSet, dict[str, int]]:
+                   context: int | None, neighbours: NeighbourIndex | None = None
+                   ) -> tuple[CalibrationSet, dict[str, int]]:
     """Calibrate every text score type on held-out text, each item scored from BOS like a request: per whole
     text on its paragraphs (blocks between blank lines; one longer than the context is cut at line ends into
-    pieces that fit), per line on its non-blank lines. At most CALIBRATION_ITEMS of each, evenly spread."""
+    pieces that fit), per line on its non-blank lines. At most CALIBRATION_ITEMS of each, evenly spread. With a
+    knn index (`fit_text_neighbours`), knn and the ensemble too."""
     limit = (context or CALIBRATION_MAX_TOKENS + 1) - 1
     units = {"text": [piece for d in documents.values() for p in paragraphs(d)
                       for piece in _fit_to_context(p, tokenizer, limit)],
              "line": [line for d in documents.values() for _, line in text_lines(d)]}
-    scores, counts = {}, {}
+    scores: dict[str, dict[str, np.ndarray]] = {}
+    counts = {}
     for unit, items in units.items():
         if len(items) > CALIBRATION_ITEMS:
             items = [items[i] for i in np.linspace(0, len(items) - 1, CALIBRATION_ITEMS).round().astype(int)]
@@ -637,12 +668,12 @@ def calibrate_text(module: nn.Module, reference: nn.Module, tokenizer: TextToken
         with torch.inference_mode():
             log_prob = np.array([sum(t) for t in score_token_lists(module, token_lists)])
             ref = np.array([sum(t) for t in score_token_lists(reference, token_lists)])
+            knn = None if neighbours is None else neighbours.distance(mean_hidden_states(module, token_lists).numpy())
         chars = np.array([len(text) for text, _ in encoded])
-        prefix = "" if unit == "text" else LINE
-        scores.update({prefix + k: v for k, v in compute_scores("text", log_prob, chars, ref).items()})
+        scores["" if unit == "text" else LINE] = compute_scores("text", log_prob, chars, ref, knn_distance=knn)
     if not scores:
         raise ValueError(f"no held-out text fits the model's context of {context} tokens to calibrate on")
-    return CalibrationSet.fit(scores), counts
+    return fit_text_calibration(scores), counts
 
 
 def _fit_to_context(paragraph: str, tokenizer: TextTokenizer, limit: int) -> list[str]:

@@ -18,8 +18,9 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from genserve.artifacts.artifact import DensityCapability
-from genserve.artifacts.calibration import Calibration, CalibrationSet
+from genserve.artifacts.calibration import Calibration, CalibrationSet, batch_typicality
 from genserve.artifacts.scores import (
+    CLASS_SCORES,
     NEEDS_REFERENCE,
     check_score,
     compute_scores,
@@ -35,15 +36,17 @@ from genserve.service.services.records import RecordsService
 from genserve.service.services.text import TextService
 
 ScoreType = Literal["nll", "bits_per_dim", "bits_per_char", "complexity", "likelihood_ratio", "knn", "mahalanobis",
-                    "typicality", "ensemble"]
+                    "class_evidence", "class_entropy", "typicality", "ensemble"]
 SCORE_DESCRIPTION = (
     "anomaly score type (higher = more anomalous): nll (-log p(x), nats); bits_per_dim (records, images: -log2 "
     "p(x) / dimensions); bits_per_char (text: mean surprisal per character); complexity (images: -log2 p(x) "
     "minus the image's PNG size in bits); likelihood_ratio (log p_ref(x) - log p(x) against the artifact's "
     "simpler reference model; nats, text: bits per character); knn (records, images: distance to the 5th nearest "
     "training item in the model's input space); mahalanobis (images: class-conditional Gaussian distance to the "
-    "nearest training class in the first 50 principal components); typicality (records, images: |nll - the "
-    "held-out mean nll|); ensemble (records, images: the mean calibrated tail score, -ln P(held-out score >= s), "
+    "nearest training class in the first 50 principal components); class_evidence (class-conditional image "
+    "models: -max over classes of log p(x | y), nats); class_entropy (class-conditional image models: the entropy "
+    "of p(y | x), nats); typicality (records, images: |nll - the held-out mean nll|; text: |bits_per_char - the "
+    "held-out mean|); ensemble (records, images: the mean calibrated tail score, -ln P(held-out score >= s), "
     "of the distances knn and mahalanobis, plus each other member's tail beyond its held-out 99th percentile). "
     "Default: the artifact's own (GET /v1/models/{name}: calibration.score, and why; the ensemble for records and "
     "image models "
@@ -63,6 +66,18 @@ class AnomalyResult(BaseModel):
     line: int | None = Field(None, description="text per_line: the line's 1-based number in its text")
 
 
+class BatchTypicality(BaseModel):
+    score_type: Literal["nll", "bits_per_char"] = Field(description="the per-item score the test averages: nll "
+                                                        "(records, images) or bits_per_char (texts)")
+    n: int = Field(description="items in the batch")
+    mean: float = Field(description="the batch's mean score")
+    typical: float = Field(description="the held-out mean score, the centre of the typical set")
+    statistic: float = Field(description="|mean - typical|")
+    p_value: float = Field(description="share of 2,000 batches of n held-out items (resampled from the calibration) "
+                           "at least as far from typical")
+    is_anomaly: bool = Field(description="p_value < the false-positive rate (the request's, else 0.01)")
+
+
 class AnomalyResponse(BaseModel):
     model: str
     version: str
@@ -74,6 +89,8 @@ class AnomalyResponse(BaseModel):
     results: list[AnomalyResult]
     density: DensityCapability = Field("exact", description="what the scores' log_prob is: exact, or a lower "
                                        "bound on log p(x)")
+    batch: BatchTypicality | None = Field(None, description="with batch_test: the typicality test of all the "
+                                          "request's items together (null otherwise)")
 
 
 KIND_PHRASE = {"records": "a model of records", "image": "an image model", "text": "a text model"}
@@ -94,6 +111,11 @@ def resolve_score(name: str, input_type: str, score: str | None, calibrations: C
         unit = "per line" if per_line else "per item"
         if calibrations is None:
             why = "its artifact has no calibration.json; use log_prob, or retrain to calibrate"
+        elif score in CLASS_SCORES:
+            why = "the score needs a class-conditional image model (trained with --conditional)"
+        elif score == "knn" and input_type == "text":
+            why = ("text knn needs a model with hidden states (gpt or lstm, trained since the score exists); an "
+                   "n-gram model has none")
         else:
             why = (f"calibrated {unit}: {', '.join(calibrations.names(per_line)) or 'none'} (retrain to calibrate "
                    "every score type)")
@@ -147,9 +169,15 @@ def needs_reference(needed: set[str]) -> bool:
     return NEEDS_REFERENCE in needed
 
 
-def chosen_score(score: str, raw: dict[str, np.ndarray], calibrations: CalibrationSet) -> np.ndarray:
+def chosen_score(score: str, raw: dict[str, np.ndarray], calibrations: CalibrationSet,
+                 per_line: bool = False) -> np.ndarray:
     """The values of the requested score type from the raw scores: the ensemble's from its members'."""
-    return calibrations.ensemble(raw) if score == "ensemble" else raw[score]
+    return calibrations.ensemble(raw, per_line) if score == "ensemble" else raw[score]
+
+
+def not_conditional(name: str) -> NotCalibrated:
+    return NotCalibrated(f"model {name!r} is not class-conditional: class_evidence and class_entropy need a model "
+                         "trained with --conditional")
 
 
 def no_index(name: str, score: str) -> NotCalibrated:
@@ -179,6 +207,21 @@ def anomaly_response(
                                      **{k: v[i] for k, v in extras.items()}))
     return AnomalyResponse(model=name, version=version, score_type=score, threshold=threshold,
                            false_positive_rate=fpr, results=results)
+
+
+def batch_test_result(name: str, input_type: str, raw: dict[str, np.ndarray], calibrations: CalibrationSet,
+                      per_line: bool, false_positive_rate: float | None) -> BatchTypicality:
+    """The typicality test of the whole batch (artifacts.calibration.batch_typicality) on each item's nll, or for
+    text its bits_per_char, against the held-out distribution of the same score."""
+    score = "bits_per_char" if input_type == "text" else "nll"
+    calibration, centre = calibrations.get(score, per_line), calibrations.typical(per_line)
+    if calibration is None or centre is None:
+        raise NotCalibrated(f"model {name!r} has no typical-set centre for batch_test (its calibration predates "
+                            "typicality; retrain)")
+    statistic, p_value = batch_typicality(calibration, centre, raw[score])
+    rate = false_positive_rate or calibration.false_positive_rate
+    return BatchTypicality(score_type=score, n=len(raw[score]), mean=float(np.mean(raw[score])), typical=centre,
+                           statistic=statistic, p_value=p_value, is_anomaly=p_value < rate)
 
 
 def gmm_extras(responsibilities: np.ndarray) -> dict[str, list]:
@@ -218,7 +261,8 @@ class AnomalyService:
         self.catalog, self.records, self.images, self.text = catalog, records, images, text
 
     async def score(self, name: str, inputs: AnomalyInputs, score: str | None = None, threshold: float | None = None,
-                    false_positive_rate: float | None = None, per_line: bool = False) -> tuple[AnomalyResponse, int]:
+                    false_positive_rate: float | None = None, per_line: bool = False, batch_test: bool = False
+                    ) -> tuple[AnomalyResponse, int]:
         """The response and the number of items scored."""
         if threshold is not None and false_positive_rate is not None:
             raise InvalidInput("give threshold or false_positive_rate, not both")
@@ -231,17 +275,19 @@ class AnomalyService:
         self._check_fields(name, inputs)
         calibrations = self.catalog.calibration(name)
         score, calibration = resolve_score(name, input_type, score, calibrations, per_line)
-        needed = needed_scores(score, calibrations.members)
+        needed = needed_scores(score, calibrations.members) | ({"nll", "bits_per_char"} if batch_test else set())
         if input_type == "records":
             raw, log_prob, extras, n = await self._records(name, inputs, needed, calibrations)
         elif input_type == "image":
             raw, log_prob, extras, n = await self._images(name, inputs, needed, calibrations)
         else:
-            raw, log_prob, extras, n = await self._texts(name, inputs, needed, per_line)
-        values = chosen_score(score, raw, calibrations)
+            raw, log_prob, extras, n = await self._texts(name, inputs, needed, per_line, calibrations)
+        values = chosen_score(score, raw, calibrations, per_line)
         response = anomaly_response(name, manifest.version, score, calibration, values, log_prob, threshold,
                                     false_positive_rate, extras)
         response.density = manifest.density
+        if batch_test:
+            response.batch = batch_test_result(name, input_type, raw, calibrations, per_line, false_positive_rate)
         return response, n
 
     def _check_fields(self, name: str, inputs: AnomalyInputs) -> None:
@@ -276,7 +322,7 @@ class AnomalyService:
         raw = compute_scores("records", scored.log_prob, scored.records.shape[1],
                              reference_log_prob=await self._reference(name, scored.records, needed),
                              knn_distance=await self._distance(name, scored.records, needed, "knn"),
-                             typical_nll=calibrations.typical_nll)
+                             typical_nll=calibrations.typical())
         return raw, scored.log_prob, gmm_extras(scored.responsibilities), len(scored.records)
 
     async def _images(self, name: str, inputs: AnomalyInputs, needed: set[str], calibrations: CalibrationSet):
@@ -288,10 +334,20 @@ class AnomalyService:
                              complexity_bits=bits,
                              knn_distance=await self._distance(name, scored.images, needed, "knn"),
                              mahalanobis=await self._distance(name, scored.images, needed, "mahalanobis"),
-                             typical_nll=calibrations.typical_nll)
+                             class_scores=await self._class_scores(name, scored.images, needed),
+                             typical_nll=calibrations.typical())
         return raw, scored.log_prob, {}, len(scored.images)
 
-    async def _texts(self, name: str, inputs: AnomalyInputs, needed: set[str], per_line: bool):
+    async def _class_scores(self, name: str, images: np.ndarray, needed: set[str]) -> dict[str, np.ndarray] | None:
+        if not needed & set(CLASS_SCORES):
+            return None
+        scores = await self.catalog.call(name, "class_scores", images, action="score")
+        if scores is None:
+            raise not_conditional(name)
+        return scores
+
+    async def _texts(self, name: str, inputs: AnomalyInputs, needed: set[str], per_line: bool,
+                     calibrations: CalibrationSet):
         texts = inputs.texts
         limit = self.catalog.limits.max_texts_per_request
         if len(texts) > limit:
@@ -304,5 +360,7 @@ class AnomalyService:
         log_prob = np.array([sum(lps) for lps in per_token], dtype=np.float64)
         ref = await self._reference(name, token_lists, needed)
         chars = np.array([len(it.text) for it in items])
-        raw = compute_scores("text", log_prob, chars, reference_log_prob=ref)
+        raw = compute_scores("text", log_prob, chars, reference_log_prob=ref,
+                             knn_distance=await self._distance(name, token_lists, needed, "knn"),
+                             typical_nll=calibrations.typical(per_line))
         return raw, log_prob, text_extras(items, per_line), len(items)

@@ -1,4 +1,5 @@
-"""The knn, typicality and ensemble score types: definitions, calibration rates, and their files in artifacts."""
+"""The knn, mahalanobis, class evidence, typicality and ensemble score types: definitions, calibration rates, and
+their files in artifacts."""
 
 from __future__ import annotations
 
@@ -8,7 +9,15 @@ import numpy as np
 import pytest
 
 from genserve.artifacts import artifact as art
-from genserve.artifacts.calibration import Calibration, CalibrationSet, choose_members, fit_anomaly_calibration
+from genserve.artifacts.calibration import (
+    LINE,
+    Calibration,
+    CalibrationSet,
+    batch_typicality,
+    choose_members,
+    fit_anomaly_calibration,
+    fit_text_calibration,
+)
 from genserve.artifacts.class_gaussians import (
     GAUSSIANS_CONFIG,
     GAUSSIANS_WEIGHTS,
@@ -24,7 +33,13 @@ from genserve.artifacts.neighbours import (
     load_neighbours,
     neighbour_files,
 )
-from genserve.artifacts.scores import DEFAULT_SCORE, check_score, compute_scores, needed_scores
+from genserve.artifacts.scores import (
+    DEFAULT_SCORE,
+    check_score,
+    class_evidence_scores,
+    compute_scores,
+    needed_scores,
+)
 
 
 def brute_force_kth(train: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
@@ -99,7 +114,55 @@ def test_typicality_is_the_distance_from_the_typical_nll_on_both_sides():
     raw = compute_scores("records", lp, 2, typical_nll=10.0)
     np.testing.assert_allclose(raw["typicality"], [0.0, 4.0, 4.0])  # too unlikely and too likely alike
     assert "typicality" not in compute_scores("records", lp, 2)
-    assert "typicality" not in compute_scores("text", lp, np.array([3, 3, 3]), typical_nll=10.0)
+    # text: the per-token variant, around a centre in bits per character
+    text = compute_scores("text", lp, np.array([4, 4, 2]), typical_nll=3.0)
+    np.testing.assert_allclose(text["typicality"], np.abs(-lp / (np.array([4, 4, 2]) * np.log(2)) - 3.0))
+
+
+def test_text_typicality_has_a_centre_per_unit_that_round_trips():
+    rng = np.random.default_rng(11)
+    whole = {"nll": rng.normal(50, 5, 400), "bits_per_char": rng.normal(2.0, 0.2, 400)}
+    lines = {"nll": rng.normal(20, 5, 400), "bits_per_char": rng.normal(2.5, 0.4, 400)}
+    cals = fit_text_calibration({"": whole, LINE: lines})
+    assert cals.typical() == pytest.approx(np.mean(whole["bits_per_char"]))
+    assert cals.typical(per_line=True) == pytest.approx(np.mean(lines["bits_per_char"]))
+    np.testing.assert_allclose(cals.get("typicality", per_line=True).values[-1],
+                               np.max(np.abs(lines["bits_per_char"] - cals.typical(per_line=True))))
+    data = json.loads(json.dumps(cals.to_dict()))
+    assert "centre" not in data["scores"]["nll"]  # only typicality's calibration carries one
+    assert CalibrationSet.from_dict(data) == cals
+    # Flagged at the requested rate on fresh items of the same distribution (3 standard errors).
+    fresh = np.abs(rng.normal(2.5, 0.4, 20_000) - cals.typical(per_line=True))
+    flagged = np.mean(fresh > cals.get("typicality", per_line=True).threshold_for(0.05))
+    assert abs(flagged - 0.05) < 3 * np.sqrt(0.05 * 0.95 / 400)
+
+
+def test_batch_typicality_p_values_are_calibrated_and_small_for_a_shifted_batch():
+    rng = np.random.default_rng(12)
+    held_out = rng.normal(100.0, 5.0, 5000)
+    cal, centre = Calibration.fit(held_out, "nll"), float(held_out.mean())
+    # Normal batches: p-values spread over (0, 1], about 5% below 0.05
+    p_values = np.array([batch_typicality(cal, centre, rng.normal(100.0, 5.0, 20), seed=i)[1] for i in range(300)])
+    assert abs(np.mean(p_values < 0.05) - 0.05) < 3 * np.sqrt(0.05 * 0.95 / 300) and 0.4 < np.median(p_values) < 0.6
+    # A batch whose items are each ordinary (within 1 sd) but all on one side: atypical as a whole
+    statistic, p = batch_typicality(cal, centre, rng.uniform(100.0, 105.0, 50))
+    assert statistic == pytest.approx(2.5, abs=0.5) and p < 0.01
+    # Too likely is atypical too, and the test is seeded: the same batch, the same p-value
+    low = rng.normal(95.0, 1.0, 30)
+    assert batch_typicality(cal, centre, low)[1] < 0.01
+    assert batch_typicality(cal, centre, low) == batch_typicality(cal, centre, low)
+
+
+def test_class_evidence_is_the_best_class_and_class_entropy_the_posteriors_entropy():
+    cond = np.array([[-10.0, -30.0, -50.0], [-20.0, -20.0, -90.0], [-40.0, -41.0, -5.0]])
+    prior = np.array([np.log(0.5), np.log(0.5), -np.inf])  # class 2 never seen in training
+    scores = class_evidence_scores(cond, prior)
+    np.testing.assert_allclose(scores["class_evidence"], [10.0, 20.0, 40.0])  # unseen class 2 takes no part
+    np.testing.assert_allclose(scores["class_entropy"][:2], [0.0, np.log(2)], atol=1e-6)
+    p = np.exp([-40.0, -41.0]) / np.exp([-40.0, -41.0]).sum()
+    assert scores["class_entropy"][2] == pytest.approx(-(p * np.log(p)).sum())
+    raw = compute_scores("image", -cond.max(1), 64, class_scores=scores)
+    np.testing.assert_array_equal(raw["class_entropy"], scores["class_entropy"])
 
 
 def test_tail_score_follows_the_held_out_distribution_and_keeps_growing_past_it():

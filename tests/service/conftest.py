@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -28,7 +29,7 @@ from genserve.artifacts.calibration import fit_anomaly_calibration
 from genserve.artifacts.class_gaussians import class_gaussian_files, fit_class_gaussians
 from genserve.artifacts.neighbours import fit_neighbours, neighbour_files
 from genserve.artifacts.reference import fit_bigram, fit_local_pixels, reference_files
-from genserve.artifacts.scores import compute_scores, png_bits
+from genserve.artifacts.scores import class_evidence_scores, compute_scores, png_bits
 from genserve.artifacts.tokenizer import train_char_tokenizer
 from genserve.models.fvsbn import FVSBN, FVSBNConfig
 from genserve.models.gpt import GPT, GPTConfig
@@ -38,7 +39,7 @@ from genserve.training.gmm_pipeline import GMMTrainConfig, train_gmm
 from genserve.training.image_flow_pipeline import ImageFlowTrainConfig, train_image_flow
 from genserve.training.onnx_export import export_gpt_onnx, export_image_onnx
 from genserve.training.records_pipeline import RecordsTrainConfig, train_records
-from genserve.training.text_pipeline import calibrate_text
+from genserve.training.text_pipeline import calibrate_text, fit_text_neighbours
 from genserve.training.vae_pipeline import VAETrainConfig, train_vae
 
 REPLICATED = "bc"  # breast_cancer, full covariances, ONNX Runtime, 2 replicas
@@ -199,11 +200,18 @@ def write_text_models(store: Path) -> None:
     common = {"input_spec": spec, "training": {"source": "test"}, "metrics": {"train_loss": loss.item()}}
     reference = fit_bigram(data, tokenizer.vocab_size)
 
-    def anomaly_files(module, context):  # calibrated on the corpus's lines as texts and as lines (text_pipeline
-        # calibrates on held-out paragraphs and lines)
-        lines = TEXT_CORPUS.replace("\n", "\n\n")
-        calibration, _ = calibrate_text(module, reference, tokenizer, {"corpus": lines}, context)
-        return {art.CALIBRATION: json.dumps(calibration.to_dict()).encode(), **reference_files(reference)}
+    def anomaly_files(module, context):  # calibrated on the corpus's lines and on lines of its words in other
+        # orders, as texts and as lines (text_pipeline calibrates on held-out paragraphs and lines): varied enough
+        # for every score type to rank them its own way, so the GPT's ensemble has members; its knn index holds the
+        # corpus's lines
+        words = TEXT_CORPUS.split()
+        rng = random.Random(0)
+        shuffled = [" ".join(rng.sample(words, rng.randint(3, 8))) for _ in range(40)]
+        lines = "\n\n".join([*TEXT_CORPUS.splitlines(), *shuffled])
+        neighbours = fit_text_neighbours(module, tokenizer, {"corpus": TEXT_CORPUS}, context)
+        calibration, _ = calibrate_text(module, reference, tokenizer, {"corpus": lines}, context, neighbours)
+        return {art.CALIBRATION: json.dumps(calibration.to_dict()).encode(), **reference_files(reference),
+                **(neighbour_files(neighbours) if neighbours is not None else {})}
 
     art.write_artifact(store, kind="gpt", name=TEXT, config=config.to_dict(),
                        files={**files, **anomaly_files(model, TEXT_CONTEXT)}, **common)
@@ -259,11 +267,14 @@ def write_image_artifact(store: Path, name: str, model: FVSBN, train: np.ndarray
     with torch.no_grad():
         log_prob = model.log_prob(torch.as_tensor(heldout)).double().numpy()
         ref = reference.log_prob(torch.as_tensor(heldout)).numpy()
+        class_scores = None if not model.n_classes else class_evidence_scores(
+            model.class_log_probs(torch.as_tensor(heldout)).double().numpy(), model.class_log_prior.double().numpy())
     neighbours = fit_neighbours(train, "pixels", levels=levels)
     gaussians = fit_class_gaussians(train, train_labels, levels)
     calibration = fit_anomaly_calibration("image", compute_scores(
         "image", log_prob, model.n_pixels, reference_log_prob=ref, complexity_bits=png_bits(heldout, levels),
-        knn_distance=neighbours.distance(heldout), mahalanobis=gaussians.distance(heldout)))
+        knn_distance=neighbours.distance(heldout), mahalanobis=gaussians.distance(heldout),
+        class_scores=class_scores))
     scores = -log_prob
     files = {art.WEIGHTS: art.module_weights(model), art.CALIBRATION: json.dumps(calibration.to_dict()).encode(),
              **reference_files(reference), **neighbour_files(neighbours), **class_gaussian_files(gaussians)}

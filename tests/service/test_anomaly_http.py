@@ -9,7 +9,7 @@ import pytest
 import torch
 from sklearn.datasets import load_breast_cancer
 
-from genserve.artifacts.scores import DEFAULT_SCORE, SCORE_TYPES
+from genserve.artifacts.scores import CLASS_SCORES, DEFAULT_SCORE, SCORE_TYPES
 from genserve.service.client import GenserveClient
 from genserve.service.local import LocalScorer
 from tests.service.conftest import (
@@ -65,7 +65,9 @@ def inputs(name: str) -> dict:
 
 CASES = [(name, kind, score) for name, kind in ((REPLICATED, "records"), (IMAGE_COND, "image"), (IMAGE_BIN, "image"),
                                                 (TEXT, "text"), (TEXT_NGRAM, "text"))
-         for score in (None, *SCORE_TYPES[kind])]
+         for score in (None, *SCORE_TYPES[kind])
+         # an unconditional model has no class scores, an n-gram no hidden states for knn
+         if not (name == IMAGE_BIN and score in CLASS_SCORES) and not (name == TEXT_NGRAM and score == "knn")]
 
 
 @pytest.mark.parametrize(("name", "kind", "score"), CASES)
@@ -83,6 +85,21 @@ def test_every_score_type_over_http_equals_in_process(server, local, name, kind,
     assert [x["is_anomaly"] for x in got["results"]] == [x.is_anomaly for x in want.results]
     for x in got["results"]:
         assert 0.0 <= x["percentile"] <= 100.0 and x["is_anomaly"] == (x["score"] > got["threshold"])
+
+
+@pytest.mark.parametrize(("name", "score", "per_line"), [(REPLICATED, "nll", False), (IMAGE_COND, "nll", False),
+                                                         (TEXT, "bits_per_char", False), (TEXT, "bits_per_char", True)])
+def test_batch_typicality_over_http_equals_in_process(server, local, name, score, per_line):
+    body = {**inputs(name), "batch_test": True, "per_line": per_line}
+    r = post(server, name, body)
+    assert r.status_code == 200, r.text
+    got = r.json()
+    want = local[name].anomaly(**inputs(name), batch_test=True, per_line=per_line)
+    assert got["batch"]["score_type"] == score and got["batch"]["n"] == len(want.results) == len(got["results"])
+    for field in ("mean", "typical", "statistic", "p_value"):
+        assert got["batch"][field] == pytest.approx(getattr(want.batch, field), rel=1e-5, abs=1e-4), field
+    assert got["batch"]["is_anomaly"] == want.batch.is_anomaly == (want.batch.p_value < 0.01)
+    assert post(server, name, inputs(name)).json()["batch"] is None  # only when asked
 
 
 def test_gmm_results_name_the_component(client, local):
@@ -137,6 +154,9 @@ def test_complexity_and_the_default_ensemble_flag_the_blank_image(client):
     (TEXT, {"texts": ["to be!"]}, 400, "unknown_characters", "texts[0]"),
     (TEXT, {"texts": ["to be"] * 1000}, 413, "limit_exceeded", "limits.max_texts_per_request"),
     (TEXT_ONNX, {"texts": ["to be"]}, 400, "not_calibrated", "no calibration.json"),
+    (IMAGE_BIN, {"images": [[[0] * 6] * 6], "score": "class_entropy"}, 400, "not_calibrated",
+     "needs a class-conditional image model"),
+    (TEXT_NGRAM, {"texts": ["to be"], "score": "knn"}, 400, "not_calibrated", "an n-gram model has none"),
     (TEXT, {"images": [[[0]]]}, 400, "wrong_model_kind", "images given"),
     ("nope", {"texts": ["to be"]}, 404, "model_not_found", "no model named 'nope'"),
     (TEXT, {"texts": ["to be"], "records": [[1.0]]}, 422, "invalid_request", "exactly one of records"),

@@ -148,7 +148,10 @@ def test_text_and_record_endpoints_refuse_the_other_kind(server: Server):
 def test_model_info_describes_the_text_model(client):
     info = client.model(TEXT)
     assert info.kind == "gpt" and info.input.type == "text" and info.input.context_length == TEXT_CONTEXT
-    assert info.input.tokenizer == "char" and info.calibration.score == "bits_per_char" and info.runtime == "torch"
+    assert info.input.tokenizer == "char" and info.runtime == "torch"
+    # the default score: the ensemble ranked by bits per character, with the hidden-state knn among its members
+    assert info.calibration.score == "ensemble" and info.calibration.ensemble_members[0] == "bits_per_char"
+    assert "knn" in info.calibration.ensemble_members and "bits_per_char" in info.calibration.why
     assert info.limits.max_new_tokens == 40
 
 

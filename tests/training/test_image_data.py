@@ -1,7 +1,13 @@
 import numpy as np
 import pytest
 
-from genserve.training.image_data import load_digits, load_image_dataset, load_mnist5k, stratified_split
+from genserve.training.image_data import (
+    load_digits,
+    load_image_dataset,
+    load_mnist5k,
+    stratified_split,
+    without_classes,
+)
 
 
 def test_mnist5k_is_binarised_28x28_with_a_fixed_stratified_split():
@@ -34,3 +40,16 @@ def test_splits_are_disjoint_and_cover_everything():
 def test_unknown_dataset_is_named():
     with pytest.raises(ValueError, match="mnist5k, digits"):
         load_image_dataset("cifar")
+
+
+def test_excluded_classes_leave_every_split_and_the_rest_are_renumbered():
+    data = load_digits()
+    rest = without_classes(data, [3, 7])
+    assert rest.class_names == ["0", "1", "2", "4", "5", "6", "8", "9"] and rest.n_classes == 8
+    for full, kept in ((data.train, rest.train), (data.validation, rest.validation), (data.test, rest.test)):
+        mask = ~np.isin(full.labels, [3, 7])
+        assert np.array_equal(kept.images, full.images[mask])
+        # label i is class_names[i]: the renumbering keeps each image's class
+        assert [rest.class_names[y] for y in kept.labels] == [data.class_names[y] for y in full.labels[mask]]
+    with pytest.raises(ValueError, match="has no class"):
+        without_classes(data, [10])

@@ -47,8 +47,9 @@ def test_train_fvsbn_on_digits_writes_a_complete_artifact(tmp_path, conditional)
         assert -fresh.log_prob(torch.from_numpy(test.images)).mean().item() > m.metrics["test_nll_nats"]
 
     cals = CalibrationSet.from_dict(loaded.json(art.CALIBRATION))
-    assert sorted(cals.names()) == ["bits_per_dim", "complexity", "ensemble", "knn", "likelihood_ratio",
-                                    "mahalanobis", "nll", "typicality"]
+    assert sorted(cals.names()) == sorted(["bits_per_dim", "complexity", "ensemble", "knn", "likelihood_ratio",
+                                           "mahalanobis", "nll", "typicality",
+                                           *(["class_entropy", "class_evidence"] if conditional else [])])
     cal = cals.get("nll")
     assert cal.score == "nll" and cal.n == len(load_digits().validation.images)
     grid = Image.open(io.BytesIO(loaded.contents[art.SAMPLES_PNG]))

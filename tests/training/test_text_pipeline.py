@@ -8,6 +8,7 @@ import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load as load_safetensors
@@ -15,9 +16,11 @@ from typer.testing import CliRunner
 
 import genserve.training.text_pipeline as tp
 from genserve.artifacts import artifact as art
+from genserve.artifacts.neighbours import NEIGHBOURS_CONFIG, NEIGHBOURS_WEIGHTS
 from genserve.artifacts.reference import REFERENCE_CONFIG, REFERENCE_WEIGHTS
 from genserve.models.lm import sequence_log_probs
 from genserve.service.cli import app
+from genserve.service.local import LocalScorer
 from genserve.service.text_runtime import load_text_model
 from genserve.training.checkpoints import checkpoint_dir
 from genserve.training.reporting import LOSS_CURVE, TRAINING_LOG
@@ -72,6 +75,8 @@ def test_each_model_kind_trains_and_loads(corpus, trained, model):
     if model == "gpt":
         expected_files |= {art.ONNX_PREFILL, art.ONNX_DECODE}
         assert manifest.metrics["onnx_max_abs_error"] < 1e-4
+    if model != "ngram":  # the knn score's index of training lines in the model's hidden-state space
+        expected_files |= {NEIGHBOURS_WEIGHTS, NEIGHBOURS_CONFIG}
     assert set(manifest.files) == expected_files
 
     spec = manifest.input
@@ -115,6 +120,27 @@ def test_each_model_kind_trains_and_loads(corpus, trained, model):
     logp = sequence_log_probs(loaded.scorer, ids)
     assert logp.shape == (1, len(text)) and bool(torch.isfinite(logp).all())
     assert -float(logp.detach().mean()) < math.log(vocab)
+
+
+@pytest.mark.parametrize("model", ["gpt", "lstm"])
+def test_text_knn_is_the_distance_of_the_mean_hidden_state_to_the_training_lines(corpus, trained, model):
+    scorer = LocalScorer(trained[model])
+    index, tokenizer = scorer.neighbours, scorer.tokenizer
+    training_lines = sorted({line for line in corpus.read_text().splitlines() if line})
+    assert index is not None and index.space == "standardised"
+    assert len(index.features) == index.n_train <= len(training_lines)  # distinct training lines, deduplicated
+    texts = ["the king loves the sea."]
+    raw = scorer.scores(texts=texts)
+    token_lists = [[tokenizer.bos_token_id, *tokenizer.encode(t)] for t in texts]
+    with torch.no_grad():  # the definition: the k-th nearest standardised training line's mean hidden state
+        hidden = scorer._model.scorer.hidden_states(torch.tensor(token_lists))[0, 1:].double().mean(0).numpy()
+    query = (hidden - index.mean) / index.scale
+    distances = np.sort(np.linalg.norm(index.features.astype(np.float64) - query, axis=1))
+    assert raw["knn"][0] == pytest.approx(distances[min(index.k, len(distances)) - 1], rel=1e-4)
+    cals = scorer.calibrations
+    assert cals.default == "ensemble" and cals.primary() == ["bits_per_char"]
+    assert {"knn", "ensemble"} <= set(cals.names()) and {"knn", "ensemble"} <= set(cals.names(per_line=True))
+    assert scorer.anomaly(texts=texts, per_line=True, score="knn").score_type == "knn"
 
 
 def test_bpe_tokenizer(corpus, tmp_path):

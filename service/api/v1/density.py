@@ -144,13 +144,13 @@ async def sample(name: str, body: SampleRequest, request: Request,
              responses=ERRORS)
 async def anomaly(name: str, body: AnomalyRequest, request: Request, services: ServicesDep) -> AnomalyResponse:
     """Calibrated anomaly scores for records, images or texts: each item's score (the requested score type,
-    default nll for records, complexity for images, bits_per_char for texts), log p, percentile among held-out
+    default the model's own: the ensemble for models trained since it exists), log p, percentile among held-out
     normal items, and a flag at the calibrated threshold for a 1% false-positive rate unless the request gives
     `threshold` or `false_positive_rate`. GMMs add the most likely component and its responsibility; texts can be
-    scored per line."""
+    scored per line; `batch_test` adds a typicality test of all the items together."""
     inputs = AnomalyInputs(records=body.records, images=body.images, labels=body.labels, texts=body.texts)
     response, n = await services.anomaly.score(name, inputs, body.score, body.threshold, body.false_positive_rate,
-                                               body.per_line)
+                                               body.per_line, body.batch_test)
     flagged = sum(r.is_anomaly for r in response.results)
     record_metrics(request, ("genserve_records_scored_total", {"model": name, "endpoint": "anomaly"}, n),
                    ("genserve_anomalies_flagged_total", {"model": name}, flagged))

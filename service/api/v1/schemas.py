@@ -203,6 +203,10 @@ class AnomalyRequest(BaseModel):
     false_positive_rate: float | None = Field(
         None, gt=0.0, lt=1.0, description="flag at this held-out false-positive rate instead of the default (0.01)"
     )
+    batch_test: bool = Field(False, description="also test all the items together: is the batch's mean nll (texts: "
+                             "bits_per_char) as close to the typical set as batches of held-out normal items of its "
+                             "size are (Nalisnick et al. 2019's typicality test)? The response's batch field says, "
+                             "with a p-value; a batch can be atypical when no item alone is")
 
     model_config = {"extra": "forbid", "json_schema_extra": {"examples": [
         {"records": [[1.0, 2.0, 3.0]]}, {"images": [[[0, 1], [1, 0]]], "score": "complexity"},
