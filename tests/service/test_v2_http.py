@@ -460,3 +460,15 @@ def test_uncalibrated_model_answers_log_prob_only(server: Server) -> None:
     assert got == {"log_prob": [r["log_prob"] for r in scored["results"]]}
     asked = {**body, "outputs": [{"name": "anomaly_score"}]}
     assert "no anomaly calibration" in error(infer(server, TEXT_ONNX, asked))
+
+
+def test_batch_test_parameter_adds_the_batch_typicality_test(server: Server) -> None:
+    x = bc_records(6)
+    response = infer(server, REPLICATED, {"inputs": [records_input(x)], "parameters": {"batch_test": True}})
+    v1 = v1_anomaly(server, REPLICATED, {"records": x.tolist(), "batch_test": True})
+    params = response.json()["parameters"]
+    assert {k.removeprefix("batch_"): v for k, v in params.items() if k.startswith("batch_")} == v1["batch"]
+    assert params["batch_score_type"] == "nll" and params["batch_n"] == 6
+    assert "batch_p_value" not in infer(server, REPLICATED, {"inputs": [records_input(x)]}).json()["parameters"]
+    assert "must be a boolean" in error(infer(server, REPLICATED, {"inputs": [records_input(x)],
+                                                                    "parameters": {"batch_test": "yes"}}))

@@ -23,10 +23,11 @@ images any INT/UINT type or FP with whole numbers; labels any INT/UINT type. JSO
 An infer request is answered by the same services as /v1 (anomaly scores, or the model's log-probability when
 no anomaly output is wanted or the model has no calibration), so every check, limit and number is the same as
 on /v1. Request parameters `score`, `false_positive_rate`,
-`threshold` and `per_line` are the anomaly request's fields; the response's parameters say which score type
-and threshold were used. A request naming no outputs gets all of them, or log_prob alone (plus a GMM's
-component and responsibility) from a model with no calibration; naming an anomaly output of such a model is
-a 400 not-calibrated error.
+`threshold`, `per_line` and `batch_test` are the anomaly request's fields; the response's parameters say which
+score type and threshold were used, and with `batch_test` the batch typicality test's result (`batch_score_type`,
+`batch_n`, `batch_mean`, `batch_typical`, `batch_statistic`, `batch_p_value`, `batch_is_anomaly`). A request
+naming no outputs gets all of them, or log_prob alone (plus a GMM's component and responsibility) from a model
+with no calibration; naming an anomaly output of such a model is a 400 not-calibrated error.
 
 Binary tensor data extension (Triton's `binary_tensor_data`, tritonclient's default): with the header
 `Inference-Header-Content-Length: N` the body's first N bytes are the JSON request, followed by each input
@@ -211,7 +212,7 @@ async def _infer(services: Services, name: str, version: str | None, request: Re
 
 def request_parameters(params: dict[str, Any]) -> dict[str, Any]:
     checks = {"score": lambda v: isinstance(v, str), "binary_data_output": lambda v: isinstance(v, bool),
-              "per_line": lambda v: isinstance(v, bool),
+              "per_line": lambda v: isinstance(v, bool), "batch_test": lambda v: isinstance(v, bool),
               "threshold": lambda v: type(v) in (int, float),
               "false_positive_rate": lambda v: type(v) in (int, float)}
     for key, value in params.items():
@@ -287,12 +288,12 @@ async def _run(services: Services, name: str, manifest: art.Manifest, inputs: An
     """The output columns and the response parameters. Anomaly outputs (and per-line scores) come from the anomaly
     service; without them (not asked for, or, when the request named no outputs, a model with no calibration),
     log_prob comes from the model's own service."""
-    per_line = bool(params.get("per_line"))
-    if names & ANOMALY_OUTPUTS or per_line:
+    per_line, batch_test = bool(params.get("per_line")), bool(params.get("batch_test"))
+    if names & ANOMALY_OUTPUTS or per_line or batch_test:
         try:
             return await _anomaly(services, name, inputs, params, request)
         except NotCalibrated:
-            if explicit or per_line:
+            if explicit or per_line or batch_test:
                 raise
     input_type = manifest.input.type
     if input_type == "text":
@@ -314,7 +315,8 @@ async def _run(services: Services, name: str, manifest: art.Manifest, inputs: An
 async def _anomaly(services: Services, name: str, inputs: AnomalyInputs, params: dict[str, Any],
                    request: Request) -> tuple[dict[str, list], dict[str, Any]]:
     result, n = await services.anomaly.score(name, inputs, params.get("score"), params.get("threshold"),
-                                             params.get("false_positive_rate"), bool(params.get("per_line")))
+                                             params.get("false_positive_rate"), bool(params.get("per_line")),
+                                             bool(params.get("batch_test")))
     rows = result.results
     record_metrics(request, ("genserve_records_scored_total", {"model": name, "endpoint": "anomaly"}, n),
                    ("genserve_anomalies_flagged_total", {"model": name}, sum(r.is_anomaly for r in rows)))
@@ -328,6 +330,8 @@ async def _anomaly(services: Services, name: str, inputs: AnomalyInputs, params:
     extra = {"score_type": result.score_type, "threshold": result.threshold}
     if result.false_positive_rate is not None:
         extra["false_positive_rate"] = result.false_positive_rate
+    if result.batch is not None:
+        extra |= {f"batch_{k}": v for k, v in result.batch.model_dump().items()}
     return columns, extra
 
 

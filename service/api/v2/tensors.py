@@ -43,7 +43,8 @@ LINE_OUTPUTS = ("text_index", "line")  # text models with per_line: which text, 
 # Request parameters genserve reads, and tritonclient's scheduling hints, which it accepts and ignores
 # (genserve batches by itself).
 PARAMETERS = {"score": "a string (score type)", "false_positive_rate": "a number in (0, 1)",
-              "threshold": "a number", "per_line": "a boolean (text models)", "binary_data_output": "a boolean"}
+              "threshold": "a number", "per_line": "a boolean (text models)", "batch_test": "a boolean",
+              "binary_data_output": "a boolean"}
 IGNORED_PARAMETERS = frozenset({"priority", "timeout"})
 
 
