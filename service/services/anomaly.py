@@ -41,18 +41,17 @@ SCORE_DESCRIPTION = (
     "anomaly score type (higher = more anomalous): nll (-log p(x), nats); bits_per_dim (records, images: -log2 "
     "p(x) / dimensions); bits_per_char (text: mean surprisal per character); complexity (images: -log2 p(x) "
     "minus the image's PNG size in bits); likelihood_ratio (log p_ref(x) - log p(x) against the artifact's "
-    "simpler reference model; nats, text: bits per character); knn (records, images: distance to the 5th nearest "
-    "training item in the model's input space); mahalanobis (images: class-conditional Gaussian distance to the "
-    "nearest training class in the first 50 principal components); class_evidence (class-conditional image "
-    "models: -max over classes of log p(x | y), nats); class_entropy (class-conditional image models: the entropy "
-    "of p(y | x), nats); typicality (records, images: |nll - the held-out mean nll|; text: |bits_per_char - the "
-    "held-out mean|); ensemble (records, images: the mean calibrated tail score, -ln P(held-out score >= s), "
-    "of the distances knn and mahalanobis, plus each other member's tail beyond its held-out 99th percentile). "
-    "Default: the artifact's own (GET /v1/models/{name}: calibration.score, and why; the ensemble for records and "
-    "image models "
-    "trained since it exists), else nll for records, complexity for images, bits_per_char for text"
+    "simpler reference model; nats, text: bits per character); knn (distance to the 5th nearest training item in "
+    "the model's input space; text (GPT, LSTM): in its mean final hidden state); mahalanobis (images: "
+    "class-conditional Gaussian distance to the nearest training class in the first 50 principal components); "
+    "class_evidence (class-conditional image models: -max over classes of log p(x | y), nats); class_entropy "
+    "(class-conditional image models: the entropy of p(y | x), nats); typicality (|nll - the held-out mean nll|; "
+    "text: |bits_per_char - the held-out mean|); ensemble (the mean calibrated tail score, -ln P(held-out score "
+    ">= s), of the distances knn and mahalanobis (text: of bits_per_char), plus each other member's tail beyond "
+    "its held-out 99th percentile). Default: the artifact's own (GET /v1/models/{name}: calibration.score, and "
+    "why; the ensemble for models trained since it exists), else nll for records, complexity for images, "
+    "bits_per_char for text"
 )
-
 
 
 class AnomalyResult(BaseModel):
