@@ -84,8 +84,8 @@ ENSEMBLE_CANDIDATES: dict[str, tuple[str, ...]] = {
 # saw. Every other member only adds its tail beyond its held-out 99th percentile (CalibrationSet.ensemble).
 ENSEMBLE_PRIMARY = ("knn", "mahalanobis")
 # Text ranks by bits per character instead, knn only adding its far tail: a character model's averaged hidden
-# state tells a line's style less well than its surprisal does (bench/anomaly.py: on Shakespeare against other
-# English prose, knn 0.58-0.78 AUROC where bits_per_char reaches 0.77-0.89).
+# state tells a line's style less well than its surprisal does (docs/anomaly.md: on Shakespeare against other
+# English prose, the GPT's knn 0.53-0.72 AUROC where its bits_per_char reaches 0.88-0.95).
 ENSEMBLE_PRIMARY_BY_KIND = {"text": ("bits_per_char",)}
 ENSEMBLE_MAX_CORRELATION = 0.9
 

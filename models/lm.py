@@ -65,6 +65,14 @@ def sequence_log_probs(model: LanguageModel, tokens: Tensor) -> Tensor:
     return torch.log_softmax(logits, dim=-1).gather(-1, tokens[:, 1:, None]).squeeze(-1)
 
 
+def right_padded(token_lists: list[list[int]], width: int) -> Tensor:
+    """(len(token_lists), width) int64: each list at the start of its row, zeros after."""
+    tokens = torch.zeros(len(token_lists), width, dtype=torch.long)
+    for i, t in enumerate(token_lists):
+        tokens[i, : len(t)] = torch.tensor(t)
+    return tokens
+
+
 def mean_hidden_states(model: torch.nn.Module, token_lists: list[list[int]], rows: int = 64) -> Tensor:
     """(N, D) float64: each list's final hidden states (`model.hidden_states`, GPT and LSTM) averaged over the
     positions after its first token (the context, BOS for a whole text): what the model made of the text, as one
@@ -75,11 +83,9 @@ def mean_hidden_states(model: torch.nn.Module, token_lists: list[list[int]], row
     out = []
     for start in range(0, len(token_lists), rows):
         chunk = token_lists[start : start + rows]
-        width = max(len(t) for t in chunk)
-        tokens = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.float64)
+        tokens = right_padded(chunk, max(len(t) for t in chunk))
+        mask = torch.zeros(tokens.shape, dtype=torch.float64)
         for i, t in enumerate(chunk):
-            tokens[i, : len(t)] = torch.tensor(t)
             mask[i, 1 if len(t) > 1 else 0 : len(t)] = 1.0
         # Right padding is harmless here as in scoring: causal models, padded positions masked out of the mean.
         hidden = model.hidden_states(tokens.to(device)).double().cpu()
@@ -101,9 +107,7 @@ def score_token_lists(model: LanguageModel, token_lists: list[list[int]], budget
     results = []
     for start in range(0, len(token_lists), rows):
         chunk = token_lists[start : start + rows]
-        tokens = torch.zeros(len(chunk), width, dtype=torch.long)
-        for i, t in enumerate(chunk):
-            tokens[i, : len(t)] = torch.tensor(t)
+        tokens = right_padded(chunk, width)
         # Right padding is harmless: every model here is causal, padding only follows real tokens.
         log_probs = sequence_log_probs(model, tokens.to(device)).double().cpu()
         results += [log_probs[i, : len(t) - 1].tolist() for i, t in enumerate(chunk)]

@@ -76,7 +76,7 @@ class LocalScorer:
                 batch_test: bool = False) -> AnomalyResponse:
         """Calibrated anomaly results, as POST /v1/models/{name}/anomaly answers them."""
         score, calibration = resolve_score(self.name, self.input_type, score, self.calibrations, per_line)
-        needed = needed_scores(score, self.calibrations.members) | ({"nll", "bits_per_char"} if batch_test else set())
+        needed = needed_scores(score, self.calibrations.members)
         raw, extras = self._raw(records, images, texts, labels, per_line, needed)
         values = chosen_score(score, raw, self.calibrations, per_line)
         response = anomaly_response(self.name, self.manifest.version, score, calibration, values,

@@ -274,7 +274,7 @@ class AnomalyService:
         self._check_fields(name, inputs)
         calibrations = self.catalog.calibration(name)
         score, calibration = resolve_score(name, input_type, score, calibrations, per_line)
-        needed = needed_scores(score, calibrations.members) | ({"nll", "bits_per_char"} if batch_test else set())
+        needed = needed_scores(score, calibrations.members)
         if input_type == "records":
             raw, log_prob, extras, n = await self._records(name, inputs, needed, calibrations)
         elif input_type == "image":
