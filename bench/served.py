@@ -289,6 +289,18 @@ def deploy(url: str, store: Path) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError("genserve not ready 120 s after serve.run")
         time.sleep(0.2)
+    # The Gateway loads its copy of a small records model once the version is READY (service/hosted.py): wait
+    # for it, so no load measures the replica path for a while and the Gateway path after.
+    deadline = time.monotonic() + 30
+    while set(scored_in(url, [RECORDS, RECORDS + UNBATCHED]).values()) != {"gateway"} and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
+def scored_in(url: str, models: list[str]) -> dict[str, str]:
+    """Where each model's requests are scored: "gateway" or "replica" (GET /v1/models/{name})."""
+    import httpx
+
+    return {m: httpx.get(f"{url}/v1/models/{m}", timeout=10).json().get("scored_in", "replica") for m in models}
 
 
 # ---- the load generator -------------------------------------------------------------------------
@@ -585,13 +597,16 @@ def load_table(endpoint: Endpoint, plan: Plan, results: Results) -> list[str]:
             row: list[object] = [clients, batching, len(load.latencies), load.errors, f"{load.requests_per_s:.1f}"]
             row += [f"{load.tokens_per_s:.0f}"] if endpoint.count_tokens else []
             row += [f"{load.ms(50):.1f}", f"{load.ms(95):.1f}", f"{load.ms(99):.1f}"]
-            row += [] if endpoint.count_tokens else [f"{load.mean_batch:.1f}"]
+            row += [] if endpoint.count_tokens else [
+                f"{load.mean_batch:.1f}" if load.batches else "none (scored in the Gateway)"]
             row += [ratio(on.requests_per_s, off.requests_per_s) if batching == "on" else ""]
             rows.append(row)
     return table(header, rows)
 
 
-def goals(eps: list[Endpoint], plan: Plan, results: Results, overhead: dict[str, tuple[float, float]]) -> list[Goal]:
+def goals(eps: list[Endpoint], plan: Plan, results: Results, overhead: dict[str, tuple[float, float]],
+          hosted: set[str]) -> list[Goal]:
+    """`hosted`: the endpoints whose model (both copies) is scored in the Gateway."""
     top = plan.clients[-1]
     out = []
     for e in eps:
@@ -599,6 +614,12 @@ def goals(eps: list[Endpoint], plan: Plan, results: Results, overhead: dict[str,
         gain = on.requests_per_s / off.requests_per_s if off.requests_per_s > 0 else float("nan")
         http, local = overhead[e.key]
         note = "" if gain >= 3 else (
+            "both copies of the model are scored in the Gateway itself (score_in_gateway_below_ms), each request "
+            "as it arrives, so batching on and off are the same path and max_batch_size has no pass to share; "
+            f"the model's own work is {local * 1000:.2f} ms of the {http * 1000:.2f} ms a request takes over HTTP "
+            f"at 1 client (GET /healthz alone: {overhead['healthz'][0] * 1000:.2f} ms), so no batching of the "
+            f"model could raise throughput by more than {http / max(http - local, 1e-9):.2f}x"
+        ) if e.key in hosted else (
             f"the model's own work is {local * 1000:.2f} ms of the {http * 1000:.2f} ms one request takes over "
             f"HTTP at 1 client (GET /healthz alone: {overhead['healthz'][0] * 1000:.2f} ms); the rest (proxy, "
             "Gateway, handle call, JSON) is paid per request whether or not the model batches, so batching has "
@@ -663,7 +684,8 @@ def markdown(eps: list[Endpoint], plan: Plan, results: Results, overhead: dict[s
         lines += [f"### {e.title}", "", *load_table(e, plan, results), ""]
     lines += ["## Served: overhead of serving", "",
               "One client, batching on (the shipped config): a request over HTTP (proxy, Gateway, handle call to "
-              "the replica and back) and then the same work called in this process (the replica's runtime call on "
+              "the replica and back; for a model scored in the Gateway, proxy and Gateway only) and then the same "
+              "work called in this process (the replica's runtime call on "
               "the same artifact; generate: the decoding Engine with 16 slots), in turn, "
               f"{plan.overhead_pairs} pairs ({plan.overhead_pairs // 4} for generate); medians. GET /healthz "
               "goes through the proxy and the Gateway only: what every request pays before any model.", "",
@@ -691,6 +713,7 @@ def run(quick: bool = False, ray_serve_defaults: bool = False) -> Report:
             deploy(url, store)
             setup_s = time.perf_counter() - started
             eps = endpoints()
+            hosted = {e.key for e in eps if set(scored_in(url, [e.model, e.model + UNBATCHED]).values()) == {"gateway"}}
             overhead = measure_overhead(url, paths, eps, plan)
             results = measure_loads(url, eps, plan)
             memory = memory_table(serve_processes())
@@ -700,9 +723,12 @@ def run(quick: bool = False, ray_serve_defaults: bool = False) -> Report:
             if ray_serve_defaults:
                 timings += (" **Run with Ray Serve's default settings** (--ray-serve-defaults: "
                             + ", ".join(f"{k}={v}" for k, v in RAY_SERVE_DEFAULTS.items()) + "), not genserve's.")
+            if hosted:
+                timings += (" Scored in the Gateway itself (score_in_gateway_below_ms, both copies): "
+                            + ", ".join(e.model for e in eps if e.key in hosted) + ".")
             lines = markdown(eps, plan, results, overhead, memory, timings, load_note(load_before, load_average()))
             lines[-2:-2] = dataplane.markdown(plane)  # before the load note
-    return Report(markdown=lines, goals=goals(eps, plan, results, overhead) + dataplane.goals(plane))
+    return Report(markdown=lines, goals=goals(eps, plan, results, overhead, hosted) + dataplane.goals(plane))
 
 
 def measure_data_plane(url: str, paths: dict[str, Path], plan: Plan, results: Results) -> dataplane.DataPlane:

@@ -41,6 +41,7 @@ from genserve.service.errors import (
     Unavailable,
     WrongKind,
 )
+from genserve.service.hosted import HOSTED_METHODS
 from genserve.service.isolation import failure_message, is_over_limit, is_replica_busy, is_request_failure
 from genserve.service.limits import Limits
 from genserve.service.repository import pick_version
@@ -119,6 +120,8 @@ class ServedVersion:
     calibration: CalibrationSet | None
     tokenizer: TextTokenizer | None
     pictures: dict[str, bytes]
+    location: str | None = None  # the artifact, as its replicas load it
+    hosted: Any = None  # a HostedRecordsModel when this Gateway scores the version itself (service/hosted.py)
     _handle: Any = None
 
     @classmethod
@@ -128,7 +131,12 @@ class ServedVersion:
         tokenizer = None if entry.get("tokenizer") is None else TextTokenizer.from_json(
             entry["tokenizer"], spec.tokenizer, spec.bos_token_id, spec.eos_token_id)
         calibration = None if entry.get("calibration") is None else CalibrationSet.from_dict(entry["calibration"])
-        return cls(version, entry["app"], manifest, calibration, tokenizer, entry.get("pictures") or {})
+        return cls(version, entry["app"], manifest, calibration, tokenizer, entry.get("pictures") or {},
+                   entry.get("location"))
+
+    @property
+    def scored_in(self) -> str:
+        return "gateway" if self.hosted is not None else "replica"
 
     def handle(self) -> Any:
         if self._handle is None:
@@ -157,6 +165,7 @@ class ModelCatalog:
         self.started = False  # the repository has loaded (or failed) every model it serves at start
         self.inflight: Counter[str] = Counter()  # requests in flight per version application
         self.rng = random.Random(seed)
+        self.hosting: dict[str, asyncio.Task] = {}  # version application -> its copy loading here
 
     # ---- following the repository -------------------------------------------------------------------------
 
@@ -171,11 +180,41 @@ class ModelCatalog:
                 versions = {}
                 for version, entry in route["versions"].items():
                     kept = old.versions.get(version) if old else None
-                    versions[version] = kept if kept is not None and kept.app == entry["app"] else \
-                        ServedVersion.from_table(version, entry)
+                    if kept is None or kept.app != entry["app"]:
+                        kept = ServedVersion.from_table(version, entry)
+                        self._host(kept)
+                    versions[version] = kept
                 models[name] = ServedModel(name, route["default"], dict(route["traffic"]), versions)
             self.models = models
+            served = {v.app for m in models.values() for v in m.versions.values()}
+            for app in set(self.hosting) - served:  # left the table: stop loading its copy
+                self.hosting.pop(app).cancel()
         self.generation = reply["generation"]
+
+    def _host(self, served: ServedVersion) -> None:
+        """Load a copy of a small records model here, in the background (service/hosted.py decides and loads);
+        the replica scores the version until then, and for good if the copy is not taken."""
+        if served.manifest.input.type != "records" or served.location is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not in the Gateway (a table applied outside an event loop): replicas only
+            return
+
+        async def load() -> None:
+            from genserve.service.hosted import host_records_model
+
+            try:
+                served.hosted = await host_records_model(served.handle(), served.location)
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # the replica keeps scoring it
+                log.warning("model %s version %s is scored by its replica: its copy here failed to load: %s: %s",
+                            served.manifest.name, served.version, type(e).__name__, e)
+            finally:
+                self.hosting.pop(served.app, None)
+
+        self.hosting[served.app] = loop.create_task(load())
 
     async def follow(self, repository: Any, gateway_id: str) -> None:
         """Keep the table current: the repository answers when it changes (or every few seconds)."""
@@ -315,6 +354,8 @@ class ModelCatalog:
         served = self.served(name)
         with self._in_flight(served.app):
             try:
+                if served.hosted is not None and method in HOSTED_METHODS:  # scored in this Gateway
+                    return await getattr(served.hosted, method)(*args)
                 return await getattr(served.handle(), method).remote(*args)
             except Exception as e:
                 raise replica_failure(name, action or method.replace("_", " "), e) from e
@@ -343,9 +384,10 @@ class ModelCatalog:
         when no replica answers in time."""
         served = self.served(name)
         try:
-            return await asyncio.wait_for(served.handle().info.remote(), timeout=INFO_TIMEOUT_S)
+            info = await asyncio.wait_for(served.handle().info.remote(), timeout=INFO_TIMEOUT_S)
         except Exception:
             return {"runtime": "unavailable"}
+        return {**info, "scored_in": served.scored_in}
 
     async def readiness(self) -> dict[str, bool]:
         """Whether each model's default version has a replica that has loaded it ({} until the repository has

@@ -111,8 +111,13 @@ def load_model(path: str, runtime: RuntimeName = "auto", device: str | None = No
                        reference=load_reference(loaded), neighbours=load_neighbours(loaded), choice=choice)
 
 
+def probe_records(module: RecordsModel, n: int = max(PROBE_BATCHES)) -> np.ndarray:
+    """`n` records drawn from the model itself (seeded): valid inputs of the right shape and scale."""
+    return module.sample(n, torch.Generator().manual_seed(0)).numpy()
+
+
 def records_probe(module: RecordsModel) -> Callable[[RecordsRuntime, int], tuple[np.ndarray, np.ndarray]]:
-    """Scores `batch` records drawn from the model itself: valid inputs of the right shape and scale."""
-    records = module.sample(max(PROBE_BATCHES), torch.Generator().manual_seed(0)).numpy()
+    """Scores `batch` records drawn from the model itself."""
+    records = probe_records(module)
     return lambda rt, batch: rt.log_prob(np.resize(records, (batch, records.shape[1])))
 

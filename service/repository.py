@@ -127,7 +127,7 @@ class Version:
     reason: str = ""
     app: str = ""
     since: float = field(default_factory=time.time)
-    ingress: dict[str, Any] | None = None  # what the gateways need: manifest, calibration, tokenizer, pictures
+    ingress: dict[str, Any] | None = None  # what the gateways need: manifest, calibration, tokenizer, pictures, ...
     loading: asyncio.Task | None = None
     failures: int = 0  # failed loads in a row (poll mode retries after a growing wait)
 
@@ -159,8 +159,9 @@ def parse_app_name(main_app: str, app: str) -> tuple[str, str] | None:
     return (name, version) if version.isdigit() else None
 
 
-def ingress_payload(loaded: art.Artifact) -> dict[str, Any]:
-    """What the gateways need of a version without calling its replicas."""
+def ingress_payload(loaded: art.Artifact, location: str) -> dict[str, Any]:
+    """What the gateways need of a version without calling its replicas (and `location`, the artifact as its
+    replicas load it, for a Gateway that hosts a small records model itself: service/hosted.py)."""
     from genserve.service.families import serving_family
     from genserve.service.ui import picture_files
 
@@ -171,6 +172,7 @@ def ingress_payload(loaded: art.Artifact) -> dict[str, Any]:
         "calibration": loaded.json(art.CALIBRATION) if art.CALIBRATION in contents else None,
         "tokenizer": contents[art.TOKENIZER].decode() if family.family is TEXT else None,
         "pictures": picture_files(contents),
+        "location": location,
     }
 
 
@@ -404,7 +406,7 @@ class Repository:
         try:
             location = await asyncio.to_thread(self.store.location, name, version)
             loaded = await asyncio.to_thread(load_artifact_at, location)  # every file's sha256 checked here
-            entry.ingress = ingress_payload(loaded)
+            entry.ingress = ingress_payload(loaded, location)
             if loaded.manifest.name != name or loaded.manifest.version != version:
                 raise art.ArtifactError(f"its manifest says {loaded.manifest.name} version {loaded.manifest.version}")
             statuses = await asyncio.to_thread(self.apps.statuses)

@@ -13,8 +13,9 @@ from pydantic import BaseModel, Field
 from genserve.service.services import Services
 
 
-def services(request: Request) -> Services:
-    """The ingress replica's services, which its constructor put on the app's state."""
+async def services(request: Request) -> Services:
+    """The ingress replica's services, which its constructor put on the app's state. Async on purpose: FastAPI
+    runs a plain function dependency in its thread pool, a thread hop on every request."""
     return request.app.state.services
 
 

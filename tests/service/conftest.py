@@ -81,8 +81,11 @@ def free_port() -> int:
 def model_deployments() -> dict[str, dict]:
     """Each test model's Ray Serve deployment options (args.deployments)."""
     return {
+        # Scored by its two replicas (batching and per-replica metrics are tested on it); wine and the flow are
+        # small enough to be scored in the Gateway (service/hosted.py).
         REPLICATED: {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0},
-                     "user_config": {"runtime": "onnx", "max_batch_size": 16, "batch_wait_timeout_s": 0.05}},
+                     "user_config": {"runtime": "onnx", "max_batch_size": 16, "batch_wait_timeout_s": 0.05,
+                                     "score_in_gateway_below_ms": 0}},
         SINGLE: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0},
                  "user_config": {"runtime": "torch", "max_batch_size": 8, "batch_wait_timeout_s": 0.01}},
         TEXT: {"num_replicas": 1, "ray_actor_options": {"num_cpus": 0},

@@ -9,6 +9,7 @@ import time
 import httpx
 import numpy as np
 import pytest
+import torch
 from sklearn.datasets import load_breast_cancer, load_wine
 
 from genserve.artifacts import artifact as art
@@ -106,6 +107,23 @@ def test_log_prob_matches_the_model_in_process(server: Server, client: GenserveC
 
     w = load_wine().data[:5]
     np.testing.assert_array_equal(client.log_prob(SINGLE, w).log_prob, local(server, SINGLE).runtime.log_prob(w)[0])
+
+
+def test_small_models_of_records_are_scored_in_the_gateway(server: Server, client: GenserveClient) -> None:
+    """wine (a diagonal GMM in torch) and the flow are small: each Gateway loads a copy with its replica's runtime
+    and scores them itself, with the replica's numbers bit for bit; bc (score_in_gateway_below_ms: 0) stays in
+    its two replicas, and a request over the inline size runs off the Gateway's event loop, as exact."""
+    deadline = time.monotonic() + 60
+    while client.model(SINGLE).scored_in != "gateway" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert client.model(SINGLE).scored_in == "gateway" and client.model(REPLICATED).scored_in == "replica"
+    wine = local(server, SINGLE)
+    for x in (load_wine().data[:1], np.resize(load_wine().data, (400, 13))):
+        np.testing.assert_array_equal(client.log_prob(SINGLE, x).log_prob, wine.runtime.log_prob(x)[0])
+    sampled = client.sample(SINGLE, n=20, seed=11).samples
+    assert sampled == wine.module.sample(20, torch.Generator().manual_seed(11)).tolist()
+    scored = client.anomaly(SINGLE, load_wine().data[:3], score="nll")
+    np.testing.assert_array_equal([r.score for r in scored.results], -wine.runtime.log_prob(load_wine().data[:3])[0])
 
 
 def test_a_flow_is_served_through_the_same_endpoints(server: Server, client: GenserveClient) -> None:

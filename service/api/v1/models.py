@@ -60,6 +60,7 @@ def model_info(catalog: ModelCatalog, name: str, replica: dict[str, Any]) -> Mod
         name=m.name, version=m.version, kind=m.kind, created=m.created, runtime=replica["runtime"],
         density=m.density,
         runtime_choice=None if choice is None else RuntimeChoiceInfo.model_validate(choice),
+        scored_in=replica.get("scored_in", "replica"),
         input=InputInfo.model_validate(m.input.model_dump(exclude={"dtype", "bos_token_id", "eos_token_id"})),
         config=m.config, metrics=m.metrics, training=m.training,
         calibration=None if cal is None else CalibrationInfo(

@@ -114,6 +114,10 @@ class ModelInfo(BaseModel):
     runtime_choice: RuntimeChoiceInfo | None = Field(
         None, description="how the runtime was chosen (density and image models; a replica's, when replicated)"
     )
+    scored_in: Literal["replica", "gateway"] = Field(
+        "replica", description="where this version's requests are scored: its model replicas, or (a small model "
+        "of records on the CPU: its score_in_gateway_below_ms option) the Gateway replica that answered, one "
+        "Ray Serve hop fewer")
     input: InputInfo
     config: dict[str, Any]
     metrics: dict[str, Any]
