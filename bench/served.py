@@ -737,9 +737,15 @@ def measure_data_plane(url: str, paths: dict[str, Path], plan: Plan, results: Re
     torch.set_num_threads(int(THREADS))
     try:
         top = plan.clients[-1]
+        generate = next(e for e in endpoints() if e.key == "generate")
+
+        def serve_text(seconds: float) -> float:
+            """Tokens/s of `top` closed-loop generate clients over `seconds` (after a second of warm-up)."""
+            window = Plan(clients=(top,), warmup_s=1.0, window_s=seconds, rounds=1, overhead_pairs=0)
+            return asyncio.run(closed_loop(url + generate.path(True), generate.body, True, top, window)).tokens_per_s
+
         return dataplane.measure(url, {"records": paths[RECORDS], "images": paths[IMAGES]},
-                                 {"records": RECORDS, "images": IMAGES}, plan is QUICK,
-                                 results[("generate", True, top)].tokens_per_s, top,
+                                 {"records": RECORDS, "images": IMAGES}, plan is QUICK, serve_text, top,
                                  lambda: text_engine(paths[TEXT]), NEW_TOKENS, paths[RECORDS] / "model.onnx",
                                  free_port())
     finally:
