@@ -74,7 +74,7 @@ def edge(tmp_path_factory: pytest.TempPathFactory) -> Server:
         # The layout from before live model management (model options beside the Gateway's): `genserve serve`
         # still reads it, moving them into args.deployments.
         [{"name": "Gateway", "num_replicas": 2, **CPU0},
-         {"name": GMM, **CPU0, "user_config": {"runtime": "torch"}},
+         {"name": GMM, **CPU0, "user_config": {"runtime": "torch", "score_in_gateway_below_ms": 0}},
          {"name": TEXT, **CPU0, "user_config": {"runtime": "torch", "slots": 4}}])
     srv = start_server(config, store, port, root / "serve.log", extra_args=("--api-key", CLI_KEY),
                        env={"GENSERVE_API_KEYS_FILE": str(keys)})
