@@ -239,7 +239,8 @@ def choose_members(validation: dict[str, np.ndarray], candidates: tuple[str, ...
 
 
 def fit_anomaly_calibration(input_type: str, validation: dict[str, np.ndarray],
-                            false_positive_rate: float = DEFAULT_FALSE_POSITIVE_RATE) -> CalibrationSet:
+                            false_positive_rate: float = DEFAULT_FALSE_POSITIVE_RATE,
+                            primary: list[str] | None = None, primary_why: str = "") -> CalibrationSet:
     """Every score type in `validation` (raw scores of the held-out normal items, compute_scores' output), and
     for records and images typicality (centred on the mean held-out nll), the ensemble of the members
     `choose_members` picks, and the ensemble as the artifact's default when it has two members or more (else the
@@ -252,9 +253,20 @@ def fit_anomaly_calibration(input_type: str, validation: dict[str, np.ndarray],
     members, why = choose_members(validation, ENSEMBLE_CANDIDATES.get(input_type, ()))
     if len(members) < 2:
         return CalibrationSet(calibrations.scores, typical_nll=typical)
-    with_members = CalibrationSet(calibrations.scores, "ensemble", why, members, typical)
+    # `primary`, when the caller measured which members to rank by (images: artifacts/unseen_class.py), else the
+    # kind's rule. Stored by name so that a later change of the rule leaves this artifact's ensemble (and its
+    # threshold) as is.
+    chosen = [m for m in primary or () if m in members]
+    if chosen:
+        why += f"; {primary_why}" if primary_why else ""
+    else:
+        chosen = [m for m in ENSEMBLE_PRIMARY_BY_KIND.get(input_type, ()) if m in members]
+    primary = chosen or None
+    if primary:
+        why += f"; ranked by {', '.join(primary)}, the others adding their tails beyond their held-out 99th percentile"
+    with_members = CalibrationSet(calibrations.scores, "ensemble", why, members, typical, primary)
     ensemble = Calibration.fit(with_members.ensemble(validation), "ensemble", false_positive_rate)
-    return CalibrationSet({**calibrations.scores, "ensemble": ensemble}, "ensemble", why, members, typical)
+    return CalibrationSet({**calibrations.scores, "ensemble": ensemble}, "ensemble", why, members, typical, primary)
 
 
 def fit_text_calibration(units: dict[str, dict[str, np.ndarray]],

@@ -49,13 +49,17 @@ class ClassGaussians:
 
     def distance(self, images: np.ndarray) -> np.ndarray:
         """Each image's smallest class-conditional Gaussian negative log-density (nats, constant dropped)."""
+        return self.class_distances(images).min(axis=1)
+
+    def class_distances(self, images: np.ndarray) -> np.ndarray:
+        """(N, C): each image's Gaussian negative log-density under each class (nats, constant dropped)."""
         z = torch.from_numpy(self.project(images))  # (N, P)
         u = torch.from_numpy(self.precision_chol)  # (C, P, P)
         diff = z[:, None, :] - torch.from_numpy(self.class_means)[None]  # (N, C, P)
         with torch.inference_mode():
             white = torch.einsum("cpq,ncq->ncp", u, diff)
             nll = 0.5 * (white ** 2).sum(-1) - torch.from_numpy(self.log_det)[None]
-        return nll.min(dim=1).values.numpy()
+        return nll.numpy()
 
 
 def fit_class_gaussians(images: np.ndarray, labels: np.ndarray | None, levels: int, dims: int = DIMS

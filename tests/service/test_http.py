@@ -88,6 +88,8 @@ def test_models_describe_artifacts(server: Server, client: GenserveClient) -> No
     assert bc.calibration.threshold == pytest.approx(bc.calibration.thresholds["ensemble"])
     assert bc.calibration.ensemble_members[0] == "knn" and set(bc.calibration.ensemble_members) <= {
         "knn", "nll", "likelihood_ratio", "typicality"}
+    # records rank by knn and nll together (nll only where choose_members kept it)
+    assert bc.calibration.ensemble_primary == [m for m in ("knn", "nll") if m in bc.calibration.ensemble_members]
     assert set(bc.calibration.thresholds) == {"nll", "bits_per_dim", "likelihood_ratio", "knn", "typicality",
                                               "ensemble"}
     assert client.model(SINGLE).config["covariance_type"] == "diag"

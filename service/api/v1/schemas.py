@@ -82,6 +82,9 @@ class CalibrationInfo(BaseModel):
     why: str | None = Field(None, description="how the artifact's default score type was chosen (on held-out normal "
                             "data only); null for artifacts calibrated before the ensemble, which use their kind's")
     ensemble_members: list[str] = Field([], description="the score types the ensemble score combines")
+    ensemble_primary: list[str] = Field([], description="the members whose calibrated tails the ensemble averages "
+                                        "to rank items; each other member adds only its tail beyond its held-out "
+                                        "99th percentile")
     n_heldout: int = Field(description="held-out in-distribution items the default score was calibrated on")
     false_positive_rate: float = Field(description="the default false-positive rate of the thresholds")
     threshold: float = Field(description="the default score's threshold at that rate")
