@@ -22,7 +22,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from genserve.artifacts.class_gaussians import ClassGaussians
-from genserve.artifacts.neighbours import MAX_ITEMS, NeighbourIndex
+from genserve.artifacts.neighbours import EXACT_ITEMS, NeighbourIndex
 
 # A distance within this mean AUROC of the best one in the rehearsal ranks too: the rehearsal's standard error on
 # a few hundred validation images is about 0.01, so closer distances are not told apart.
@@ -44,8 +44,8 @@ def leave_class_out_auroc(train_images: np.ndarray, train_labels: np.ndarray | N
     if len(classes) < 2 or len(gaussians.class_means) != len(np.unique(train_labels)):
         return None
     rng = np.random.default_rng(seed)
-    if len(train_labels) > MAX_ITEMS:  # as the index itself: a seeded sample of the training split
-        keep = np.sort(rng.choice(len(train_labels), MAX_ITEMS, replace=False))
+    if len(train_labels) > EXACT_ITEMS:  # a seeded sample of the training split, searched exactly
+        keep = np.sort(rng.choice(len(train_labels), EXACT_ITEMS, replace=False))
         train_images, train_labels = train_images[keep], train_labels[keep]
     if len(labels) > MAX_QUERIES:
         keep = np.sort(rng.choice(len(labels), MAX_QUERIES, replace=False))

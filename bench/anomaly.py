@@ -636,7 +636,8 @@ def cost_lines(costs: dict[str, dict[str, Any]]) -> list[str]:
              "A calibrated anomaly call through `LocalScorer.anomaly(score=...)` over one task's test items, in "
              "process on this machine (best of 3; every call runs the model for log p(x), so the difference "
              "from `nll` is what a score type adds), and what its files add to the artifact. `knn` searches its "
-             "index exactly: its time grows with the stored training items (at most 20,000); the ensemble "
+             "index exactly here (every set is small; docs/knn-index.md measures the inverted-file index a larger "
+             "one gets): its time grows with the stored training items; the ensemble "
              "computes each of its members; the class scores run the model once per class; text knn runs the "
              "model once more for its hidden states.", "",
              "| model | items | " + " | ".join(SCORE_LABELS[s] for s in shown) + " | knn index | "
