@@ -25,7 +25,7 @@ from safetensors.torch import save as save_safetensors
 from genserve.artifacts import artifact
 from genserve.artifacts.calibration import fit_anomaly_calibration
 from genserve.artifacts.families import GMM_KIND, RECORDS_KINDS
-from genserve.artifacts.neighbours import fit_neighbours
+from genserve.artifacts.neighbours import NeighbourIndex, fit_neighbours
 from genserve.artifacts.reference import fit_gaussian
 from genserve.artifacts.scores import compute_scores
 from genserve.models.registry import build_records_model
@@ -134,19 +134,21 @@ class RecordsRun:
         }
 
     def calibrate(self, fitted: Fitted, metrics: dict[str, Any]) -> dict[str, bytes]:
-        """Every records score type on the validation split, against a Gaussian and a neighbour index fitted to the
-        training split."""
+        """Every records score type on held-out records (`held_out_scores`), against a Gaussian and a neighbour
+        index fitted to the training split."""
         reference = fit_gaussian(self.parts.train)
         neighbours = fit_neighbours(self.parts.train, "standardised", self.mean, self.scale)
-        with torch.no_grad():
-            ref_lp = reference.log_prob(torch.from_numpy(self.parts.validation)).numpy()
-        validation = compute_scores("records", self.validation_log_probs, self.data.x.shape[1],
-                                    reference_log_prob=ref_lp, knn_distance=neighbours.distance(self.parts.validation))
+        validation = self.held_out_scores(fitted, reference, neighbours, metrics)
         calibration = fit_anomaly_calibration("records", validation)
         nll = calibration.scores["nll"]
         metrics["anomaly_threshold_nll_nats"] = nll.threshold
         metrics["anomaly_false_positive_rate"] = nll.false_positive_rate
         return calibration_files(calibration, reference, metrics, neighbours)
+
+    def held_out_scores(self, fitted: Fitted, reference: torch.nn.Module, neighbours: NeighbourIndex,
+                        metrics: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The raw scores the calibration is fitted on: the validation split's, under the fitted model."""
+        return records_scores(self.validation_log_probs, self.parts.validation, reference, neighbours)
 
     def history_files(self, fitted: Fitted) -> dict[str, bytes]:
         """The files that tell how the model was fitted."""
@@ -177,6 +179,15 @@ class RecordsRun:
             input_spec=artifact.InputSpec(n_features=data.x.shape[1], feature_names=data.feature_names),
             training=training, metrics=metrics, files=files, density="exact",
         )
+
+
+def records_scores(log_prob: np.ndarray, x: np.ndarray, reference: torch.nn.Module, neighbours: NeighbourIndex
+                   ) -> dict[str, np.ndarray]:
+    """Every records score type of records `x` given the model's log p(x), the reference and the index."""
+    with torch.no_grad():
+        ref_lp = reference.log_prob(torch.from_numpy(x)).numpy()
+    return compute_scores("records", log_prob, x.shape[1], reference_log_prob=ref_lp,
+                          knn_distance=neighbours.distance(x))
 
 
 def _fit(cfg: RecordsTrainConfig, model: torch.nn.Module, train: np.ndarray, validation: np.ndarray,
