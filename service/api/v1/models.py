@@ -65,7 +65,7 @@ def model_info(catalog: ModelCatalog, name: str, replica: dict[str, Any]) -> Mod
         config=m.config, metrics=m.metrics, training=m.training,
         calibration=None if cal is None else CalibrationInfo(
             score=cal.score, why=cals.why, ensemble_members=cals.members,
-            ensemble_primary=cals.primary() if cals.members else [], n_heldout=cal.n,
+            ensemble_primary=cals.primary(), n_heldout=cal.n,
             false_positive_rate=cal.false_positive_rate,
             threshold=cal.threshold, thresholds={k: c.threshold for k, c in cals.scores.items()},
             quantiles={k: quantiles(c.levels, c.values) for k, c in cals.scores.items()}),
